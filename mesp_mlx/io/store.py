@@ -1,0 +1,129 @@
+"""The weight store: a model converted once into one safetensors file per block, read back one block at a time.
+
+Layout (also a valid mlx-lm model directory, so `mlx_lm generate --model <store>` works on it):
+    config.json                  Hugging Face config + mlx-lm "quantization" (per-module entries where they differ)
+    model-embed.safetensors      model.embed_tokens.*, model.norm.weight, lm_head.* (untied heads)
+    model-layer-0000.safetensors model.layers.0.* ...
+    tokenizer files, mesp_store.json (what it was converted from)
+
+`mx.load` of safetensors is lazy: `store.layer(i)` maps the file and reads only what is evaluated, and the arrays are
+freed once the caller drops them. This is how the trainers stream the frozen base: at most one block's weights (plus
+the one being prefetched by MLX's graph) is resident.
+"""
+import json
+from pathlib import Path
+
+import mlx.core as mx
+
+from ..models import model_args
+from ..ops.linear import Frozen
+from . import SourceError
+
+EMBED_FILE = "model-embed.safetensors"
+STORE_MARK = "mesp_store.json"
+
+
+def layer_file(i):
+    return f"model-layer-{i:04d}.safetensors"
+
+
+def quant_config(quants):
+    """mlx-lm's "quantization" entry from {module path: (group, bits) or None}: the commonest as the default."""
+    kinds = [q for q in quants.values() if q]
+    if not kinds:
+        return None
+    default = max(set(kinds), key=kinds.count)
+    out = {"group_size": default[0], "bits": default[1]}
+    for path, q in sorted(quants.items()):
+        if q and q != default:
+            out[path] = {"group_size": q[0], "bits": q[1]}
+    return out
+
+
+def write_store(out_dir, config, tensors, quants):
+    """tensors: {full name: array}, consumed block by block; quants: {module path: (group, bits)|None}."""
+    out_dir = Path(out_dir)
+    n = config["num_hidden_layers"]
+    q = quant_config(quants)
+    config = dict(config)
+    if q:
+        config["quantization"] = q
+        config["quantization_config"] = {k: v for k, v in q.items() if k in ("group_size", "bits")}
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    groups = {EMBED_FILE: {}}
+    for name, arr in tensors.items():
+        parts = name.split(".")
+        if parts[:2] == ["model", "layers"]:
+            i = int(parts[2])
+            if not 0 <= i < n:
+                raise SourceError(f"tensor {name} names layer {i} of a {n}-layer model")
+            groups.setdefault(layer_file(i), {})[name] = arr
+        else:
+            groups[EMBED_FILE][name] = arr
+    missing = [layer_file(i) for i in range(n) if layer_file(i) not in groups]
+    if missing:
+        raise SourceError(f"the model has no weights for {len(missing)} of its {n} layers")
+    for fname, arrays in groups.items():
+        mx.save_safetensors(str(out_dir / fname), arrays)
+        for k in arrays:
+            arrays[k] = None  # drop as we go: conversion holds one file's worth at a time
+
+
+class WeightStore:
+    def __init__(self, path):
+        self.path = Path(path)
+        try:
+            self.config = json.loads((self.path / "config.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise SourceError(f"{self.path / 'config.json'}: cannot read ({e})") from None
+        self.args = model_args(self.config, where=str(self.path / "config.json"))
+        self.quantization = self.config.get("quantization") or {}
+
+    @property
+    def num_layers(self):
+        return self.args.num_hidden_layers
+
+    def _load(self, fname):
+        try:
+            return mx.load(str(self.path / fname))
+        except Exception as e:
+            raise SourceError(f"{self.path / fname}: cannot read ({e})") from None
+
+    def _frozen(self, arrays, module, full_name):
+        w = arrays.get(f"{module}.weight")
+        if w is None:
+            raise SourceError(f"{self.path}: no weight for {module}")
+        bias = arrays.get(f"{module}.bias")
+        if f"{module}.scales" not in arrays:
+            return Frozen(w, bias=bias)
+        q = self.quantization.get(full_name, self.quantization)
+        return Frozen(w, arrays[f"{module}.scales"], arrays.get(f"{module}.biases"), bias,
+                      q.get("group_size", 64), q.get("bits", 4))
+
+    def layer(self, i):
+        """Block i's frozen weights by module path (norm weights as plain arrays), lazily read."""
+        prefix = f"model.layers.{i}."
+        arrays = {k[len(prefix):]: v for k, v in self._load(layer_file(i)).items()}
+        out = {}
+        for module in {k.rsplit(".", 1)[0] for k in arrays}:
+            if module.endswith("norm"):
+                out[module] = arrays[f"{module}.weight"]
+            else:
+                out[module] = self._frozen(arrays, module, prefix + module)
+        return out
+
+    def _top(self, module):
+        return self._frozen(self._load(EMBED_FILE), module, module)
+
+    def embedding(self):
+        return self._top("model.embed_tokens")
+
+    def head(self):
+        return self.embedding() if self.args.tie_word_embeddings else self._top("lm_head")
+
+    def final_norm(self):
+        return self._load(EMBED_FILE)["model.norm.weight"]
+
+    def tokenizer(self):
+        from .tokenizer import load_tokenizer
+        return load_tokenizer(self.path)

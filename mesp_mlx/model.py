@@ -1,0 +1,65 @@
+"""The plain forward of a whole model over a weight store: logits, greedy generation, and the reference loss that
+MLX autodiff differentiates (engines/autodiff.py). The training engines reuse the same block and head pieces.
+"""
+import mlx.core as mx
+
+from .ops.block import block_forward
+from .ops.linear import embedding_rows, frozen_matmul
+from .ops.rmsnorm import rmsnorm_forward
+
+
+def hidden_states(store, ids, lora=None, scale=20.0, spec=None, layers=None):
+    """Final hidden state (before the final norm). `layers`: pre-loaded block weights (else streamed)."""
+    spec = spec or store.args.block_spec()
+    lora = lora or {}
+    x = embedding_rows(store.embedding(), ids)
+    for i in range(store.num_layers):
+        w = layers[i] if layers is not None else store.layer(i)
+        x = block_forward(x, w, lora.get(i, {}), scale, spec)
+        if layers is None:
+            mx.eval(x)
+    return x
+
+
+def logits(store, ids, lora=None, scale=20.0, spec=None, layers=None):
+    h = rmsnorm_forward(hidden_states(store, ids, lora, scale, spec, layers), store.final_norm(),
+                        store.args.rms_norm_eps)
+    return frozen_matmul(h, store.head())
+
+
+def reference_loss(store, ids, targets, mask, lora, scale, spec=None, layers=None):
+    """Masked mean cross-entropy, written the obvious way (full logits)."""
+    z = logits(store, ids, lora, scale, spec, layers).astype(mx.float32)
+    ce = mx.logsumexp(z, axis=-1) - mx.take_along_axis(z, targets[..., None], axis=-1)[..., 0]
+    return mx.sum(ce * mask) / mx.maximum(mx.sum(mask), 1.0)
+
+
+def generate(store, tokenizer, prompt, max_tokens=32, lora=None, scale=20.0, chat=True):
+    """Greedy decoding (no KV cache: each step recomputes the prefix, fine for short answers)."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+    else:
+        ids = tokenizer.encode(prompt)
+    ids, out = list(ids), []
+    spec = store.args.block_spec()
+    layers = [store.layer(i) for i in range(store.num_layers)]
+    for _ in range(max_tokens):
+        z = logits(store, mx.array([ids]), lora, scale, spec, layers)[0, -1]
+        nxt = int(mx.argmax(z).item())
+        if nxt == tokenizer.eos_token_id or nxt in _stop_ids(tokenizer):
+            break
+        ids.append(nxt)
+        out.append(nxt)
+    return tokenizer.decode(out)
+
+
+def _stop_ids(tokenizer):
+    ids = set()
+    for t in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>"):
+        i = tokenizer.convert_tokens_to_ids(t)
+        if isinstance(i, int) and i != tokenizer.unk_token_id:
+            ids.add(i)
+    return ids

@@ -1,0 +1,20 @@
+"""Architecture registry: model_type -> the file that reads its config."""
+from . import llama, qwen2, qwen3
+from .base import ModelArgs
+
+ARCHITECTURES = {"llama": llama, "qwen2": qwen2, "qwen3": qwen3}
+
+
+class UnsupportedModel(ValueError):
+    pass
+
+
+def model_args(config, where="config.json"):
+    kind = config.get("model_type")
+    if kind not in ARCHITECTURES:
+        raise UnsupportedModel(f"{where}: model_type {kind!r} is not supported "
+                               f"(supported: {', '.join(sorted(ARCHITECTURES))})")
+    try:
+        return ARCHITECTURES[kind].model_args(config)
+    except KeyError as e:
+        raise UnsupportedModel(f"{where}: missing field {e.args[0]!r} for a {kind} model") from None

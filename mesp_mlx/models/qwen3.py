@@ -1,0 +1,7 @@
+"""Qwen3 (dense): an RMSNorm on each head of q and of k before RoPE, explicit head_dim, no biases by default."""
+from .base import common
+
+
+def model_args(config):
+    return common(config, head_dim=config["head_dim"], tie_word_embeddings=config.get("tie_word_embeddings", True),
+                  attention_bias=config.get("attention_bias", False), qk_norm=True)

@@ -1,0 +1,120 @@
+"""One transformer block (Llama / Qwen2 / Qwen3), forward and structured backward.
+
+    z1 = RMSNorm1(x);  q,k,v = LoRA-linears(z1) (+bias);  [Qwen3: q,k = RMSNorm(q), RMSNorm(k) per head]
+    q,k = RoPE(q), RoPE(k);  o = attention(q, k, v);  a = x + o_proj(o)
+    z2 = RMSNorm2(a);  g, u = gate(z2), up(z2);  y = a + down(silu(g) * u)
+
+`block_forward(..., save=True)` also returns what the backward needs, hand-picked: z1, z2 (inputs of the LoRA
+projections), the roped q and k, v, the attention output o and its per-query lse, the residual a, and the MLP's
+g and u. Per token that is 4d + (Hq + 2 Hkv) D [+ (Hq + Hkv) D pre-norm q/k for Qwen3] + Hq + 2f floats; nothing
+of size T x T (attention recomputes its probabilities per query block) and silu(g)*u is recomputed. The block input x
+is the checkpoint and is owned by the caller.
+"""
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from .attention import attention_backward, attention_forward
+from .lora_linear import lora_linear_backward, lora_linear_forward
+from .mlp import swiglu_backward, swiglu_forward
+from .rmsnorm import rmsnorm_backward, rmsnorm_forward
+from .rope import Rope, rope_backward, rope_forward
+
+PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    eps: float
+    rope: Rope
+    qk_norm: bool = False
+    attn_chunk: int = 256
+    sdpa: bool = False  # MLX's fused attention in the forward (what autodiff-based baselines use)
+
+    @property
+    def attn_scale(self):
+        return self.head_dim ** -0.5
+
+
+def _lora(lora, name):
+    return lora.get(name, (None, None))
+
+
+def _heads(x, n):
+    b, t, _ = x.shape
+    return x.reshape(b, t, n, -1).transpose(0, 2, 1, 3)
+
+
+def _merge(x):
+    b, h, t, d = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(b, t, h * d)
+
+
+def block_forward(x, w, lora, scale, spec: BlockSpec, save=False):
+    """w: the block's frozen weights by module path; lora: {path: (A, B)} for the adapted projections."""
+    z1 = rmsnorm_forward(x, w["input_layernorm"], spec.eps)
+    proj = lambda name, inp: lora_linear_forward(inp, w[name], *_lora(lora, name), scale)
+    q = _heads(proj("self_attn.q_proj", z1), spec.n_heads)
+    k = _heads(proj("self_attn.k_proj", z1), spec.n_kv_heads)
+    v = _heads(proj("self_attn.v_proj", z1), spec.n_kv_heads)
+    q_pre, k_pre = q, k
+    if spec.qk_norm:
+        q = rmsnorm_forward(q, w["self_attn.q_norm"], spec.eps)
+        k = rmsnorm_forward(k, w["self_attn.k_norm"], spec.eps)
+    q, k = rope_forward(q, spec.rope), rope_forward(k, spec.rope)
+    if spec.sdpa and not save:
+        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=spec.attn_scale, mask="causal")
+    else:
+        o, lse = attention_forward(q, k, v, spec.attn_scale, spec.attn_chunk)
+    o = _merge(o)
+    a = x + proj("self_attn.o_proj", o)
+    z2 = rmsnorm_forward(a, w["post_attention_layernorm"], spec.eps)
+    g, u = proj("mlp.gate_proj", z2), proj("mlp.up_proj", z2)
+    y = a + proj("mlp.down_proj", swiglu_forward(g, u))
+    if not save:
+        return y
+    saved = dict(z1=z1, q=q, k=k, v=v, o=o, lse=lse, a=a, z2=z2, g=g, u=u)
+    if spec.qk_norm:
+        saved.update(q_pre=q_pre, k_pre=k_pre)
+    return y, saved
+
+
+def block_backward(dy, x, saved, w, lora, scale, spec: BlockSpec):
+    """Returns (dx, grads) with grads {path: (dA, dB)}. Consumes `saved`: each intermediate is dropped once used."""
+    grads = {}
+
+    def back(name, d_out, inp):
+        dx, da, db = lora_linear_backward(d_out, inp, w[name], *_lora(lora, name), scale)
+        if da is not None:
+            grads[name] = (da, db)
+        return dx
+
+    # MLP
+    g, u, z2 = saved.pop("g"), saved.pop("u"), saved.pop("z2")
+    dact = back("mlp.down_proj", dy, swiglu_forward(g, u))
+    dg, du = swiglu_backward(dact, g, u)
+    dz2 = back("mlp.gate_proj", dg, z2) + back("mlp.up_proj", du, z2)
+    da = dy + rmsnorm_backward(dz2, saved.pop("a"), w["post_attention_layernorm"], spec.eps)
+    del g, u, z2, dact, dg, du, dz2
+    mx.eval(da, grads)
+
+    # attention
+    o = saved.pop("o")
+    do = _heads(back("self_attn.o_proj", da, o), spec.n_heads)
+    q, k, v = saved.pop("q"), saved.pop("k"), saved.pop("v")
+    dq, dk, dv = attention_backward(do, q, k, v, _heads(o, spec.n_heads), saved.pop("lse"),
+                                    spec.attn_scale, spec.attn_chunk)
+    del o, do, q, k, v
+    dq, dk = rope_backward(dq, spec.rope), rope_backward(dk, spec.rope)
+    if spec.qk_norm:
+        dq = rmsnorm_backward(dq, saved.pop("q_pre"), w["self_attn.q_norm"], spec.eps)
+        dk = rmsnorm_backward(dk, saved.pop("k_pre"), w["self_attn.k_norm"], spec.eps)
+    z1 = saved.pop("z1")
+    dz1 = (back("self_attn.q_proj", _merge(dq), z1) + back("self_attn.k_proj", _merge(dk), z1)
+           + back("self_attn.v_proj", _merge(dv), z1))
+    dx = da + rmsnorm_backward(dz1, x, w["input_layernorm"], spec.eps)
+    return dx, grads

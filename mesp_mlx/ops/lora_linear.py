@@ -1,0 +1,79 @@
+"""LoRA over a frozen linear map: y = x W0^T + s (x A) B (+ bias).
+
+The structured backward recomputes h = x A (r columns, cheaper to recompute than to keep) and reads W0 again from the
+store for dx. `lora_linear` wraps the same pair as an `mx.custom_function` for use inside any MLX autodiff model, and
+`LoRALinear` is a drop-in for mlx-lm's module of the same name (same parameters, same adapter file).
+"""
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .linear import Frozen, frozen_matmul, frozen_matmul_t
+
+
+def lora_linear_forward(x, w: Frozen, a, b, scale):
+    y = frozen_matmul(x, w)
+    if a is None:
+        return y
+    return y + scale * ((x @ a) @ b)
+
+
+def lora_linear_backward(dy, x, w: Frozen, a, b, scale, need_dx=True):
+    """Returns (dx, dA, dB); dA and dB are None when the layer has no LoRA, dx when need_dx is False."""
+    dx = frozen_matmul_t(dy, w) if need_dx else None
+    if a is None:
+        return dx, None, None
+    x2 = x.reshape(-1, x.shape[-1])
+    sg = (scale * dy).reshape(-1, dy.shape[-1])
+    h = x2 @ a
+    db = h.T @ sg
+    dh = sg @ b.T
+    da = x2.T @ dh
+    if need_dx:
+        dx = dx + (dh @ a.T).reshape(x.shape)
+    return dx, da, db
+
+
+def lora_linear(w: Frozen, scale):
+    """An autodiff-ready f(x, lora_a, lora_b) whose vjp is the structured backward above."""
+
+    @mx.custom_function
+    def f(x, a, b):
+        return lora_linear_forward(x, w, a, b, scale)
+
+    @f.vjp
+    def f_vjp(primals, cotangent, output):
+        x, a, b = primals
+        return lora_linear_backward(cotangent, x, w, a, b, scale)
+
+    return f
+
+
+class LoRALinear(nn.Module):
+    """mlx-lm's LoRALinear parametrisation (lora_a (in, r), lora_b (r, out), scale) with the structured backward."""
+
+    @staticmethod
+    def from_base(linear, r=8, scale=20.0):
+        in_dims = linear.weight.shape[1] * (32 // linear.bits if hasattr(linear, "bits") else 1)
+        lora = LoRALinear(in_dims, linear.weight.shape[0], r=r, scale=scale)
+        lora.linear = linear
+        return lora
+
+    def __init__(self, input_dims, output_dims, r=8, scale=20.0, bias=False):
+        super().__init__()
+        self.linear = nn.Linear(input_dims, output_dims, bias=bias)
+        self.scale = scale
+        bound = 1 / math.sqrt(input_dims)
+        self.lora_a = mx.random.uniform(low=-bound, high=bound, shape=(input_dims, r))
+        self.lora_b = mx.zeros((r, output_dims))
+
+    def frozen(self):
+        lin = self.linear
+        bias = lin.get("bias")
+        if hasattr(lin, "scales"):
+            return Frozen(lin.weight, lin.scales, lin.get("biases"), bias, lin.group_size, lin.bits)
+        return Frozen(lin.weight, bias=bias)
+
+    def __call__(self, x):
+        return lora_linear(self.frozen(), self.scale)(x, self.lora_a, self.lora_b)
