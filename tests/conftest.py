@@ -64,3 +64,9 @@ def arch(request):
 @pytest.fixture
 def tiny_dir(tmp_path, arch):
     return write_tiny(tmp_path / arch, arch)
+
+
+def pytest_configure(config):
+    # Same speed-up as the CLI: run the suite with OpenBLAS preloaded when it is installed.
+    from mesp_mlx.blas import ensure_fast_blas
+    ensure_fast_blas()

