@@ -70,3 +70,84 @@ def pytest_configure(config):
     # Same speed-up as the CLI: run the suite with OpenBLAS preloaded when it is installed.
     from mesp_mlx.blas import ensure_fast_blas
     ensure_fast_blas()
+
+
+GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+              "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+              "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+              "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+
+
+def tiny_bpe(vocab_size):
+    """A real byte-level BPE trained on a few lines, with three special tokens: (tokens, merges)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>",
+                                                                         "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog " * 20, "def main(): return 0\n" * 20],
+                            trainer)
+    vocab = tok.get_vocab()
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    merges = [" ".join(m) for m in json.loads(tok.to_str())["model"]["merges"]]
+    return tokens, merges
+
+
+def write_tiny_gguf(path, arch, qtype="Q8_0", seed=0, drop_tensor=None, bad_type_tensor=None):
+    """The tiny model of `arch` as a GGUF file, Llama q/k rows permuted as llama.cpp's converter does."""
+    import gguf
+    import numpy as np
+    config = dict(TINY[arch], vocab_size=300)
+    tokens, merges = tiny_bpe(300)
+    weights = {k: np.array(v) for k, v in tiny_weights(config, seed).items()}
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(config["num_hidden_layers"])
+    w.add_context_length(config["max_position_embeddings"])
+    w.add_embedding_length(config["hidden_size"])
+    w.add_feed_forward_length(config["intermediate_size"])
+    w.add_head_count(config["num_attention_heads"])
+    w.add_head_count_kv(config["num_key_value_heads"])
+    w.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    w.add_rope_freq_base(config["rope_theta"])
+    if "head_dim" in config:
+        w.add_key_length(config["head_dim"])
+        w.add_value_length(config["head_dim"])
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t.startswith("<|") else 1 for t in tokens])
+    w.add_token_merges(merges)
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(2)
+    w.add_chat_template("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    qt = getattr(gguf.GGMLQuantizationType, qtype)
+    nh, nkv = config["num_attention_heads"], config["num_key_value_heads"]
+    for name, arr in weights.items():
+        parts = name.split(".")
+        if parts[0] == "lm_head":
+            gname = "output." + parts[-1]
+        elif parts[1] == "embed_tokens":
+            gname = "token_embd.weight"
+        elif parts[1] == "norm":
+            gname = "output_norm.weight"
+        else:
+            gname = f"blk.{parts[2]}.{GGUF_NAMES['.'.join(parts[3:-1])]}.{parts[-1]}"
+        if arch == "llama" and parts[-1] == "weight" and parts[-2] in ("q_proj", "k_proj"):
+            n = nh if parts[-2] == "q_proj" else nkv
+            arr = arr.reshape(n, 2, arr.shape[0] // n // 2, *arr.shape[1:]).swapaxes(1, 2).reshape(arr.shape)
+        if gname == drop_tensor:
+            continue
+        if gname == bad_type_tensor:
+            w.add_tensor(gname, np.zeros((arr.shape[0], arr.shape[1] // 32 * gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_1][1]), np.uint8),
+                         raw_dtype=gguf.GGMLQuantizationType.Q8_1)
+        elif arr.ndim == 2:
+            w.add_tensor(gname, gguf.quants.quantize(arr.astype(np.float32), qt), raw_dtype=qt)
+        else:
+            w.add_tensor(gname, arr.astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return config, weights

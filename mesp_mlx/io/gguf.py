@@ -133,8 +133,8 @@ def read_tensor(tensor, path, quantize_to=(64, 4)):
     except (NotImplementedError, KeyError, ValueError) as e:
         raise SourceError(f"{path}: tensor {tensor.name} has GGUF type {getattr(qtype, 'name', qtype)}, "
                           f"which cannot be read ({e})") from None
-    group, bits = quantize_to
-    if dense.ndim == 2 and quantize_to and dense.shape[1] % group == 0:
+    if quantize_to and dense.ndim == 2 and dense.shape[1] % quantize_to[0] == 0:
+        group, bits = quantize_to
         w, s, b = mx.quantize(dense, group_size=group, bits=bits)
         return {"weight": w, "scales": s.astype(mx.float16), "biases": b.astype(mx.float16)}, (group, bits)
     return {"weight": dense}, None

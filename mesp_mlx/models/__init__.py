@@ -1,11 +1,12 @@
 """Architecture registry: model_type -> the file that reads its config."""
 from . import llama, qwen2, qwen3
+from ..io import SourceError
 from .base import ModelArgs
 
 ARCHITECTURES = {"llama": llama, "qwen2": qwen2, "qwen3": qwen3}
 
 
-class UnsupportedModel(ValueError):
+class UnsupportedModel(SourceError):
     pass
 
 

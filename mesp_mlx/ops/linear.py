@@ -53,8 +53,9 @@ def matmul_path():
 def dense(w: Frozen):
     """The weight as a (out x in) matrix in the compute dtype."""
     if w.quantized:
-        m = mx.dequantize(w.weight, w.scales, w.biases, group_size=w.group_size, bits=w.bits)
-        return m.astype(COMPUTE_DTYPE)
+        # fp32 scales: dequantizing with fp16 scales would round every weight to fp16 first
+        return mx.dequantize(w.weight, w.scales.astype(COMPUTE_DTYPE), w.biases.astype(COMPUTE_DTYPE),
+                             group_size=w.group_size, bits=w.bits)
     return w.weight.astype(COMPUTE_DTYPE)
 
 
@@ -81,7 +82,6 @@ def frozen_matmul_t(g, w: Frozen):
 def embedding_rows(table: Frozen, ids):
     """Rows of an embedding table for token ids, dequantizing only the rows gathered."""
     if table.quantized:
-        rows = mx.dequantize(table.weight[ids], table.scales[ids], table.biases[ids],
-                             group_size=table.group_size, bits=table.bits)
-        return rows.astype(COMPUTE_DTYPE)
+        return mx.dequantize(table.weight[ids], table.scales[ids].astype(COMPUTE_DTYPE),
+                             table.biases[ids].astype(COMPUTE_DTYPE), group_size=table.group_size, bits=table.bits)
     return table.weight[ids].astype(COMPUTE_DTYPE)
