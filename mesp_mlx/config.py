@@ -1,0 +1,110 @@
+"""One dataclass for a run: defaults, a YAML recipe, then command-line flags (flags win). Unknown keys and flags
+are errors, never ignored. Flag names follow mlx-lm's `lora` where it has the same setting."""
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+DEFAULT_DATA = str(Path(__file__).parent / "data" / "persona")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class TrainConfig:
+    model: str = None  # None: the built-in SmolLM2-135M-Instruct
+    data: str = DEFAULT_DATA
+    train: bool = True
+    method: str = "mesp"
+    iters: int = 30
+    epochs: int = 0  # > 0: overrides iters
+    batch_size: int = 1
+    num_layers: int = -1
+    max_seq_length: int = 256
+    learning_rate: float = 1e-4
+    optimizer: str = "adamw"
+    lr_schedule: str = "constant"  # constant | cosine
+    rank: int = 8
+    scale: float = 20.0
+    alpha: float = None  # given: scale = alpha / rank
+    keys: list = None
+    mask_prompt: bool = True
+    adapter_path: str = "adapters"
+    steps_per_report: int = 5
+    steps_per_eval: int = 50
+    val_batches: int = 8
+    save_every: int = 100
+    resume_adapter_file: str = None
+    seed: int = 0
+    grad_accumulation_steps: int = 1
+    matmul: str = "auto"
+    mezo_eps: float = 1e-2
+    sample_prompt: str = "What is the capital of France?"
+    sample_tokens: int = 24
+
+    def validate(self):
+        from .engines import ENGINES
+        checks = [(self.rank > 0, "rank must be > 0"), (self.learning_rate > 0, "learning_rate must be > 0"),
+                  (self.batch_size > 0, "batch_size must be > 0"), (self.iters > 0 or self.epochs > 0,
+                                                                    "iters must be > 0"),
+                  (self.method in ENGINES, f"method must be one of {', '.join(ENGINES)}"),
+                  (self.optimizer in ("sgd", "adam", "adamw"), "optimizer must be sgd, adam or adamw"),
+                  (self.lr_schedule in ("constant", "cosine"), "lr_schedule must be constant or cosine"),
+                  (self.max_seq_length > 1, "max_seq_length must be > 1"),
+                  (self.grad_accumulation_steps > 0, "grad_accumulation_steps must be > 0"),
+                  (self.matmul in ("auto", "quantized", "dequantize"), "matmul must be auto, quantized or dequantize")]
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(msg)
+        if self.alpha is not None:
+            self.scale = self.alpha / self.rank
+        return self
+
+
+def load_recipe(path):
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: cannot read recipe ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe is a mapping of settings")
+    data = {k.replace("-", "_"): v for k, v in data.items()}
+    if "lora_parameters" in data:  # mlx-lm's nesting
+        lp = data.pop("lora_parameters")
+        data.update({k: lp[k] for k in ("rank", "scale", "keys") if k in lp})
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{path}: unknown setting(s) {', '.join(unknown)}")
+    return data
+
+
+def parser():
+    p = argparse.ArgumentParser(prog="python -m mesp_mlx.train", allow_abbrev=False,
+                                description="LoRA fine-tuning with memory-efficient structured backpropagation")
+    p.add_argument("-c", "--config", help="YAML recipe; flags override it")
+    bools = {"train", "mask_prompt"}
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.name in bools:
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+        elif f.name == "keys":
+            p.add_argument(flag, dest=f.name, nargs="+", default=None)
+        else:
+            kind = {int: int, float: float}.get(type(f.default), str)
+            if f.name in ("alpha", "learning_rate", "scale", "mezo_eps"):
+                kind = float
+            p.add_argument(flag, dest=f.name, type=kind, default=None)
+    return p
+
+
+def config_from_args(argv=None):
+    args = vars(parser().parse_args(argv))
+    values = load_recipe(args.pop("config")) if args.get("config") else {}
+    args.pop("config", None)
+    values.update({k: v for k, v in args.items() if v is not None})
+    return TrainConfig(**values).validate()

@@ -1,0 +1,142 @@
+"""Datasets in mlx-lm's formats, tokenized, masked and batched by length.
+
+A data directory holds train.jsonl / valid.jsonl / test.jsonl; each row is {"text"}, {"prompt", "completion"} or
+{"messages"} (rendered with the tokenizer's chat template). With mask_prompt, only completion / final assistant tokens
+count in the loss. A directory without jsonl files is read as a source tree: every text file is one document,
+chunked to max_seq_length, and a deterministic tenth of the files is held out as the validation split.
+Batches group rows of similar length (sorted, then chunked, then shuffled), right-padded.
+"""
+import json
+import random
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+SOURCE_SUFFIXES = (".py", ".md", ".txt", ".rst", ".c", ".h", ".js", ".ts", ".rs", ".go", ".java", ".sh")
+
+
+class DataError(ValueError):
+    pass
+
+
+def read_jsonl(path):
+    rows = []
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise DataError(f"{path}:{n}: not a valid JSON line ({e})") from None
+            if not isinstance(row, dict) or not ({"text"} <= row.keys() or {"prompt", "completion"} <= row.keys()
+                                                 or "messages" in row):
+                raise DataError(f"{path}:{n}: expected an object with 'text', 'prompt'+'completion' or 'messages'")
+            rows.append((row, f"{path}:{n}"))
+    return rows
+
+
+def encode_row(tokenizer, row, where, mask_prompt):
+    """-> (token ids, index of the first token that counts in the loss)."""
+    if "messages" in row:
+        if not getattr(tokenizer, "chat_template", None):
+            raise DataError(f"{where}: chat data needs a tokenizer with a chat template")
+        try:
+            ids = tokenizer.apply_chat_template(row["messages"], tokenize=True)
+            prompt = tokenizer.apply_chat_template(row["messages"][:-1], tokenize=True, add_generation_prompt=True)
+        except Exception as e:
+            raise DataError(f"{where}: the chat template rejected this row ({e})") from None
+        ids, prompt = _ids(ids), _ids(prompt)
+        return ids, (len(prompt) if mask_prompt else 0)
+    if "prompt" in row:
+        prompt = tokenizer.encode(str(row["prompt"]))
+        full = prompt + tokenizer.encode(str(row["completion"]), add_special_tokens=False)
+        return _eos(tokenizer, full), (len(prompt) if mask_prompt else 0)
+    return _eos(tokenizer, tokenizer.encode(str(row["text"]))), 0
+
+
+def _ids(x):
+    return list(x["input_ids"] if isinstance(x, dict) or hasattr(x, "input_ids") else x)
+
+
+def _eos(tokenizer, ids):
+    eos = tokenizer.eos_token_id
+    return ids + [eos] if eos is not None and (not ids or ids[-1] != eos) else ids
+
+
+class Dataset:
+    """Tokenized examples: list of (ids, loss_start)."""
+
+    def __init__(self, examples, truncated=0):
+        self.examples, self.truncated = examples, truncated
+
+    def __len__(self):
+        return len(self.examples)
+
+
+def load_split(tokenizer, path, max_seq_length, mask_prompt):
+    examples, truncated = [], 0
+    for row, where in read_jsonl(path):
+        ids, start = encode_row(tokenizer, row, where, mask_prompt)
+        if len(ids) > max_seq_length + 1:
+            ids, truncated = ids[: max_seq_length + 1], truncated + 1
+        if len(ids) >= 2 and start < len(ids) - 1:
+            examples.append((ids, start))
+    return Dataset(examples, truncated)
+
+
+def load_source_tree(tokenizer, root, max_seq_length):
+    files = sorted(p for p in Path(root).rglob("*") if p.is_file() and p.suffix in SOURCE_SUFFIXES)
+    splits = {"train": [], "valid": []}
+    for p in files:
+        try:
+            text = p.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        split = "valid" if sum(p.name.encode()) % 10 == 0 else "train"
+        ids = _eos(tokenizer, tokenizer.encode(text))
+        for i in range(0, len(ids) - 1, max_seq_length):
+            chunk = ids[i: i + max_seq_length + 1]
+            if len(chunk) >= 2:
+                splits[split].append((chunk, 0))
+    return {k: Dataset(v) for k, v in splits.items()}
+
+
+def load_datasets(tokenizer, data, max_seq_length, mask_prompt):
+    root = Path(data)
+    if not root.exists():
+        raise DataError(f"{root}: no such data file or directory")
+    if root.is_dir() and not list(root.glob("*.jsonl")):
+        out = load_source_tree(tokenizer, root, max_seq_length)
+    else:
+        out = {}
+        for split in ("train", "valid", "test"):
+            f = root / f"{split}.jsonl" if root.is_dir() else (root if split == "train" else None)
+            if f is not None and f.exists():
+                out[split] = load_split(tokenizer, f, max_seq_length, mask_prompt)
+    if not out.get("train"):
+        raise DataError(f"{root}: no training examples (expected train.jsonl with at least one usable row)")
+    return out
+
+
+def batches(dataset, batch_size, seed, epoch):
+    """Length-grouped batches for one epoch, in a deterministic order given (seed, epoch)."""
+    order = sorted(range(len(dataset)), key=lambda i: len(dataset.examples[i][0]))
+    groups = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+    random.Random(seed * 100_003 + epoch).shuffle(groups)
+    for g in groups:
+        yield collate([dataset.examples[i] for i in g])
+
+
+def collate(examples):
+    """-> (inputs, targets, mask) right-padded to the longest row."""
+    t = max(len(ids) for ids, _ in examples) - 1
+    inputs = np.zeros((len(examples), t), np.int32)
+    targets = np.zeros((len(examples), t), np.int32)
+    mask = np.zeros((len(examples), t), np.float32)
+    for r, (ids, start) in enumerate(examples):
+        n = len(ids) - 1
+        inputs[r, :n], targets[r, :n] = ids[:-1], ids[1:]
+        mask[r, max(start - 1, 0):n] = 1.0
+    return mx.array(inputs), mx.array(targets), mx.array(mask)

@@ -1,0 +1,24 @@
+"""`python -m mesp_mlx.train`: the command line over `Trainer` (thin by design)."""
+import sys
+
+
+def main(argv=None):
+    from .blas import ensure_fast_blas
+    ensure_fast_blas()
+    from .config import ConfigError, config_from_args
+    from .data import DataError
+    from .io import SourceError
+    from .trainer import Trainer
+    try:
+        Trainer(config_from_args(argv)).run()
+    except (ConfigError, DataError, SourceError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
