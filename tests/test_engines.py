@@ -104,3 +104,24 @@ def test_mezo_step_descends(tmp_path):
     for _ in range(30):
         _, params = eng.step(params, batch, lr=1e-3)
     assert eng.loss(params, batch).item() < before
+
+
+@pytest.mark.real
+@pytest.mark.xfail(reason="open: on SmolLM2 both mesp and mebp differ from the one-graph autodiff reference by the "
+                          "same 1.2e-3 rel err (cos 0.999998) in layer 26 q_proj; tiny models agree to 1e-6", strict=False)
+@pytest.mark.parametrize("method", ["mesp", "mebp"])
+def test_smollm2_gradients_equal_autodiff(method):
+    from mesp_mlx.io import SourceError
+    from mesp_mlx.io.sources import smollm2_gguf
+    try:
+        store = load_model(str(smollm2_gguf(install=False)))
+    except SourceError as e:
+        pytest.skip(str(e))
+    params = perturbed_lora(store, LoRAConfig(rank=8, num_layers=4))
+    ids = mx.array([store.tokenizer().encode("def add(a, b):\n    return a + b\n" * 6)[:65]])
+    batch = (ids[:, :-1], ids[:, 1:], mx.ones((1, ids.shape[1] - 1)))
+    ref_loss, ref = make_engine("autodiff", store, 20.0).loss_and_grad(params, batch)
+    loss, grads = make_engine(method, store, 20.0).loss_and_grad(params, batch)
+    # 30 fp32 layers summed in a different order (streamed, chunked head) than one autodiff graph: 1.6e-4 seen
+    assert abs(loss.item() - ref_loss.item()) <= 5e-4 * abs(ref_loss.item())
+    assert_grads_close(grads, ref)
