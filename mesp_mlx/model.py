@@ -4,7 +4,7 @@ MLX autodiff differentiates (engines/autodiff.py). The training engines reuse th
 import mlx.core as mx
 
 from .ops.block import block_forward
-from .ops.linear import embedding_rows, frozen_matmul
+from .ops.linear import accum_dtype, frozen_matmul
 from .ops.rmsnorm import rmsnorm_forward
 
 
@@ -12,7 +12,7 @@ def hidden_states(store, ids, lora=None, scale=20.0, spec=None, layers=None):
     """Final hidden state (before the final norm). `layers`: pre-loaded block weights (else streamed)."""
     spec = spec or store.args.block_spec()
     lora = lora or {}
-    x = embedding_rows(store.embedding(), ids)
+    x = store.embed(ids)
     for i in range(store.num_layers):
         w = layers[i] if layers is not None else store.layer(i)
         x = block_forward(x, w, lora.get(i, {}), scale, spec)
@@ -21,17 +21,25 @@ def hidden_states(store, ids, lora=None, scale=20.0, spec=None, layers=None):
     return x
 
 
+def head_logits(store, x):
+    """Final norm and LM head over the whole sequence: B x T x V logits."""
+    return frozen_matmul(rmsnorm_forward(x, store.final_norm(), store.args.rms_norm_eps), store.head())
+
+
 def logits(store, ids, lora=None, scale=20.0, spec=None, layers=None):
-    h = rmsnorm_forward(hidden_states(store, ids, lora, scale, spec, layers), store.final_norm(),
-                        store.args.rms_norm_eps)
-    return frozen_matmul(h, store.head())
+    return head_logits(store, hidden_states(store, ids, lora, scale, spec, layers))
+
+
+def full_loss(store, x, targets, mask):
+    """Masked mean cross-entropy from the final hidden state, written the obvious way (full logits)."""
+    z = head_logits(store, x)
+    z = z.astype(accum_dtype(z.dtype))
+    ce = mx.logsumexp(z, axis=-1) - mx.take_along_axis(z, targets[..., None], axis=-1)[..., 0]
+    return mx.sum(ce * mask) / mx.maximum(mx.sum(mask), 1.0)
 
 
 def reference_loss(store, ids, targets, mask, lora, scale, spec=None, layers=None):
-    """Masked mean cross-entropy, written the obvious way (full logits)."""
-    z = logits(store, ids, lora, scale, spec, layers).astype(mx.float32)
-    ce = mx.logsumexp(z, axis=-1) - mx.take_along_axis(z, targets[..., None], axis=-1)[..., 0]
-    return mx.sum(ce * mask) / mx.maximum(mx.sum(mask), 1.0)
+    return full_loss(store, hidden_states(store, ids, lora, scale, spec, layers), targets, mask)
 
 
 def generate(store, tokenizer, prompt, max_tokens=32, lora=None, scale=20.0, chat=True):

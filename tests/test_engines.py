@@ -3,10 +3,11 @@ import mlx.core as mx
 import mlx.optimizers as optim
 import pytest
 
-from helpers import assert_grads_close, cosine
+from helpers import assert_grads_close, cosine, rel_err
 from mesp_mlx.engines import make_engine
 from mesp_mlx.io.sources import load_model
 from mesp_mlx.lora import LoRAConfig, from_flat, init_lora, to_flat, tree_map
+from mesp_mlx.ops.linear import set_compute_dtype
 
 
 def padded_batch(vocab, prompt_mask, seed=0):
@@ -106,22 +107,50 @@ def test_mezo_step_descends(tmp_path):
     assert eng.loss(params, batch).item() < before
 
 
-@pytest.mark.real
-@pytest.mark.xfail(reason="open: on SmolLM2 both mesp and mebp differ from the one-graph autodiff reference by the "
-                          "same 1.2e-3 rel err (cos 0.999998) in layer 26 q_proj; tiny models agree to 1e-6", strict=False)
-@pytest.mark.parametrize("method", ["mesp", "mebp"])
-def test_smollm2_gradients_equal_autodiff(method):
+@pytest.fixture(scope="module")
+def smollm2():
     from mesp_mlx.io import SourceError
     from mesp_mlx.io.sources import smollm2_gguf
     try:
         store = load_model(str(smollm2_gguf(install=False)))
     except SourceError as e:
         pytest.skip(str(e))
-    params = perturbed_lora(store, LoRAConfig(rank=8, num_layers=4))
     ids = mx.array([store.tokenizer().encode("def add(a, b):\n    return a + b\n" * 6)[:65]])
-    batch = (ids[:, :-1], ids[:, 1:], mx.ones((1, ids.shape[1] - 1)))
-    ref_loss, ref = make_engine("autodiff", store, 20.0).loss_and_grad(params, batch)
-    loss, grads = make_engine(method, store, 20.0).loss_and_grad(params, batch)
-    # 30 fp32 layers summed in a different order (streamed, chunked head) than one autodiff graph: 1.6e-4 seen
-    assert abs(loss.item() - ref_loss.item()) <= 5e-4 * abs(ref_loss.item())
+    return store, (ids[:, :-1], ids[:, 1:], mx.ones((1, ids.shape[1] - 1)))
+
+
+def real_grads(store, batch, method, dtype):
+    """Gradients of the top 4 layers' LoRA (rank 8, perturbed) with everything computed in `dtype` on the CPU."""
+    set_compute_dtype(dtype)
+    try:
+        with mx.stream(mx.cpu):
+            params = tree_map(lambda t: t.astype(dtype), perturbed_lora(store, LoRAConfig(rank=8, num_layers=4)))
+            loss, grads = make_engine(method, store, 20.0).loss_and_grad(params, batch)
+            return loss, tree_map(lambda t: t.astype(mx.float64), grads)
+    finally:
+        set_compute_dtype(mx.float32)
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("method", ["mesp", "mebp"])
+def test_smollm2_gradients_equal_autodiff(smollm2, method):
+    """In fp64, where rounding cannot hide a wrong term: the same tolerances as the tiny models."""
+    store, batch = smollm2
+    ref_loss, ref = real_grads(store, batch, "autodiff", mx.float64)
+    loss, grads = real_grads(store, batch, method, mx.float64)
+    assert abs(loss.item() - ref_loss.item()) <= 1e-9 * abs(ref_loss.item())
     assert_grads_close(grads, ref)
+
+
+@pytest.mark.real
+def test_smollm2_fp32_error_no_worse_than_autodiff(smollm2):
+    """In fp32 SmolLM2's residual stream reaches ~8000, and the final norm's backward loses ~2e-4 of dy to rounding
+    in every method, so fp32 engines differ from each other by ~3e-3 in the top layer. What must hold: MeSP's fp32
+    gradient is as close to the fp64 truth as autodiff's fp32 gradient is."""
+    store, batch = smollm2
+    _, truth = real_grads(store, batch, "autodiff", mx.float64)
+    err = {}
+    for m in ("mesp", "autodiff"):
+        g = real_grads(store, batch, m, mx.float32)[1]
+        err[m] = max(rel_err(g[i][p][k], truth[i][p][k]) for i in truth for p in truth[i] for k in (0, 1))
+    assert err["mesp"] <= 2 * err["autodiff"] + 1e-5, err

@@ -145,8 +145,7 @@ def test_block(qk_norm, bias, hq, hkv):
         return block_forward(x, w, {p: (flat[2 * j], flat[2 * j + 1]) for j, p in enumerate(paths)}, 2.0, spec)
 
     ref = vjp(fn, [x] + [a for p in paths for a in lora[p]], dy)
-    y, saved = block_forward(x, w, lora, 2.0, spec, save=True)
-    assert_close(y, fn(x, *[a for p in paths for a in lora[p]]), "y")
+    saved = block_forward(x, w, lora, 2.0, spec, save=True)
     dx, grads = block_backward(dy, x, saved, w, lora, 2.0, spec)
     assert_close(dx, ref[0], "dx")
     assert set(grads) == set(paths)

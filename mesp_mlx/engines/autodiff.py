@@ -1,8 +1,6 @@
 """The reference: the whole model as one MLX `value_and_grad` graph, every weight resident, full logits.
 What one would write without thinking about memory; the engine every other engine's gradients are tested against.
 """
-import dataclasses
-
 import mlx.core as mx
 
 from ..lora import from_flat, to_flat
@@ -12,7 +10,7 @@ from ..model import reference_loss
 class AutodiffEngine:
     def __init__(self, store, scale, **kw):
         self.store, self.scale = store, scale
-        self.spec = dataclasses.replace(store.args.block_spec(), sdpa=True)
+        self.spec = store.args.block_spec()
         self.layers = [store.layer(i) for i in range(store.num_layers)]
 
     def loss(self, params, batch):

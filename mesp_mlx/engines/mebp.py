@@ -1,19 +1,22 @@
 """MeBP (arXiv 2510.03425): the same streaming and block checkpoints as MeSP, but each block's backward is MLX
 autodiff (`mx.vjp`) of the block's recomputed forward, which keeps every temporary autodiff needs (the T x T
-attention probabilities among them). MLX's fused attention kernel is used in that forward, as mlx-lm does.
+attention probabilities among them), and the LM head and loss are differentiated the same way over the full
+T x V logits, as that paper does. MLX's fused attention kernel is used in the forwards, as mlx-lm does.
 """
-import dataclasses
-
 import mlx.core as mx
 
+from ..model import full_loss
 from ..ops.block import block_forward
 from .mesp import StreamingEngine
 
 
 class MeBPEngine(StreamingEngine):
-    def __init__(self, store, scale, **kw):
-        super().__init__(store, scale, **kw)
-        self.spec = dataclasses.replace(self.spec, sdpa=True)
+    def head_loss(self, x, targets, mask, need_grad):
+        if not need_grad:
+            return full_loss(self.store, x, targets, mask), None
+        (loss,), (dx,) = mx.vjp(lambda x: [full_loss(self.store, x, targets, mask)], [x], [mx.array(1.0)])
+        mx.eval(loss, dx)
+        return loss, dx
 
     def block_backward(self, dy, x, w, lora):
         paths = sorted(lora)

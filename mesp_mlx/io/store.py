@@ -11,12 +11,14 @@ freed once the caller drops them. This is how the trainers stream the frozen bas
 the one being prefetched by MLX's graph) is resident.
 """
 import json
+import struct
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 
 from ..models import model_args
-from ..ops.linear import Frozen
+from ..ops.linear import Frozen, embedding_rows
 from . import SourceError
 
 EMBED_FILE = "model-embed.safetensors"
@@ -67,6 +69,59 @@ def write_store(out_dir, config, tensors, quants):
         mx.save_safetensors(str(out_dir / fname), arrays)
         for k in arrays:
             arrays[k] = None  # drop as we go: conversion holds one file's worth at a time
+
+
+_NP_TYPES = {"U32": np.uint32, "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "U8": np.uint8}
+
+
+class RowReader:
+    """Rows of the tensors in one safetensors file, read straight from the (page-cached) file: `mx.load` would read a
+    whole tensor to slice it, and the embedding table / LM head is the largest tensor of a small model."""
+
+    def __init__(self, path):
+        self.path = path
+        with open(path, "rb") as f:
+            n = struct.unpack("<Q", f.read(8))[0]
+            self.header = json.loads(f.read(n))
+        self.base = 8 + n
+
+    def take(self, name, index):
+        """Rows `index` (a slice or an int array) of tensor `name`; only those bytes are read."""
+        meta = self.header[name]
+        dtype, shape = meta["dtype"], meta["shape"]
+        if dtype not in _NP_TYPES:
+            raise SourceError(f"{self.path}: {name} has dtype {dtype}, which row reads do not support")
+        np_type = _NP_TYPES[dtype]
+        table = np.memmap(self.path, np_type, "r", self.base + meta["data_offsets"][0],
+                          (shape[0], int(np.prod(shape[1:]))))
+        out = mx.array(np.ascontiguousarray(table[index]))
+        out = out.reshape(out.shape[0], *shape[1:])
+        return out.view(mx.bfloat16) if dtype == "BF16" else out
+
+
+class StoredRows:
+    """A frozen (out x in) matrix kept in the store and read a range of rows (output units) at a time: the LM head
+    and the embedding table. Offers `out_dims` and `rows(start, stop)` like `Frozen`."""
+
+    def __init__(self, store, module):
+        self.store, self.module = store, module
+        self.reader = RowReader(store.path / EMBED_FILE)
+        self.out_dims = self.reader.header[f"{module}.weight"]["shape"][0]
+
+    def rows(self, start, stop):
+        return self._take(slice(start, stop))
+
+    def _take(self, index):
+        names = [n for n in ("weight", "scales", "biases", "bias") if f"{self.module}.{n}" in self.reader.header]
+        arrays = {f"{self.module}.{n}": self.reader.take(f"{self.module}.{n}", index) for n in names}
+        return self.store._frozen(arrays, self.module, self.module)
+
+    def gather(self, ids):
+        """Rows for token ids (any shape), dequantized to the compute dtype; reads only the distinct rows."""
+        flat = np.asarray(ids).reshape(-1)
+        uniq, inverse = np.unique(flat, return_inverse=True)
+        table = self._take(uniq)
+        return embedding_rows(table, mx.array(inverse.reshape(-1))).reshape(*ids.shape, -1)
 
 
 class WeightStore:
@@ -120,6 +175,14 @@ class WeightStore:
 
     def head(self):
         return self.embedding() if self.args.tie_word_embeddings else self._top("lm_head")
+
+    def head_rows(self):
+        """The head as `StoredRows`, for the chunked loss."""
+        return StoredRows(self, "model.embed_tokens" if self.args.tie_word_embeddings else "lm_head")
+
+    def embed(self, ids):
+        """Embeddings of token ids, reading only the rows needed from the store."""
+        return StoredRows(self, "model.embed_tokens").gather(ids)
 
     def final_norm(self):
         return self._load(EMBED_FILE)["model.norm.weight"]

@@ -33,10 +33,11 @@ def attention_forward(q, k, v, scale, chunk=256):
         i1 = min(t, i0 + chunk)
         s = (qg[..., i0:i1, :] @ kk[..., :i1, :].swapaxes(-1, -2)) * scale
         s = mx.where(_causal(i0, i1, i1), s, -mx.inf)
-        lse = mx.logsumexp(s, axis=-1, keepdims=True)
-        p = mx.exp(s - lse)
-        outs.append(p @ vv[..., :i1, :])
-        lses.append(lse[..., 0])
+        m = mx.max(s, axis=-1, keepdims=True)
+        e = mx.exp(s - m)  # the only exp pass: exp is the costliest op on the CPU
+        total = mx.sum(e, axis=-1, keepdims=True)
+        outs.append((e @ vv[..., :i1, :]) / total)
+        lses.append((m + mx.log(total))[..., 0])
     o = mx.concatenate(outs, axis=-2) if len(outs) > 1 else outs[0]
     lse = mx.concatenate(lses, axis=-1) if len(lses) > 1 else lses[0]
     return o.reshape(b, hq, t, d), lse.reshape(b, hq, t)

@@ -33,7 +33,7 @@ class BlockSpec:
     rope: Rope
     qk_norm: bool = False
     attn_chunk: int = 256
-    sdpa: bool = False  # MLX's fused attention in the forward (what autodiff-based baselines use)
+    sdpa: bool = True  # MLX's fused attention where only the output is needed (save=False)
 
     @property
     def attn_scale(self):
@@ -74,13 +74,13 @@ def block_forward(x, w, lora, scale, spec: BlockSpec, save=False):
     a = x + proj("self_attn.o_proj", o)
     z2 = rmsnorm_forward(a, w["post_attention_layernorm"], spec.eps)
     g, u = proj("mlp.gate_proj", z2), proj("mlp.up_proj", z2)
-    y = a + proj("mlp.down_proj", swiglu_forward(g, u))
     if not save:
-        return y
+        return a + proj("mlp.down_proj", swiglu_forward(g, u))
+    # the backward never needs y: the recompute stops before the down projection
     saved = dict(z1=z1, q=q, k=k, v=v, o=o, lse=lse, a=a, z2=z2, g=g, u=u)
     if spec.qk_norm:
         saved.update(q_pre=q_pre, k_pre=k_pre)
-    return y, saved
+    return saved
 
 
 def block_backward(dy, x, saved, w, lora, scale, spec: BlockSpec):
@@ -95,11 +95,12 @@ def block_backward(dy, x, saved, w, lora, scale, spec: BlockSpec):
 
     # MLP
     g, u, z2 = saved.pop("g"), saved.pop("u"), saved.pop("z2")
-    dact = back("mlp.down_proj", dy, swiglu_forward(g, u))
-    dg, du = swiglu_backward(dact, g, u)
+    sig = mx.sigmoid(g)
+    dact = back("mlp.down_proj", dy, g * sig * u)
+    dg, du = swiglu_backward(dact, g, u, sig)
     dz2 = back("mlp.gate_proj", dg, z2) + back("mlp.up_proj", du, z2)
     da = dy + rmsnorm_backward(dz2, saved.pop("a"), w["post_attention_layernorm"], spec.eps)
-    del g, u, z2, dact, dg, du, dz2
+    del g, u, z2, sig, dact, dg, du, dz2
     mx.eval(da, grads)
 
     # attention

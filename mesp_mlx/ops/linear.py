@@ -8,7 +8,7 @@ from typing import NamedTuple, Optional
 
 import mlx.core as mx
 
-COMPUTE_DTYPE = mx.float32
+_DTYPE = mx.float32
 _PATH = "auto"
 PATHS = ("auto", "quantized", "dequantize")
 
@@ -37,6 +37,22 @@ class Frozen(NamedTuple):
         return Frozen(sl(self.weight), sl(self.scales), sl(self.biases), sl(self.bias), self.group_size, self.bits)
 
 
+def set_compute_dtype(dtype):
+    """The dtype dequantized weights and activations are computed in: float32 (default), bfloat16 or float16 (the
+    fast choice on Metal), float64 (CPU only; what the exactness tests of the real models use)."""
+    global _DTYPE
+    _DTYPE = dtype
+
+
+def compute_dtype():
+    return _DTYPE
+
+
+def accum_dtype(dtype):
+    """At least fp32 for softmax and loss sums."""
+    return mx.float64 if dtype == mx.float64 else mx.float32
+
+
 def set_matmul_path(path):
     global _PATH
     if path not in PATHS:
@@ -54,9 +70,16 @@ def dense(w: Frozen):
     """The weight as a (out x in) matrix in the compute dtype."""
     if w.quantized:
         # fp32 scales: dequantizing with fp16 scales would round every weight to fp16 first
-        return mx.dequantize(w.weight, w.scales.astype(COMPUTE_DTYPE), w.biases.astype(COMPUTE_DTYPE),
+        return mx.dequantize(w.weight, w.scales.astype(_DTYPE), w.biases.astype(_DTYPE),
                              group_size=w.group_size, bits=w.bits)
-    return w.weight.astype(COMPUTE_DTYPE)
+    return w.weight.astype(_DTYPE)
+
+
+def prepared(w: Frozen):
+    """w in the form the products use: on the dequantize path one dense copy that several products can share."""
+    if w.quantized and matmul_path() == "dequantize":
+        return Frozen(dense(w), bias=w.bias)
+    return w
 
 
 def frozen_matmul(x, w: Frozen):
@@ -82,6 +105,6 @@ def frozen_matmul_t(g, w: Frozen):
 def embedding_rows(table: Frozen, ids):
     """Rows of an embedding table for token ids, dequantizing only the rows gathered."""
     if table.quantized:
-        return mx.dequantize(table.weight[ids], table.scales[ids].astype(COMPUTE_DTYPE),
-                             table.biases[ids].astype(COMPUTE_DTYPE), group_size=table.group_size, bits=table.bits)
-    return table.weight[ids].astype(COMPUTE_DTYPE)
+        return mx.dequantize(table.weight[ids], table.scales[ids].astype(_DTYPE),
+                             table.biases[ids].astype(_DTYPE), group_size=table.group_size, bits=table.bits)
+    return table.weight[ids].astype(_DTYPE)

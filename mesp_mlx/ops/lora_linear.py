@@ -24,11 +24,10 @@ def lora_linear_backward(dy, x, w: Frozen, a, b, scale, need_dx=True):
     dx = frozen_matmul_t(dy, w) if need_dx else None
     if a is None:
         return dx, None, None
-    x2 = x.reshape(-1, x.shape[-1])
-    sg = (scale * dy).reshape(-1, dy.shape[-1])
+    x2, g2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
     h = x2 @ a
-    db = h.T @ sg
-    dh = sg @ b.T
+    db = scale * (h.T @ g2)  # the scale goes on the r-sized products, not on the T x out gradient
+    dh = scale * (g2 @ b.T)
     da = x2.T @ dh
     if need_dx:
         dx = dx + (dh @ a.T).reshape(x.shape)

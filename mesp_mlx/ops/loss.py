@@ -9,7 +9,7 @@ per-token lse (N floats); the backward recomputes each chunk's logits from it. T
 """
 import mlx.core as mx
 
-from .linear import Frozen, frozen_matmul, frozen_matmul_t
+from .linear import accum_dtype, frozen_matmul, frozen_matmul_t, prepared
 
 
 def _target_logit(z, targets, v0, v1):
@@ -19,8 +19,9 @@ def _target_logit(z, targets, v0, v1):
     return mx.where(inside, picked, 0.0)
 
 
-def cross_entropy_forward(h, head: Frozen, targets, mask, token_chunk=512, vocab_chunk=8192):
-    """h (N, d), targets (N,) int, mask (N,) float. Returns (loss, lse): mean loss over masked tokens, lse (N,)."""
+def cross_entropy_forward(h, head, targets, mask, token_chunk=512, vocab_chunk=4096):
+    """h (N, d); head: a `Frozen` or the store's `StoredRows` (anything with out_dims and rows(start, stop));
+    targets (N,) int, mask (N,) float. Returns (loss, lse): mean loss over masked tokens, lse (N,)."""
     n, vocab = h.shape[0], head.out_dims
     ntok = mx.maximum(mx.sum(mask), 1.0)
     total, lses = mx.array(0.0), []
@@ -31,11 +32,12 @@ def cross_entropy_forward(h, head: Frozen, targets, mask, token_chunk=512, vocab
         picked = mx.zeros((hc.shape[0],))
         for v0 in range(0, vocab, vocab_chunk):
             v1 = min(vocab, v0 + vocab_chunk)
-            z = frozen_matmul(hc, head.rows(v0, v1)).astype(mx.float32)
+            z = frozen_matmul(hc, head.rows(v0, v1)).astype(accum_dtype(hc.dtype))
             new_max = mx.maximum(run_max, mx.max(z, axis=-1))
             run_sum = run_sum * mx.exp(run_max - new_max) + mx.sum(mx.exp(z - new_max[:, None]), axis=-1)
             run_max = new_max
             picked = picked + _target_logit(z, tc, v0, v1)
+            mx.eval(run_max, run_sum, picked)  # one tile and one head chunk alive at a time
         lse = run_max + mx.log(run_sum)
         total = total + mx.sum((lse - picked) * mask[t0:t0 + token_chunk])
         mx.eval(total, lse)
@@ -43,7 +45,7 @@ def cross_entropy_forward(h, head: Frozen, targets, mask, token_chunk=512, vocab
     return total / ntok, mx.concatenate(lses)
 
 
-def cross_entropy_backward(dloss, h, head: Frozen, targets, mask, lse, token_chunk=512, vocab_chunk=8192):
+def cross_entropy_backward(dloss, h, head, targets, mask, lse, token_chunk=512, vocab_chunk=4096):
     """Returns dh (N, d)."""
     n, vocab = h.shape[0], head.out_dims
     coef = (dloss * mask / mx.maximum(mx.sum(mask), 1.0))[:, None]
@@ -54,12 +56,12 @@ def cross_entropy_backward(dloss, h, head: Frozen, targets, mask, lse, token_chu
         dh = mx.zeros(hc.shape, dtype=h.dtype)
         for v0 in range(0, vocab, vocab_chunk):
             v1 = min(vocab, v0 + vocab_chunk)
-            rows = head.rows(v0, v1)
-            z = frozen_matmul(hc, rows).astype(mx.float32)
+            rows = prepared(head.rows(v0, v1))  # one dequantization for both products
+            z = frozen_matmul(hc, rows).astype(accum_dtype(hc.dtype))
             dz = mx.exp(z - lc)
             onehot = (tc[:, None] == mx.arange(v0, v1)[None, :])
             dz = (dz - onehot) * cc
             dh = dh + frozen_matmul_t(dz.astype(h.dtype), rows)
-        mx.eval(dh)
+            mx.eval(dh)
         out.append(dh)
     return mx.concatenate(out)
