@@ -1,19 +1,24 @@
 """MeSP: exact LoRA gradients with hand-derived block backwards, the base streamed from the weight store.
 
 Memory model of one step (batch B, length T, hidden d, MLP width f, heads Hq/Hkv of size D, vocab V, blocks N,
-of which the top L carry LoRA; floats in the compute dtype):
-    checkpoints   L * B*T*d                           block inputs, kept from the forward (only adapted blocks)
-    block weights one block's quantized arrays (+ one transient dequantized matrix on the CPU path)
-    working set   B*T*(4d + (Hq + 2Hkv)D + Hq + 2f)   what block_backward keeps (ops/block.py), plus one
-                  attention query block: B*Hq*chunk*T floats of probabilities
-    loss          B*T lse floats + one (token_chunk x vocab_chunk) logits tile; never B*T*V
-    LoRA grads    2 * trainable params (or one block's, when the update is fused)
+of which the top L carry LoRA; s bytes per float of the compute dtype). `memory_model()` computes it; a test
+checks it against MLX's measured peak.
+    gradients     the LoRA gradients, collected (4 bytes x trainable params; one block's when the update is fused)
+    checkpoints   L * B*T*d*s                         block inputs, kept from the forward (only adapted blocks)
+    then the larger of two phases:
+    block phase   one block's quantized weights (+ its dense copy when share_dequant, else one matrix at a time)
+                  + saved B*T*(4d + (Hq + 2Hkv)D + Hq + 2f)*s (what block_backward keeps, ops/block.py)
+                  + attention tiles 5 * B*Hq*chunk*T*s (scores, masked, probabilities, dp, ds of a query block)
+                  + a few B*T*d*s gradients in flight
+    head phase    one vocab chunk of head rows (quantized, read from the store) + its dense copy
+                  + 4 (token chunk x vocab chunk) fp32 tiles; never B*T*V
 Blocks below the lowest adapted one are run forward only; the backward stops there.
 """
 import mlx.core as mx
 
 from ..ops.block import block_backward, block_forward
-from ..ops.linear import Frozen, prepared
+from ..lora import num_params
+from ..ops.linear import Frozen, compute_dtype, matmul_path, prepared
 from ..ops.loss import cross_entropy_backward, cross_entropy_forward
 from ..ops.rmsnorm import rmsnorm_backward, rmsnorm_forward
 
@@ -83,6 +88,29 @@ class MeSPEngine(StreamingEngine):
     def __init__(self, store, scale, share_dequant=True, **kw):
         super().__init__(store, scale, **kw)
         self.share_dequant = share_dequant
+
+    def memory_model(self, batch_size, seq_len, params):
+        """Predicted bytes of one loss_and_grad step beyond what is resident before it, by component."""
+        a, s = self.store.args, compute_dtype().size
+        n, d, f, hd = batch_size * seq_len, a.hidden_size, a.intermediate_size, a.head_dim
+        hq, hkv = a.num_attention_heads, a.num_key_value_heads
+        act = n * d * s
+        lowest = min(params) if params else a.num_hidden_layers
+        shapes = a.projection_shapes().values()
+        dense = [i * o * s for i, o in shapes]
+        saved = 4 * d + (hq + 2 * hkv) * hd + hq + 2 * f + ((hq + hkv) * hd if a.qk_norm else 0)
+        block = (self.store.layer_bytes() + (sum(dense) if self._shares_dequant() else max(dense))
+                 + n * saved * s + 5 * batch_size * hq * min(self.spec.attn_chunk, seq_len) * seq_len * s + 4 * act)
+        head = self.store.head_rows()
+        vc, tc = min(self.vocab_chunk, head.out_dims), min(self.token_chunk, n)
+        head_phase = vc * (head.row_bytes + 2 * d * s) + 4 * tc * vc * max(s, 4) + 4 * act
+        out = {"gradients": 4 * num_params(params), "checkpoints": (a.num_hidden_layers - lowest) * act,
+               "block": block, "head": head_phase}
+        out["peak"] = out["gradients"] + out["checkpoints"] + max(block, head_phase)
+        return out
+
+    def _shares_dequant(self):
+        return self.share_dequant and matmul_path() == "dequantize"
 
     def block_backward(self, dy, x, w, lora):
         if self.share_dequant:

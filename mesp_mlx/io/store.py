@@ -107,6 +107,9 @@ class StoredRows:
         self.store, self.module = store, module
         self.reader = RowReader(store.path / EMBED_FILE)
         self.out_dims = self.reader.header[f"{module}.weight"]["shape"][0]
+        sizes = [m["data_offsets"][1] - m["data_offsets"][0] for k, m in self.reader.header.items()
+                 if k.startswith(module + ".")]
+        self.row_bytes = sum(sizes) // self.out_dims
 
     def rows(self, start, stop):
         return self._take(slice(start, stop))
@@ -154,6 +157,10 @@ class WeightStore:
         q = self.quantization.get(full_name, self.quantization)
         return Frozen(w, arrays[f"{module}.scales"], arrays.get(f"{module}.biases"), bias,
                       q.get("group_size", 64), q.get("bits", 4))
+
+    def layer_bytes(self):
+        """Size of the largest block's weights (what streaming holds for one block)."""
+        return max((self.path / layer_file(i)).stat().st_size for i in range(self.num_layers))
 
     def layer(self, i):
         """Block i's frozen weights by module path (norm weights as plain arrays), lazily read."""
