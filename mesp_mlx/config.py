@@ -39,6 +39,9 @@ class TrainConfig:
     val_batches: int = 8
     save_every: int = 100
     resume_adapter_file: str = None
+    resume: bool = False  # continue from adapter_path/resume.safetensors
+    fused_update: bool = True  # apply each block's update inside the backward when that is the same step
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16 | float16 (Metal) | float64 (CPU)
     seed: int = 0
     grad_accumulation_steps: int = 1
     matmul: str = "auto"
@@ -56,7 +59,9 @@ class TrainConfig:
                   (self.lr_schedule in ("constant", "cosine"), "lr_schedule must be constant or cosine"),
                   (self.max_seq_length > 1, "max_seq_length must be > 1"),
                   (self.grad_accumulation_steps > 0, "grad_accumulation_steps must be > 0"),
-                  (self.matmul in ("auto", "quantized", "dequantize"), "matmul must be auto, quantized or dequantize")]
+                  (self.matmul in ("auto", "quantized", "dequantize"), "matmul must be auto, quantized or dequantize"),
+                  (self.dtype in ("float32", "bfloat16", "float16", "float64"),
+                   "dtype must be float32, bfloat16, float16 or float64")]
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(msg)
@@ -87,7 +92,7 @@ def parser():
     p = argparse.ArgumentParser(prog="python -m mesp_mlx.train", allow_abbrev=False,
                                 description="LoRA fine-tuning with memory-efficient structured backpropagation")
     p.add_argument("-c", "--config", help="YAML recipe; flags override it")
-    bools = {"train", "mask_prompt"}
+    bools = {"train", "mask_prompt", "resume", "fused_update"}
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.name in bools:

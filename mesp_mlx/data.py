@@ -120,12 +120,16 @@ def load_datasets(tokenizer, data, max_seq_length, mask_prompt):
     return out
 
 
-def batches(dataset, batch_size, seed, epoch):
-    """Length-grouped batches for one epoch, in a deterministic order given (seed, epoch)."""
+def epoch_groups(dataset, batch_size, seed, epoch):
+    """Length-grouped batches of example indices for one epoch, in a deterministic order given (seed, epoch)."""
     order = sorted(range(len(dataset)), key=lambda i: len(dataset.examples[i][0]))
     groups = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
     random.Random(seed * 100_003 + epoch).shuffle(groups)
-    for g in groups:
+    return groups
+
+
+def batches(dataset, batch_size, seed, epoch):
+    for g in epoch_groups(dataset, batch_size, seed, epoch):
         yield collate([dataset.examples[i] for i in g])
 
 

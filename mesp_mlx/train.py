@@ -10,7 +10,10 @@ def main(argv=None):
     from .io import SourceError
     from .trainer import Trainer
     try:
-        Trainer(config_from_args(argv)).run()
+        trainer = Trainer(config_from_args(argv))
+        trainer.run()
+        if trainer.stop_signal is not None:
+            return 128 + trainer.stop_signal
     except (ConfigError, DataError, SourceError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

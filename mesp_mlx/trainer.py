@@ -1,9 +1,18 @@
-"""The training loop: data, engine, optimizer, reports in mlx-lm's form, evaluation, adapters, samples.
-Everything `python -m mesp_mlx.train` does is `Trainer(config).run()`."""
+"""The training loop: data, engine, optimizer, reports in mlx-lm's form, evaluation, adapters, samples,
+checkpoints that resume exactly, and a clean stop on Ctrl-C / SIGTERM.
+Everything `python -m mesp_mlx.train` does is `Trainer(config).run()`.
+
+Resume state (adapter_path/resume.safetensors, replaced atomically): LoRA parameters, optimizer state (moments,
+step counter), the number of batches consumed (the data order is a function of seed and epoch, so this is the data
+position), MeZO's seed counter (the only random state a run has), and the settings the numbers depend on.
+"""
+import dataclasses
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -12,14 +21,18 @@ import mlx.optimizers as optim
 
 from .blas import blas_status
 from .config import ConfigError, TrainConfig
-from .data import batches, load_datasets
+from .data import batches, collate, epoch_groups, load_datasets
 from .engines import make_engine
-from .io.adapters import load_adapter_weights, save_adapter
+from .io.adapters import RESUME_FILE, load_adapter_weights, load_resume, save_adapter, save_resume
 from .io.sources import load_model
 from .lora import LoRAConfig, from_flat, init_lora, num_params, resolve_keys, to_flat, tree_map
 from .model import generate
 from .ops.block import PROJECTIONS
-from .ops.linear import set_matmul_path
+from .ops.linear import set_compute_dtype, set_matmul_path
+
+# settings a checkpoint's numbers depend on: resuming with other values would not continue the same run
+RESUME_KEYS = ("model", "data", "method", "rank", "scale", "keys", "num_layers", "batch_size", "max_seq_length",
+               "mask_prompt", "optimizer", "lr_schedule", "seed", "grad_accumulation_steps", "mezo_eps", "dtype")
 
 
 def rss_mb():
@@ -37,10 +50,12 @@ def rss_mb():
 class Trainer:
     def __init__(self, config: TrainConfig, log=print):
         self.cfg, self.log = config, log
+        self.stop_signal = None
 
     def setup(self):
         c = self.cfg
         set_matmul_path(c.matmul)
+        set_compute_dtype(getattr(mx, c.dtype))
         self.store = load_model(c.model)
         n = self.store.num_layers
         if c.num_layers > n:
@@ -55,18 +70,26 @@ class Trainer:
             self.params = load_adapter_weights(c.resume_adapter_file, expected)
         kw = dict(eps=c.mezo_eps, seed=c.seed) if c.method == "mezo" else {}
         self.engine = make_engine(c.method, self.store, c.scale, **kw)
-        steps = c.iters if c.epochs <= 0 else c.epochs * math.ceil(len(self.data["train"]) / c.batch_size)
-        self.steps = steps
-        lr = c.learning_rate
+        per_epoch = math.ceil(len(self.data["train"]) / c.batch_size)
+        self.steps = c.iters if c.epochs <= 0 else math.ceil(c.epochs * per_epoch / c.grad_accumulation_steps)
+        self.lr = c.learning_rate
         if c.lr_schedule == "cosine":
-            lr = optim.cosine_decay(c.learning_rate, steps)
-        self.opt = {"sgd": optim.SGD, "adam": optim.Adam, "adamw": optim.AdamW}[c.optimizer](learning_rate=lr)
+            self.lr = optim.cosine_decay(c.learning_rate, self.steps)
+        self.opt = {"sgd": optim.SGD, "adam": optim.Adam, "adamw": optim.AdamW}[c.optimizer](learning_rate=self.lr)
+        self.opt.init(to_flat(self.params))
+        # the update goes into the backward, block by block, whenever that is the same step (no accumulation)
+        self.fused = c.fused_update and c.method in ("mesp", "mebp") and c.grad_accumulation_steps == 1
+        self.step_no, self.position, self._epoch = 0, 0, None
 
-    def batch_stream(self):
-        epoch = 0
-        while True:
-            yield from batches(self.data["train"], self.cfg.batch_size, self.cfg.seed, epoch)
-            epoch += 1
+    def next_batch(self):
+        """The batch at the current data position (batches consumed so far), then advance."""
+        train = self.data["train"]
+        per_epoch = math.ceil(len(train) / self.cfg.batch_size)
+        epoch, i = divmod(self.position, per_epoch)
+        if epoch != self._epoch:
+            self._groups, self._epoch = epoch_groups(train, self.cfg.batch_size, self.cfg.seed, epoch), epoch
+        self.position += 1
+        return collate([train.examples[j] for j in self._groups[i]])
 
     def evaluate(self):
         valid = self.data.get("valid")
@@ -86,17 +109,19 @@ class Trainer:
         return generate(self.store, self.tokenizer, self.cfg.sample_prompt, self.cfg.sample_tokens, lora,
                         self.cfg.scale)
 
-    def step(self, batch_iter):
+    def step(self):
         """One optimizer step (with gradient accumulation); returns (loss, tokens)."""
         c = self.cfg
         if c.method == "mezo":
-            batch = next(batch_iter)
-            lr = self.opt.learning_rate.item()
+            batch = self.next_batch()
+            lr = self.lr(mx.array(self.step_no)).item() if callable(self.lr) else self.lr
             loss, self.params = self.engine.step(self.params, batch, lr)
             return loss.item(), batch[2].sum().item()
+        if self.fused:
+            return self.fused_step(self.next_batch())
         acc, loss_sum, tokens = None, 0.0, 0.0
         for _ in range(c.grad_accumulation_steps):
-            batch = next(batch_iter)
+            batch = self.next_batch()
             loss, g = self.engine.loss_and_grad(self.params, batch)
             acc = g if acc is None else tree_map(lambda a, b: a + b, acc, g)
             loss_sum += loss.item()
@@ -108,61 +133,167 @@ class Trainer:
         self.params = from_flat(flat)
         return loss_sum / c.grad_accumulation_steps, tokens
 
+    def fused_step(self, batch):
+        """The optimizer update of each block applied as soon as its gradients exist, which are then dropped:
+        the same arithmetic as the unfused step (every block sees the same step count and learning rate)."""
+        step0 = self.opt.state["step"]
+
+        def on_block(i, grads):
+            self.opt.state["step"] = step0
+            flat = self.opt.apply_gradients(to_flat({i: grads}), to_flat({i: self.params[i]}))
+            mx.eval(flat, self.opt.state)
+            self.params[i] = from_flat(flat)[i]
+
+        loss, _ = self.engine.loss_and_grad(self.params, batch, on_block=on_block)
+        return loss.item(), batch[2].sum().item()
+
+    def save(self, out, numbered):
+        """Latest (and numbered) adapter, mlx-lm's files, and the resume checkpoint, each replaced atomically."""
+        save_adapter(out, self.params, self.lora_cfg, self.store.path, self.step_no if numbered else None)
+        state = {"step": self.step_no, "position": self.position, "mezo_calls": getattr(self.engine, "calls", 0),
+                 "config": {k: getattr(self.cfg, k) for k in RESUME_KEYS}}
+        save_resume(out, self.params, self.opt.state, state)
+
+    def resume(self, out):
+        got = load_resume(out)
+        if got is None:
+            self.log(f"[mesp-mlx] no checkpoint in {out}; starting at step 0")
+            return
+        params, opt_state, state = got
+        where = out / RESUME_FILE
+        now = {k: getattr(self.cfg, k) for k in RESUME_KEYS}
+        changed = [f"{k} {v!r} (now {now[k]!r})" for k, v in state["config"].items() if now.get(k) != v]
+        if changed:
+            raise ConfigError(f"{where} was written by a run with other settings: {'; '.join(changed)}")
+        expected = {k: tuple(v.shape) for k, v in to_flat(self.params).items()}
+        got_shapes = {k: tuple(v.shape) for k, v in to_flat(params).items()}
+        if got_shapes != expected:
+            raise ConfigError(f"{where}: its LoRA tensors do not fit this model")
+        self.params = params
+        self.opt.state = opt_state
+        self.opt.init(to_flat(self.params))
+        if not callable(self.lr):
+            self.opt.learning_rate = self.lr  # a resume may lower the learning rate (after a NaN, say)
+        self.step_no, self.position = state["step"], state["position"]
+        if hasattr(self.engine, "calls"):
+            self.engine.calls = state["mezo_calls"]
+        metrics = out / "metrics.jsonl"
+        if metrics.exists():  # drop what the stopped run logged after its checkpoint
+            keep = [ln for ln in metrics.read_text().splitlines() if ln and json.loads(ln)["iter"] <= self.step_no]
+            metrics.write_text("".join(ln + "\n" for ln in keep))
+        self.log(f"[mesp-mlx] resumed from {where} at step {self.step_no}")
+
+    def _catch_signals(self):
+        """Ctrl-C / SIGTERM: finish the step, save, stop. A second one stops at once (the last checkpoint stays)."""
+        self.stop_signal = None
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def handler(signum, frame):
+            if self.stop_signal is not None:
+                raise KeyboardInterrupt
+            self.stop_signal = signum
+            self.log(f"\n[mesp-mlx] {signal.Signals(signum).name}: stopping after this step and saving "
+                     "(again to stop now)")
+
+        return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+
     def run(self):
         c = self.cfg
         self.log(f"[mesp-mlx] {blas_status()}; device {mx.default_device()}")
         self.setup()
         out = Path(c.adapter_path)
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"{out}: cannot create the adapter directory ({e.strerror})") from None
         if not os.access(out, os.W_OK):
             raise ConfigError(f"{out}: adapter directory is not writable")
+        if c.resume:
+            self.resume(out)
+        elif (out / RESUME_FILE).exists():
+            self.log(f"[mesp-mlx] note: {out} holds a checkpoint of an earlier run; add --resume to continue it")
         self.log(f"[mesp-mlx] model {self.store.path} ({self.store.args.model_type}, {self.store.num_layers} "
-                 f"layers); method {c.method}; trainable {num_params(self.params) / 1e6:.3f}M params; "
-                 f"{len(self.data['train'])} train examples")
+                 f"layers); method {c.method}{' (update fused into backward)' if self.fused else ''}; "
+                 f"trainable {num_params(self.params) / 1e6:.3f}M params; {len(self.data['train'])} train examples")
         if self.data["train"].truncated:
             self.log(f"[mesp-mlx] warning: {self.data['train'].truncated} examples truncated to {c.max_seq_length}")
-        before = self.sample(False) if c.sample_prompt else None
-        if before is not None:
-            self.log(f"Before: {c.sample_prompt!r} -> {before!r}")
-        metrics = open(out / "metrics.jsonl", "a")
-        it, window_loss, window_tok, t0 = self.batch_stream(), [], 0.0, time.perf_counter()
-        mx.reset_peak_memory()
-        for step in range(1, self.steps + 1):
-            loss, tokens = self.step(it)
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss} at step {step}; the last saved adapter is in {out}. "
-                                         "Resume with --resume-adapter-file and a lower --learning-rate")
-            window_loss.append(loss)
-            window_tok += tokens
-            if step % c.steps_per_report == 0 or step == self.steps:
-                dt = time.perf_counter() - t0
-                rec = {"iter": step, "train_loss": sum(window_loss) / len(window_loss),
-                       "learning_rate": self.opt.learning_rate.item(), "it_per_sec": len(window_loss) / dt,
-                       "tokens_per_sec": window_tok / dt, "peak_memory_gb": mx.get_peak_memory() / 1e9,
-                       "active_memory_gb": mx.get_active_memory() / 1e9, "rss_peak_mb": rss_mb()}
-                self.log(f"Iter {step}: Train loss {rec['train_loss']:.3f}, Learning Rate "
-                         f"{rec['learning_rate']:.3e}, It/sec {rec['it_per_sec']:.3f}, Tokens/sec "
-                         f"{rec['tokens_per_sec']:.3f}, Peak mem {rec['peak_memory_gb']:.3f} GB, "
-                         f"RSS {rec['rss_peak_mb']:.0f} MB")
-                metrics.write(json.dumps(rec) + "\n")
-                metrics.flush()
-                window_loss, window_tok, t0 = [], 0.0, time.perf_counter()
-            if step % c.steps_per_eval == 0 or step == self.steps:
-                tv = time.perf_counter()
-                val = self.evaluate()
-                if val is not None:
-                    self.log(f"Iter {step}: Val loss {val:.3f}, Val ppl {math.exp(min(val, 50)):.3f}, "
-                             f"Val took {time.perf_counter() - tv:.3f}s")
-                    metrics.write(json.dumps({"iter": step, "val_loss": val}) + "\n")
-                t0 += time.perf_counter() - tv
-            if step % c.save_every == 0:
-                save_adapter(out, self.params, self.lora_cfg, self.store.path, step)
-                self.log(f"Iter {step}: Saved adapter weights to {out}")
-        metrics.close()
-        save_adapter(out, self.params, self.lora_cfg, self.store.path)
-        self.log(f"Saved final adapter weights to {out / 'adapters.safetensors'}")
+        if c.method == "mezo" and c.optimizer != "sgd":
+            self.log("[mesp-mlx] note: mezo updates with plain SGD on its SPSA estimate; --optimizer is not used")
+        if c.sample_prompt and self.step_no == 0:
+            self.log(f"Before: {c.sample_prompt!r} -> {self.sample(False)!r}")
+        old_handlers = self._catch_signals()
+        try:
+            self.train_loop(out)
+        finally:
+            for sig, h in old_handlers.items():
+                signal.signal(sig, h)
+        if self.stop_signal is not None:
+            self.log(f"[mesp-mlx] stopped at step {self.step_no} of {self.steps}; checkpoint in {out / RESUME_FILE}."
+                     f" Continue with the same command and --resume")
+            return self.params
         if c.sample_prompt:
             self.log(f"After:  {c.sample_prompt!r} -> {self.sample(True)!r}")
         self.log(f"Use it with mlx-lm:\n  mlx_lm.generate --model {self.store.path} --adapter-path {out} "
                  f"--prompt {json.dumps(c.sample_prompt or 'Hello')}")
         return self.params
+
+    def train_loop(self, out):
+        from tqdm import tqdm
+
+        from .plots import plot_metrics
+        c = self.cfg
+        window_loss, window_tok, t0 = [], 0.0, time.perf_counter()
+        mx.reset_peak_memory()
+        bar = tqdm(total=self.steps, initial=self.step_no, disable=None, file=sys.stderr, unit="step",
+                   dynamic_ncols=True, leave=False)
+        log = self.log if bar.disable else bar.write  # report lines above the bar, not through it
+        with open(out / "metrics.jsonl", "a") as metrics:
+            while self.step_no < self.steps:
+                ts = time.perf_counter()
+                loss, tokens = self.step()
+                step = self.step_no = self.step_no + 1
+                if not math.isfinite(loss):
+                    raise FloatingPointError(
+                        f"loss became {loss} at step {step}; the last good checkpoint is in {out}. Continue from it "
+                        f"with --resume and a lower --learning-rate (now {c.learning_rate:g})")
+                window_loss.append(loss)
+                window_tok += tokens
+                bar.update(1)
+                bar.set_postfix_str(f"loss {loss:.3f}, lr {self.current_lr():.2e}, "
+                                    f"{tokens / (time.perf_counter() - ts):.0f} tok/s, "
+                                    f"peak {mx.get_peak_memory() / 1e9:.3f} GB, RSS {rss_mb():.0f} MB")
+                if step % c.steps_per_report == 0 or step == self.steps:
+                    dt = time.perf_counter() - t0
+                    rec = {"iter": step, "train_loss": sum(window_loss) / len(window_loss),
+                           "learning_rate": self.current_lr(), "it_per_sec": len(window_loss) / dt,
+                           "tokens_per_sec": window_tok / dt, "peak_memory_gb": mx.get_peak_memory() / 1e9,
+                           "active_memory_gb": mx.get_active_memory() / 1e9, "rss_peak_mb": rss_mb()}
+                    log(f"Iter {step}: Train loss {rec['train_loss']:.3f}, Learning Rate {rec['learning_rate']:.3e}, "
+                        f"It/sec {rec['it_per_sec']:.3f}, Tokens/sec {rec['tokens_per_sec']:.3f}, "
+                        f"Peak mem {rec['peak_memory_gb']:.3f} GB, RSS {rec['rss_peak_mb']:.0f} MB")
+                    metrics.write(json.dumps(rec) + "\n")
+                    metrics.flush()
+                    window_loss, window_tok, t0 = [], 0.0, time.perf_counter()
+                if step % c.steps_per_eval == 0 or step == self.steps:
+                    tv = time.perf_counter()
+                    val = self.evaluate()
+                    if val is not None:
+                        log(f"Iter {step}: Val loss {val:.3f}, Val ppl {math.exp(min(val, 50)):.3f}, "
+                            f"Val took {time.perf_counter() - tv:.3f}s")
+                        metrics.write(json.dumps({"iter": step, "val_loss": val}) + "\n")
+                        metrics.flush()
+                    t0 += time.perf_counter() - tv
+                numbered = step % c.save_every == 0
+                if numbered or step == self.steps or self.stop_signal is not None:
+                    self.save(out, numbered)
+                    log(f"Iter {step}: Saved adapter weights to {out}")
+                if self.stop_signal is not None:
+                    break
+        bar.close()
+        png = plot_metrics(out / "metrics.jsonl", out / "training.png")
+        if png:
+            self.log(f"[mesp-mlx] loss and memory chart: {png}")
+
+    def current_lr(self):
+        return float(self.lr(mx.array(self.step_no)) if callable(self.lr) else self.lr)

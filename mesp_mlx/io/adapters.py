@@ -44,3 +44,43 @@ def load_adapter_weights(path, expected):
     if wrong or missing:
         raise SourceError(f"{path}: adapter does not fit the model: " + "; ".join(wrong[:3] + missing[:3]))
     return from_flat(flat)
+
+
+RESUME_FILE = "resume.safetensors"
+
+
+def save_resume(out_dir, params, opt_state, state):
+    """Everything `--resume` needs in one file, replaced atomically: the LoRA parameters ("params/<name>"), the
+    optimizer state ("opt/<key>" or "opt/<param name>/<slot>") and `state` (JSON: step, data position, RNG, config)."""
+    arrays = {f"params/{k}": v for k, v in to_flat(params).items()}
+    for k, v in opt_state.items():
+        if isinstance(v, dict):
+            arrays.update({f"opt/{k}/{slot}": a for slot, a in v.items()})
+        else:
+            arrays[f"opt/{k}"] = v
+    path = Path(out_dir) / RESUME_FILE
+    tmp = path.with_name(f".{path.stem}.tmp.safetensors")
+    mx.save_safetensors(str(tmp), arrays, metadata={"state": json.dumps(state)})
+    os.replace(tmp, path)
+
+
+def load_resume(out_dir):
+    """-> (params, optimizer state, state) or None when there is no checkpoint."""
+    path = Path(out_dir) / RESUME_FILE
+    if not path.exists():
+        return None
+    try:
+        arrays, meta = mx.load(str(path), return_metadata=True)
+        state = json.loads(meta["state"])
+    except Exception as e:
+        raise SourceError(f"{path}: not a readable checkpoint ({e}); remove it to start over") from None
+    params = from_flat({k[len("params/"):]: v for k, v in arrays.items() if k.startswith("params/")})
+    opt = {}
+    for k, v in arrays.items():
+        if k.startswith("opt/"):
+            parts = k[len("opt/"):].split("/")
+            if len(parts) == 1:
+                opt[parts[0]] = v
+            else:
+                opt.setdefault(parts[0], {})[parts[1]] = v
+    return params, opt, state

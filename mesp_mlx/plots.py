@@ -1,0 +1,34 @@
+"""The chart written beside an adapter at the end of a run: loss (train and validation) and memory against step."""
+import json
+
+
+def plot_metrics(metrics_path, png_path):
+    """Returns the PNG's path, or None when there is nothing to draw or matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    try:
+        rows = [json.loads(line) for line in open(metrics_path) if line.strip()]
+    except (OSError, ValueError):
+        return None
+    train = [r for r in rows if "train_loss" in r]
+    val = [r for r in rows if "val_loss" in r]
+    if not train:
+        return None
+    fig, (ax_loss, ax_mem) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot([r["iter"] for r in train], [r["train_loss"] for r in train], label="train")
+    if val:
+        ax_loss.plot([r["iter"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
+    ax_loss.set(xlabel="step", ylabel="loss", title="Loss")
+    ax_loss.legend()
+    ax_mem.plot([r["iter"] for r in train], [1000 * r["peak_memory_gb"] for r in train], label="MLX peak")
+    ax_mem.plot([r["iter"] for r in train], [r["rss_peak_mb"] for r in train], label="process peak RSS")
+    ax_mem.set(xlabel="step", ylabel="MB", title="Memory")
+    ax_mem.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return png_path
