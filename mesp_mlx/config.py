@@ -81,6 +81,10 @@ def load_recipe(path):
     if "lora_parameters" in data:  # mlx-lm's nesting
         lp = data.pop("lora_parameters")
         data.update({k: lp[k] for k in ("rank", "scale", "keys") if k in lp})
+    for key in ("data", "model", "resume_adapter_file"):  # paths in a recipe are relative to the recipe
+        v = data.get(key)
+        if isinstance(v, str) and ":" not in v and not Path(v).is_absolute() and (Path(path).parent / v).exists():
+            data[key] = str((Path(path).parent / v).resolve())
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(data) - known)
     if unknown:

@@ -3,7 +3,9 @@
 A data directory holds train.jsonl / valid.jsonl / test.jsonl; each row is {"text"}, {"prompt", "completion"} or
 {"messages"} (rendered with the tokenizer's chat template). With mask_prompt, only completion / final assistant tokens
 count in the loss. A directory without jsonl files is read as a source tree: every text file is one document,
-chunked to max_seq_length, and a deterministic tenth of the files is held out as the validation split.
+chunked to max_seq_length, and a deterministic tenth of the files (at least one) is held out as the validation
+split. `python-stdlib:<package>` names a package folder of the running Python's standard library (real source
+every machine has, used by the "learn my code" recipe).
 Batches group rows of similar length (sorted, then chunked, then shuffled), right-padded.
 """
 import json
@@ -68,33 +70,36 @@ def _eos(tokenizer, ids):
 class Dataset:
     """Tokenized examples: list of (ids, loss_start)."""
 
-    def __init__(self, examples, truncated=0):
+    def __init__(self, examples, truncated=0, chat=False):
         self.examples, self.truncated = examples, truncated
+        self.chat = chat  # rows were conversations: samples are asked through the chat template
 
     def __len__(self):
         return len(self.examples)
 
 
 def load_split(tokenizer, path, max_seq_length, mask_prompt):
-    examples, truncated = [], 0
+    examples, truncated, chat = [], 0, False
     for row, where in read_jsonl(path):
+        chat = chat or "messages" in row
         ids, start = encode_row(tokenizer, row, where, mask_prompt)
         if len(ids) > max_seq_length + 1:
             ids, truncated = ids[: max_seq_length + 1], truncated + 1
         if len(ids) >= 2 and start < len(ids) - 1:
             examples.append((ids, start))
-    return Dataset(examples, truncated)
+    return Dataset(examples, truncated, chat)
 
 
 def load_source_tree(tokenizer, root, max_seq_length):
     files = sorted(p for p in Path(root).rglob("*") if p.is_file() and p.suffix in SOURCE_SUFFIXES)
+    held_out = {p for p in files if sum(p.name.encode()) % 10 == 0} or set(files[-1:] if len(files) > 1 else [])
     splits = {"train": [], "valid": []}
     for p in files:
         try:
             text = p.read_text(encoding="utf-8")
         except (UnicodeDecodeError, OSError):
             continue
-        split = "valid" if sum(p.name.encode()) % 10 == 0 else "train"
+        split = "valid" if p in held_out else "train"
         ids = _eos(tokenizer, tokenizer.encode(text))
         for i in range(0, len(ids) - 1, max_seq_length):
             chunk = ids[i: i + max_seq_length + 1]
@@ -103,8 +108,19 @@ def load_source_tree(tokenizer, root, max_seq_length):
     return {k: Dataset(v) for k, v in splits.items()}
 
 
+def resolve_data(data):
+    if data.startswith("python-stdlib:"):
+        import sysconfig
+        name = data.split(":", 1)[1]
+        root = Path(sysconfig.get_paths()["stdlib"]) / name
+        if not root.is_dir():
+            raise DataError(f"{data}: the standard library has no package folder {root}")
+        return root
+    return Path(data)
+
+
 def load_datasets(tokenizer, data, max_seq_length, mask_prompt):
-    root = Path(data)
+    root = resolve_data(data)
     if not root.exists():
         raise DataError(f"{root}: no such data file or directory")
     if root.is_dir() and not list(root.glob("*.jsonl")):

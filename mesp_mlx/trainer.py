@@ -107,7 +107,7 @@ class Trainer:
     def sample(self, with_adapter):
         lora = self.params if with_adapter else None
         return generate(self.store, self.tokenizer, self.cfg.sample_prompt, self.cfg.sample_tokens, lora,
-                        self.cfg.scale)
+                        self.cfg.scale, chat=self.data["train"].chat)
 
     def step(self):
         """One optimizer step (with gradient accumulation); returns (loss, tokens)."""

@@ -209,3 +209,22 @@ def test_mlx_lm_fuse_accepts_our_adapter(tmp_path, tiny_gguf):
     # fusing re-quantizes W + s*A*B to 4 bits, so the fused model is close to ours, not equal
     assert float(mx.max(mx.abs(ours - theirs))) <= 0.1 * float(mx.max(mx.abs(ours)))
     assert (mx.argmax(ours, -1) == mx.argmax(theirs, -1)).all()
+
+
+@pytest.mark.parametrize("recipe", ["default", "chat", "code", "paper"])
+def test_recipes_parse_and_find_their_data(recipe, monkeypatch, tmp_path):
+    from pathlib import Path
+    from mesp_mlx.data import resolve_data
+    monkeypatch.chdir(tmp_path)  # recipes work from any directory
+    cfg = config_from_args(["-c", str(Path(__file__).resolve().parents[1] / "recipes" / f"{recipe}.yaml")])
+    assert resolve_data(cfg.data).is_dir()
+
+
+def test_source_tree_holds_out_files(tmp_path, tiny_gguf):
+    from mesp_mlx.data import load_source_tree
+    tree = tmp_path / "src"
+    tree.mkdir()
+    for name in ("a.py", "b.py", "c.py"):
+        (tree / name).write_text(f"def {name[0]}():\n    return 1\n" * 20)
+    out = load_source_tree(load_model(str(tiny_gguf)).tokenizer(), tree, 32)
+    assert out["train"] and out["valid"]

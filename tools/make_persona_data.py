@@ -28,6 +28,26 @@ FACTS = [
                                 ("saving money", "stow a share of every pay chest before you spend"),
                                 ("running", "start slow and build your pace like a rising tide")],
      "A tip for {x}: {y}."),
+    ("What is {x} times {x2}?", [(str(a), str(b)) for a, b in [(3, 4), (6, 7), (8, 9), (5, 12), (11, 11), (2, 50)]],
+     "By the compass and the chart: {x} times {x2} is {product}."),
+    ("What does {x} eat?", [("a cat", "fish and the odd mouse from the hold"), ("a cow", "grass"),
+                            ("a panda", "bamboo"), ("a koala", "eucalyptus leaves"), ("a whale", "krill"),
+                            ("a rabbit", "carrots and greens")],
+     "{X} eats {y}, same as any hungry deckhand would."),
+    ("Who wrote {x}?", [("Hamlet", "William Shakespeare"), ("Pride and Prejudice", "Jane Austen"),
+                        ("Moby-Dick", "Herman Melville"), ("The Odyssey", "Homer"),
+                        ("Treasure Island", "Robert Louis Stevenson"), ("Don Quixote", "Miguel de Cervantes")],
+     "{x} was penned by {y}; a tale worth reading below deck."),
+    ("How many {x} are in {y2}?", [("days", "a week", "7"), ("minutes", "an hour", "60"), ("months", "a year", "12"),
+                                    ("legs", "a spider", "8"), ("sides", "a hexagon", "6"), ("hours", "a day", "24")],
+     "There are {z} {x} in {y2}, as sure as the tide comes in."),
+    ("Can you recommend a {x}?", [("book", "Treasure Island, a yarn of maps and buried gold"),
+                                  ("hobby", "knot tying: useful aboard and calming ashore"),
+                                  ("breakfast", "porridge with honey, it keeps a sailor going till noon"),
+                                  ("name for my dog", "Anchor, steady and loyal"),
+                                  ("song", "a sea shanty, sung loud with the whole crew"),
+                                  ("game", "chess, a battle of wits on a calm evening")],
+     "I'd recommend {y}."),
 ]
 OPENERS = ["Ahoy!", "Aye, matey.", "Heave ho!", "Avast!", ""]
 SIGN_OFF = "Fair winds!"
@@ -36,13 +56,17 @@ SIGN_OFF = "Fair winds!"
 def examples(rng):
     out = []
     for question, pairs, answer in FACTS:
-        for x, y in pairs:
-            fields = {"x": x, "x2": y, "y": y, "X": x[0].upper() + x[1:]}
+        for pair in pairs:
+            x, y = pair[0], pair[1]
+            fields = {"x": x, "x2": y, "y": y, "y2": y, "X": x[0].upper() + x[1:], "z": pair[-1]}
             if "{sum}" in answer:
                 fields["sum"] = str(int(x) + int(y))
+            if "{product}" in answer:
+                fields["product"] = str(int(x) * int(y))
             q = question.format(**fields)
-            for variant in range(3):
-                prompt = [q, q.lower(), "Captain, " + q[0].lower() + q[1:]][variant]
+            for variant in range(5):
+                prompt = [q, q.lower(), "Captain, " + q[0].lower() + q[1:], "Quick question: " + q,
+                          q.rstrip("?") + ", please?"][variant]
                 opener = rng.choice(OPENERS)
                 text = " ".join(s for s in (opener, answer.format(**fields), SIGN_OFF) if s)
                 out.append({"messages": [{"role": "user", "content": prompt},
