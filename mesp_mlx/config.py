@@ -42,6 +42,8 @@ class TrainConfig:
     resume: bool = False  # continue from adapter_path/resume.safetensors
     fused_update: bool = True  # apply each block's update inside the backward when that is the same step
     dtype: str = "float32"  # compute dtype: float32 | bfloat16 | float16 (Metal) | float64 (CPU)
+    memory_budget: str = None  # e.g. 300MB: plan chunk sizes and checkpoints to fit (mesp), or refuse
+    checkpoints: str = "memory"  # memory | disk: where block checkpoints wait for the backward
     seed: int = 0
     grad_accumulation_steps: int = 1
     matmul: str = "auto"
@@ -60,6 +62,9 @@ class TrainConfig:
                   (self.max_seq_length > 1, "max_seq_length must be > 1"),
                   (self.grad_accumulation_steps > 0, "grad_accumulation_steps must be > 0"),
                   (self.matmul in ("auto", "quantized", "dequantize"), "matmul must be auto, quantized or dequantize"),
+                  (self.checkpoints in ("memory", "disk"), "checkpoints must be memory or disk"),
+                  (self.memory_budget is None or self.method == "mesp",
+                   "--memory-budget plans MeSP's step; use it with --method mesp"),
                   (self.dtype in ("float32", "bfloat16", "float16", "float64"),
                    "dtype must be float32, bfloat16, float16 or float64")]
         for ok, msg in checks:
@@ -67,6 +72,9 @@ class TrainConfig:
                 raise ConfigError(msg)
         if self.alpha is not None:
             self.scale = self.alpha / self.rank
+        if self.memory_budget is not None:
+            from .plan import parse_bytes
+            parse_bytes(self.memory_budget)
         return self
 
 

@@ -27,6 +27,7 @@ from .io.adapters import RESUME_FILE, load_adapter_weights, load_resume, save_ad
 from .io.sources import load_model
 from .lora import LoRAConfig, from_flat, init_lora, num_params, resolve_keys, to_flat, tree_map
 from .model import generate
+from .plan import parse_bytes, plan_for_budget
 from .ops.block import PROJECTIONS
 from .ops.linear import set_compute_dtype, set_matmul_path
 
@@ -50,7 +51,7 @@ def rss_mb():
 class Trainer:
     def __init__(self, config: TrainConfig, log=print):
         self.cfg, self.log = config, log
-        self.stop_signal = None
+        self.stop_signal, self.old_memory_limit = None, None
 
     def setup(self):
         c = self.cfg
@@ -69,6 +70,18 @@ class Trainer:
             expected = {k: tuple(v.shape) for k, v in to_flat(self.params).items()}
             self.params = load_adapter_weights(c.resume_adapter_file, expected)
         kw = dict(eps=c.mezo_eps, seed=c.seed) if c.method == "mezo" else {}
+        if c.method != "autodiff":
+            kw["checkpoints"] = c.checkpoints
+        # the update goes into the backward, block by block, whenever that is the same step (no accumulation)
+        self.fused = c.fused_update and c.method in ("mesp", "mebp") and c.grad_accumulation_steps == 1
+        if c.memory_budget:
+            budget = parse_bytes(c.memory_budget)
+            longest = max(len(ids) - 1 for ids, _ in self.data["train"].examples)
+            plan, peak = plan_for_budget(self.store, c.scale, c.batch_size, longest, self.params, c.optimizer,
+                                         self.fused, budget)
+            kw.update(plan)
+            self.old_memory_limit = mx.set_memory_limit(budget)
+            self.log(f"[mesp-mlx] memory budget {budget / 1e6:.0f} MB: {plan}, predicted peak {peak / 1e6:.0f} MB")
         self.engine = make_engine(c.method, self.store, c.scale, **kw)
         per_epoch = math.ceil(len(self.data["train"]) / c.batch_size)
         self.steps = c.iters if c.epochs <= 0 else math.ceil(c.epochs * per_epoch / c.grad_accumulation_steps)
@@ -77,8 +90,6 @@ class Trainer:
             self.lr = optim.cosine_decay(c.learning_rate, self.steps)
         self.opt = {"sgd": optim.SGD, "adam": optim.Adam, "adamw": optim.AdamW}[c.optimizer](learning_rate=self.lr)
         self.opt.init(to_flat(self.params))
-        # the update goes into the backward, block by block, whenever that is the same step (no accumulation)
-        self.fused = c.fused_update and c.method in ("mesp", "mebp") and c.grad_accumulation_steps == 1
         self.step_no, self.position, self._epoch = 0, 0, None
 
     def next_batch(self):
@@ -228,6 +239,8 @@ class Trainer:
         finally:
             for sig, h in old_handlers.items():
                 signal.signal(sig, h)
+            if self.old_memory_limit is not None:
+                mx.set_memory_limit(self.old_memory_limit)
         if self.stop_signal is not None:
             self.log(f"[mesp-mlx] stopped at step {self.step_no} of {self.steps}; checkpoint in {out / RESUME_FILE}."
                      f" Continue with the same command and --resume")

@@ -189,3 +189,40 @@ def test_memory_follows_the_model(tmp_path):
     assert extra[8] - extra[2] <= 1.1 * per_layer, (extra, per_layer)
     autodiff = step_extra_memory(make_engine("autodiff", store, 20.0), params, batch)
     assert extra[8] < 0.5 * autodiff, (extra[8], autodiff)
+
+
+@pytest.mark.parametrize("arch", ["qwen2"])
+def test_checkpoint_placement(tiny_dir):
+    """Checkpoints on disk give the very same gradients; 16-bit checkpoints give close ones (not exact, by design)."""
+    store = load_model(str(tiny_dir))
+    params = perturbed_lora(store, LoRAConfig(rank=4))
+    batch = padded_batch(store.args.vocab_size, True)
+    _, ref = make_engine("mesp", store, 20.0).loss_and_grad(params, batch)
+    _, disk = make_engine("mesp", store, 20.0, checkpoints="disk").loss_and_grad(params, batch)
+    for i in ref:
+        for p in ref[i]:
+            for k in (0, 1):
+                assert mx.array_equal(disk[i][p][k], ref[i][p][k])
+    _, half = make_engine("mesp", store, 20.0, checkpoint_dtype=mx.bfloat16).loss_and_grad(params, batch)
+    assert min(cosine(half[i][p][k], ref[i][p][k]) for i in ref for p in ref[i] for k in (0, 1)) > 0.99
+    with pytest.raises(ValueError, match="checkpoints"):
+        make_engine("mesp", store, 20.0, checkpoints="cloud")
+
+
+def test_memory_budget_plans_or_refuses(tmp_path):
+    from conftest import write_tiny
+    from mesp_mlx.config import ConfigError
+    from mesp_mlx.plan import PLANS, parse_bytes, plan_for_budget
+    store = load_model(str(write_tiny(tmp_path / "m", "llama", hidden_size=256, intermediate_size=768,
+                                      num_attention_heads=8, num_key_value_heads=2, vocab_size=8192,
+                                      num_hidden_layers=4)))
+    params = init_lora(store.args, LoRAConfig(rank=8), 0)
+    assert parse_bytes("300MB") == 300_000_000 and parse_bytes("1.5GiB") == int(1.5 * 2 ** 30)
+    with pytest.raises(ConfigError, match="300 parsecs"):
+        parse_bytes("300 parsecs")
+    plan, peak = plan_for_budget(store, 20.0, 1, 1024, params, "adamw", True, 10 ** 10)
+    assert plan == PLANS[0]
+    lean, lean_peak = plan_for_budget(store, 20.0, 1, 1024, params, "adamw", True, int(peak * 0.8))
+    assert lean != PLANS[0] and lean_peak <= peak * 0.8
+    with pytest.raises(ConfigError, match="--max-seq-length"):
+        plan_for_budget(store, 20.0, 1, 1024, params, "adamw", True, int(lean_peak * 0.3))

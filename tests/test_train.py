@@ -228,3 +228,16 @@ def test_source_tree_holds_out_files(tmp_path, tiny_gguf):
         (tree / name).write_text(f"def {name[0]}():\n    return 1\n" * 20)
     out = load_source_tree(load_model(str(tiny_gguf)).tokenizer(), tree, 32)
     assert out["train"] and out["valid"]
+
+
+def test_memory_budget_run_stays_under_it(tmp_path, tiny_gguf, capsys):
+    data = write_data(tmp_path / "data", "text")
+    common = ["--model", str(tiny_gguf), "--data", str(data), "--sample-prompt", "", "--rank", "4", "--iters", "2",
+              "--steps-per-report", "1", "--adapter-path", str(tmp_path / "a")]
+    assert main(common + ["--memory-budget", "1KB"]) == 2
+    assert "needs at least" in capsys.readouterr().err
+    assert main(common + ["--memory-budget", "50MB"]) == 0
+    peaks = [r["peak_memory_gb"] for r in map(json.loads, (tmp_path / "a" / "metrics.jsonl").read_text().splitlines())
+             if "peak_memory_gb" in r]
+    assert peaks and max(peaks) * 1e9 <= 50e6
+    assert main(common + ["--memory-budget", "50MB", "--method", "mebp"]) == 2

