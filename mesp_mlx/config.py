@@ -44,6 +44,7 @@ class TrainConfig:
     dtype: str = "float32"  # compute dtype: float32 | bfloat16 | float16 (Metal) | float64 (CPU)
     memory_budget: str = None  # e.g. 300MB: plan chunk sizes and checkpoints to fit (mesp), or refuse
     checkpoints: str = "memory"  # memory | disk: where block checkpoints wait for the backward
+    skip_bad_rows: bool = False  # skip malformed data rows (with a count) instead of stopping at the first
     seed: int = 0
     grad_accumulation_steps: int = 1
     matmul: str = "auto"
@@ -104,7 +105,7 @@ def parser():
     p = argparse.ArgumentParser(prog="python -m mesp_mlx.train", allow_abbrev=False,
                                 description="LoRA fine-tuning with memory-efficient structured backpropagation")
     p.add_argument("-c", "--config", help="YAML recipe; flags override it")
-    bools = {"train", "mask_prompt", "resume", "fused_update"}
+    bools = {"train", "mask_prompt", "resume", "fused_update", "skip_bad_rows"}
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.name in bools:

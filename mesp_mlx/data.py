@@ -22,26 +22,38 @@ class DataError(ValueError):
     pass
 
 
-def read_jsonl(path):
-    rows = []
+def read_jsonl(path, skip_bad=False):
+    """-> ([(row, "file:line")], number of bad lines skipped). A bad line is an error unless skip_bad."""
+    rows, skipped = [], 0
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
             if not raw.strip():
                 continue
             try:
-                row = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise DataError(f"{path}:{n}: not a valid JSON line ({e})") from None
-            if not isinstance(row, dict) or not ({"text"} <= row.keys() or {"prompt", "completion"} <= row.keys()
-                                                 or "messages" in row):
-                raise DataError(f"{path}:{n}: expected an object with 'text', 'prompt'+'completion' or 'messages'")
+                try:
+                    row = json.loads(raw.decode("utf-8"))
+                except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                    raise DataError(f"{path}:{n}: not a valid JSON line ({e})") from None
+                if not isinstance(row, dict) or not ({"text"} <= row.keys() or {"prompt", "completion"} <= row.keys()
+                                                     or "messages" in row):
+                    raise DataError(f"{path}:{n}: expected an object with 'text', 'prompt'+'completion' or "
+                                    "'messages'")
+            except DataError:
+                if not skip_bad:
+                    raise
+                skipped += 1
+                continue
             rows.append((row, f"{path}:{n}"))
-    return rows
+    return rows, skipped
 
 
 def encode_row(tokenizer, row, where, mask_prompt):
     """-> (token ids, index of the first token that counts in the loss)."""
     if "messages" in row:
+        msgs = row["messages"]
+        if not (isinstance(msgs, list) and msgs and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                        and isinstance(m.get("content"), str) for m in msgs)):
+            raise DataError(f"{where}: 'messages' must be a non-empty list of {{\"role\": str, \"content\": str}}")
         if not getattr(tokenizer, "chat_template", None):
             raise DataError(f"{where}: chat data needs a tokenizer with a chat template")
         try:
@@ -51,11 +63,15 @@ def encode_row(tokenizer, row, where, mask_prompt):
             raise DataError(f"{where}: the chat template rejected this row ({e})") from None
         ids, prompt = _ids(ids), _ids(prompt)
         return ids, (len(prompt) if mask_prompt else 0)
+    fields = ("prompt", "completion") if "prompt" in row else ("text",)
+    bad = [k for k in fields if not isinstance(row[k], str)]
+    if bad:
+        raise DataError(f"{where}: '{bad[0]}' must be a string, got {type(row[bad[0]]).__name__}")
     if "prompt" in row:
-        prompt = tokenizer.encode(str(row["prompt"]))
-        full = prompt + tokenizer.encode(str(row["completion"]), add_special_tokens=False)
+        prompt = tokenizer.encode(row["prompt"])
+        full = prompt + tokenizer.encode(row["completion"], add_special_tokens=False)
         return _eos(tokenizer, full), (len(prompt) if mask_prompt else 0)
-    return _eos(tokenizer, tokenizer.encode(str(row["text"]))), 0
+    return _eos(tokenizer, tokenizer.encode(row["text"])), 0
 
 
 def _ids(x):
@@ -71,23 +87,32 @@ class Dataset:
     """Tokenized examples: list of (ids, loss_start)."""
 
     def __init__(self, examples, truncated=0, chat=False):
-        self.examples, self.truncated = examples, truncated
+        self.examples, self.truncated, self.skipped = examples, truncated, 0
         self.chat = chat  # rows were conversations: samples are asked through the chat template
 
     def __len__(self):
         return len(self.examples)
 
 
-def load_split(tokenizer, path, max_seq_length, mask_prompt):
+def load_split(tokenizer, path, max_seq_length, mask_prompt, skip_bad=False):
     examples, truncated, chat = [], 0, False
-    for row, where in read_jsonl(path):
+    rows, skipped = read_jsonl(path, skip_bad)
+    for row, where in rows:
+        try:
+            ids, start = encode_row(tokenizer, row, where, mask_prompt)
+        except DataError:
+            if not skip_bad:
+                raise
+            skipped += 1
+            continue
         chat = chat or "messages" in row
-        ids, start = encode_row(tokenizer, row, where, mask_prompt)
         if len(ids) > max_seq_length + 1:
             ids, truncated = ids[: max_seq_length + 1], truncated + 1
         if len(ids) >= 2 and start < len(ids) - 1:
             examples.append((ids, start))
-    return Dataset(examples, truncated, chat)
+    out = Dataset(examples, truncated, chat)
+    out.skipped = skipped
+    return out
 
 
 def load_source_tree(tokenizer, root, max_seq_length):
@@ -119,7 +144,7 @@ def resolve_data(data):
     return Path(data)
 
 
-def load_datasets(tokenizer, data, max_seq_length, mask_prompt):
+def load_datasets(tokenizer, data, max_seq_length, mask_prompt, skip_bad=False):
     root = resolve_data(data)
     if not root.exists():
         raise DataError(f"{root}: no such data file or directory")
@@ -130,7 +155,7 @@ def load_datasets(tokenizer, data, max_seq_length, mask_prompt):
         for split in ("train", "valid", "test"):
             f = root / f"{split}.jsonl" if root.is_dir() else (root if split == "train" else None)
             if f is not None and f.exists():
-                out[split] = load_split(tokenizer, f, max_seq_length, mask_prompt)
+                out[split] = load_split(tokenizer, f, max_seq_length, mask_prompt, skip_bad)
     if not out.get("train"):
         raise DataError(f"{root}: no training examples (expected train.jsonl with at least one usable row)")
     return out

@@ -61,10 +61,16 @@ class Trainer:
         n = self.store.num_layers
         if c.num_layers > n:
             raise ConfigError(f"num_layers {c.num_layers} is larger than the model's {n} layers")
-        keys = resolve_keys(c.keys, "keys") if c.keys else PROJECTIONS
+        try:
+            keys = resolve_keys(c.keys, "keys") if c.keys else PROJECTIONS
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         self.lora_cfg = LoRAConfig(c.rank, c.scale, keys, c.num_layers)
         self.tokenizer = self.store.tokenizer()
-        self.data = load_datasets(self.tokenizer, c.data, c.max_seq_length, c.mask_prompt)
+        self.data = load_datasets(self.tokenizer, c.data, c.max_seq_length, c.mask_prompt, c.skip_bad_rows)
+        if len(self.data["train"]) < c.batch_size:
+            raise ConfigError(f"{c.data}: {len(self.data['train'])} training example(s), fewer than --batch-size "
+                              f"{c.batch_size}")
         self.params = init_lora(self.store.args, self.lora_cfg, c.seed)
         if c.resume_adapter_file:
             expected = {k: tuple(v.shape) for k, v in to_flat(self.params).items()}
@@ -227,6 +233,9 @@ class Trainer:
         self.log(f"[mesp-mlx] model {self.store.path} ({self.store.args.model_type}, {self.store.num_layers} "
                  f"layers); method {c.method}{' (update fused into backward)' if self.fused else ''}; "
                  f"trainable {num_params(self.params) / 1e6:.3f}M params; {len(self.data['train'])} train examples")
+        skipped = sum(d.skipped for d in self.data.values())
+        if skipped:
+            self.log(f"[mesp-mlx] warning: skipped {skipped} bad data row(s) (--skip-bad-rows)")
         if self.data["train"].truncated:
             self.log(f"[mesp-mlx] warning: {self.data['train'].truncated} examples truncated to {c.max_seq_length}")
         if c.method == "mezo" and c.optimizer != "sgd":
@@ -257,6 +266,7 @@ class Trainer:
         from .plots import plot_metrics
         c = self.cfg
         window_loss, window_tok, t0 = [], 0.0, time.perf_counter()
+        started = t0
         mx.reset_peak_memory()
         bar = tqdm(total=self.steps, initial=self.step_no, disable=None, file=sys.stderr, unit="step",
                    dynamic_ncols=True, leave=False)
@@ -281,7 +291,8 @@ class Trainer:
                     rec = {"iter": step, "train_loss": sum(window_loss) / len(window_loss),
                            "learning_rate": self.current_lr(), "it_per_sec": len(window_loss) / dt,
                            "tokens_per_sec": window_tok / dt, "peak_memory_gb": mx.get_peak_memory() / 1e9,
-                           "active_memory_gb": mx.get_active_memory() / 1e9, "rss_peak_mb": rss_mb()}
+                           "active_memory_gb": mx.get_active_memory() / 1e9, "rss_peak_mb": rss_mb(),
+                           "elapsed_s": time.perf_counter() - started}
                     log(f"Iter {step}: Train loss {rec['train_loss']:.3f}, Learning Rate {rec['learning_rate']:.3e}, "
                         f"It/sec {rec['it_per_sec']:.3f}, Tokens/sec {rec['tokens_per_sec']:.3f}, "
                         f"Peak mem {rec['peak_memory_gb']:.3f} GB, RSS {rec['rss_peak_mb']:.0f} MB")
@@ -294,7 +305,8 @@ class Trainer:
                     if val is not None:
                         log(f"Iter {step}: Val loss {val:.3f}, Val ppl {math.exp(min(val, 50)):.3f}, "
                             f"Val took {time.perf_counter() - tv:.3f}s")
-                        metrics.write(json.dumps({"iter": step, "val_loss": val}) + "\n")
+                        metrics.write(json.dumps({"iter": step, "val_loss": val,
+                                                  "elapsed_s": time.perf_counter() - started}) + "\n")
                         metrics.flush()
                     t0 += time.perf_counter() - tv
                 numbered = step % c.save_every == 0

@@ -10,11 +10,18 @@ from ..lora import from_flat, to_flat
 from . import SourceError
 
 
-def atomic_save_safetensors(path, arrays):
+def atomic_save_safetensors(path, arrays, metadata=None):
+    """Write beside the target, then rename over it: readers see the old file or the new one, never a part. A failed
+    write (full disk, read-only directory) removes its temporary file and leaves the old one in place."""
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.tmp.safetensors")
-    mx.save_safetensors(str(tmp), arrays)
-    os.replace(tmp, path)
+    try:
+        mx.save_safetensors(str(tmp), arrays, metadata=metadata or {})
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        tmp.unlink(missing_ok=True)
+        raise SourceError(f"{path}: could not write it ({getattr(e, 'strerror', None) or e}); "
+                          "the previous file, if any, is intact") from None
 
 
 def save_adapter(out_dir, params, lora_cfg, model_path, step=None):
@@ -28,8 +35,12 @@ def save_adapter(out_dir, params, lora_cfg, model_path, step=None):
         atomic_save_safetensors(out / f"{step:07d}_adapters.safetensors", flat)
     atomic_save_safetensors(out / "adapters.safetensors", flat)
     tmp = out / ".adapter_config.json.tmp"
-    tmp.write_text(json.dumps(config, indent=2))
-    os.replace(tmp, out / "adapter_config.json")
+    try:
+        tmp.write_text(json.dumps(config, indent=2))
+        os.replace(tmp, out / "adapter_config.json")
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise SourceError(f"{out / 'adapter_config.json'}: could not write it ({e.strerror})") from None
 
 
 def load_adapter_weights(path, expected):
@@ -58,10 +69,7 @@ def save_resume(out_dir, params, opt_state, state):
             arrays.update({f"opt/{k}/{slot}": a for slot, a in v.items()})
         else:
             arrays[f"opt/{k}"] = v
-    path = Path(out_dir) / RESUME_FILE
-    tmp = path.with_name(f".{path.stem}.tmp.safetensors")
-    mx.save_safetensors(str(tmp), arrays, metadata={"state": json.dumps(state)})
-    os.replace(tmp, path)
+    atomic_save_safetensors(Path(out_dir) / RESUME_FILE, arrays, {"state": json.dumps(state)})
 
 
 def load_resume(out_dir):
