@@ -24,6 +24,7 @@ from .config import ConfigError, TrainConfig
 from .data import batches, collate, epoch_groups, load_datasets
 from .engines import make_engine
 from .io.adapters import RESUME_FILE, load_adapter_weights, load_resume, save_adapter, save_resume
+from .io import SourceError
 from .io.sources import load_model
 from .lora import LoRAConfig, from_flat, init_lora, num_params, resolve_keys, to_flat, tree_map
 from .model import generate
@@ -55,6 +56,11 @@ class Trainer:
 
     def setup(self):
         c = self.cfg
+        # data-parallel over MLX's own distributed group (mlx.launch); a single process is a group of one
+        self.group = mx.distributed.init()
+        self.rank, self.world = self.group.rank(), self.group.size()
+        if self.rank != 0:
+            self.log = lambda *args, **kw: None
         set_matmul_path(c.matmul)
         set_compute_dtype(getattr(mx, c.dtype))
         self.store = load_model(c.model)
@@ -96,17 +102,44 @@ class Trainer:
             self.lr = optim.cosine_decay(c.learning_rate, self.steps)
         self.opt = {"sgd": optim.SGD, "adam": optim.Adam, "adamw": optim.AdamW}[c.optimizer](learning_rate=self.lr)
         self.opt.init(to_flat(self.params))
-        self.step_no, self.position, self._epoch = 0, 0, None
+        self.step_no, self.position, self._epoch, self._index = 0, 0, None, 0
 
     def next_batch(self):
-        """The batch at the current data position (batches consumed so far), then advance."""
-        train = self.data["train"]
-        per_epoch = math.ceil(len(train) / self.cfg.batch_size)
-        epoch, i = divmod(self.position, per_epoch)
-        if epoch != self._epoch:
-            self._groups, self._epoch = epoch_groups(train, self.cfg.batch_size, self.cfg.seed, epoch), epoch
+        """The batch at the current data position (batches consumed so far), then advance. With W processes the
+        batches are those of one process with a W times larger batch, each process taking its slice (groups too
+        small to give every process a row are skipped)."""
+        train, bs = self.data["train"], self.cfg.batch_size
+        if self._epoch is None or self._index >= len(self._groups):
+            epoch = 0 if self._epoch is None else self._epoch + 1
+            groups = epoch_groups(train, bs * self.world, self.cfg.seed, epoch)
+            self._groups = [g for g in groups if len(g) >= self.world]
+            self._epoch, self._index = epoch, 0
+        group = self._groups[self._index]
+        self._index += 1
         self.position += 1
-        return collate([train.examples[j] for j in self._groups[i]])
+        share = math.ceil(len(group) / self.world)
+        return collate([train.examples[j] for j in group[self.rank * share:(self.rank + 1) * share]])
+
+    def seek(self, position):
+        """Moves the data stream to `position` batches from the start (resume)."""
+        self._epoch, self.position = None, 0
+        for _ in range(position):
+            self.next_batch()
+
+    def tokens(self, batch):
+        """(this process's target tokens, the whole group's)."""
+        n = batch[2].sum()
+        return n, (mx.distributed.all_sum(n, group=self.group) if self.world > 1 else n)
+
+    def reduce(self, tree, n, total):
+        """The group's token-weighted mean of per-process means (= the mean over the whole global batch)."""
+        if self.world == 1:
+            return tree
+        if isinstance(tree, dict):
+            return {k: self.reduce(v, n, total) for k, v in tree.items()}
+        if isinstance(tree, tuple):
+            return tuple(self.reduce(v, n, total) for v in tree)
+        return mx.distributed.all_sum(tree * n, group=self.group) / total
 
     def evaluate(self):
         valid = self.data.get("valid")
@@ -127,22 +160,26 @@ class Trainer:
                         self.cfg.scale, chat=self.data["train"].chat)
 
     def step(self):
-        """One optimizer step (with gradient accumulation); returns (loss, tokens)."""
+        """One optimizer step (with gradient accumulation); returns (loss, tokens of the whole group)."""
         c = self.cfg
         if c.method == "mezo":
             batch = self.next_batch()
+            n, total = self.tokens(batch)
+            # the group shares seeds and combines the scalar projections: a few bytes a step
+            self.engine.combine = lambda v: self.reduce(mx.array(v), n, total).item()
             lr = self.lr(mx.array(self.step_no)).item() if callable(self.lr) else self.lr
             loss, self.params = self.engine.step(self.params, batch, lr)
-            return loss.item(), batch[2].sum().item()
+            return self.reduce(loss, n, total).item(), total.item()
         if self.fused:
             return self.fused_step(self.next_batch())
         acc, loss_sum, tokens = None, 0.0, 0.0
         for _ in range(c.grad_accumulation_steps):
             batch = self.next_batch()
-            loss, g = self.engine.loss_and_grad(self.params, batch)
+            n, total = self.tokens(batch)
+            loss, g = self.gradients(batch, lambda i, gi: self.reduce(gi, n, total))
             acc = g if acc is None else tree_map(lambda a, b: a + b, acc, g)
-            loss_sum += loss.item()
-            tokens += batch[2].sum().item()
+            loss_sum += self.reduce(loss, n, total).item()
+            tokens += total.item()
         if c.grad_accumulation_steps > 1:
             acc = tree_map(lambda a: a / c.grad_accumulation_steps, acc)
         flat = self.opt.apply_gradients(to_flat(acc), to_flat(self.params))
@@ -150,55 +187,109 @@ class Trainer:
         self.params = from_flat(flat)
         return loss_sum / c.grad_accumulation_steps, tokens
 
+    def gradients(self, batch, per_block):
+        """(loss, grads) with per_block(i, grads_i) applied to each block's gradients as the backward makes them
+        (the all-reduce of data-parallel runs)."""
+        if self.cfg.method == "autodiff":  # one graph: its gradients all exist at the end
+            loss, g = self.engine.loss_and_grad(self.params, batch)
+            return loss, {i: per_block(i, gi) for i, gi in g.items()}
+        grads = {}
+
+        def on_block(i, gi):
+            grads[i] = per_block(i, gi)
+            mx.eval(grads[i])
+
+        loss, _ = self.engine.loss_and_grad(self.params, batch, on_block=on_block)
+        return loss, grads
+
     def fused_step(self, batch):
-        """The optimizer update of each block applied as soon as its gradients exist, which are then dropped:
-        the same arithmetic as the unfused step (every block sees the same step count and learning rate)."""
+        """The optimizer update of each block applied as soon as its (all-reduced) gradients exist, which are then
+        dropped: the same arithmetic as the unfused step (every block sees the same step count and learning
+        rate)."""
         step0 = self.opt.state["step"]
+        n, total = self.tokens(batch)
 
         def on_block(i, grads):
             self.opt.state["step"] = step0
+            grads = self.reduce(grads, n, total)
             flat = self.opt.apply_gradients(to_flat({i: grads}), to_flat({i: self.params[i]}))
             mx.eval(flat, self.opt.state)
             self.params[i] = from_flat(flat)[i]
 
         loss, _ = self.engine.loss_and_grad(self.params, batch, on_block=on_block)
-        return loss.item(), batch[2].sum().item()
+        return self.reduce(loss, n, total).item(), total.item()
 
     def save(self, out, numbered):
-        """Latest (and numbered) adapter, mlx-lm's files, and the resume checkpoint, each replaced atomically."""
+        """Latest (and numbered) adapter, mlx-lm's files, and the resume checkpoint, each replaced atomically; only
+        the first process of a group writes."""
+        if self.rank != 0:
+            return
         save_adapter(out, self.params, self.lora_cfg, self.store.path, self.step_no if numbered else None)
         state = {"step": self.step_no, "position": self.position, "mezo_calls": getattr(self.engine, "calls", 0),
                  "config": {k: getattr(self.cfg, k) for k in RESUME_KEYS}}
         save_resume(out, self.params, self.opt.state, state)
 
     def resume(self, out):
-        got = load_resume(out)
-        if got is None:
+        """Continue from out/resume.safetensors. In a group the first process reads it and sends it to the others
+        (their own disks need not hold it)."""
+        got, error = (self._read_resume(out), None) if self.rank == 0 else (None, None)
+        if self.rank == 0 and isinstance(got, Exception):
+            got, error = None, got
+        if self.world > 1:  # every process learns whether there is a checkpoint, or an error, before any sends
+            flag = 2 if error else (1 if got else 0)
+            flag = int(mx.distributed.all_sum(mx.array(flag if self.rank == 0 else 0), group=self.group).item())
+            if flag == 2:
+                raise error or ConfigError(f"the first process could not resume from {out / RESUME_FILE}")
+            if flag == 1 and self.rank != 0:
+                got = (self.params, dict(self.opt.state), {"step": 0, "position": 0, "mezo_calls": 0})
+        elif error:
+            raise error
+        if not got:
             self.log(f"[mesp-mlx] no checkpoint in {out}; starting at step 0")
             return
         params, opt_state, state = got
-        where = out / RESUME_FILE
-        now = {k: getattr(self.cfg, k) for k in RESUME_KEYS}
-        changed = [f"{k} {v!r} (now {now[k]!r})" for k, v in state["config"].items() if now.get(k) != v]
-        if changed:
-            raise ConfigError(f"{where} was written by a run with other settings: {'; '.join(changed)}")
-        expected = {k: tuple(v.shape) for k, v in to_flat(self.params).items()}
-        got_shapes = {k: tuple(v.shape) for k, v in to_flat(params).items()}
-        if got_shapes != expected:
-            raise ConfigError(f"{where}: its LoRA tensors do not fit this model")
+        if self.world > 1:
+            send = lambda t: mx.distributed.all_sum(t if self.rank == 0 else mx.zeros_like(t), group=self.group)
+            flat = to_flat(params)
+            params = from_flat({k: send(flat[k]) for k in sorted(flat)})  # the same order in every process
+            opt_state = {k: ({s: send(opt_state[k][s]) for s in sorted(opt_state[k])} if isinstance(opt_state[k], dict)
+                             else send(opt_state[k].astype(mx.int64)).astype(opt_state[k].dtype))
+                         for k in sorted(opt_state)}
+            nums = send(mx.array([state["step"], state["position"], state["mezo_calls"]]))
+            state = dict(zip(("step", "position", "mezo_calls"), (int(x) for x in nums.tolist())))
         self.params = params
         self.opt.state = opt_state
         self.opt.init(to_flat(self.params))
         if not callable(self.lr):
             self.opt.learning_rate = self.lr  # a resume may lower the learning rate (after a NaN, say)
-        self.step_no, self.position = state["step"], state["position"]
+        self.step_no = state["step"]
+        self.seek(state["position"])
         if hasattr(self.engine, "calls"):
             self.engine.calls = state["mezo_calls"]
         metrics = out / "metrics.jsonl"
-        if metrics.exists():  # drop what the stopped run logged after its checkpoint
+        if self.rank == 0 and metrics.exists():  # drop what the stopped run logged after its checkpoint
             keep = [ln for ln in metrics.read_text().splitlines() if ln and json.loads(ln)["iter"] <= self.step_no]
             metrics.write_text("".join(ln + "\n" for ln in keep))
-        self.log(f"[mesp-mlx] resumed from {where} at step {self.step_no}")
+        self.log(f"[mesp-mlx] resumed from {out / RESUME_FILE} at step {self.step_no}")
+
+    def _read_resume(self, out):
+        """-> (params, optimizer state, state), None without a checkpoint, or the error to raise."""
+        try:
+            got = load_resume(out)
+        except SourceError as e:
+            return e
+        if got is None:
+            return None
+        params, opt_state, state = got
+        where = out / RESUME_FILE
+        now = {k: getattr(self.cfg, k) for k in RESUME_KEYS}
+        changed = [f"{k} {v!r} (now {now[k]!r})" for k, v in state["config"].items() if now.get(k) != v]
+        if changed:
+            return ConfigError(f"{where} was written by a run with other settings: {'; '.join(changed)}")
+        expected = {k: tuple(v.shape) for k, v in to_flat(self.params).items()}
+        if {k: tuple(v.shape) for k, v in to_flat(params).items()} != expected:
+            return ConfigError(f"{where}: its LoRA tensors do not fit this model")
+        return got
 
     def _catch_signals(self):
         """Ctrl-C / SIGTERM: finish the step, save, stop. A second one stops at once (the last checkpoint stays)."""
@@ -271,7 +362,7 @@ class Trainer:
         bar = tqdm(total=self.steps, initial=self.step_no, disable=None, file=sys.stderr, unit="step",
                    dynamic_ncols=True, leave=False)
         log = self.log if bar.disable else bar.write  # report lines above the bar, not through it
-        with open(out / "metrics.jsonl", "a") as metrics:
+        with open(out / "metrics.jsonl" if self.rank == 0 else os.devnull, "a") as metrics:
             while self.step_no < self.steps:
                 ts = time.perf_counter()
                 loss, tokens = self.step()
@@ -316,7 +407,7 @@ class Trainer:
                 if self.stop_signal is not None:
                     break
         bar.close()
-        png = plot_metrics(out / "metrics.jsonl", out / "training.png")
+        png = plot_metrics(out / "metrics.jsonl", out / "training.png") if self.rank == 0 else None
         if png:
             self.log(f"[mesp-mlx] loss and memory chart: {png}")
 

@@ -241,3 +241,36 @@ def test_memory_budget_run_stays_under_it(tmp_path, tiny_gguf, capsys):
              if "peak_memory_gb" in r]
     assert peaks and max(peaks) * 1e9 <= 50e6
     assert main(common + ["--memory-budget", "50MB", "--method", "mebp"]) == 2
+
+
+@pytest.mark.parametrize("method", ["mesp", "mezo"])
+def test_two_processes_equal_one_with_twice_the_batch(tmp_path, tiny_gguf, method):
+    """Data-parallel over mx.distributed (ring backend on loopback, started by mlx.launch): two processes with batch
+    2 log the same losses and write the same adapter as one process with batch 4."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    bin_dir = Path(sys.executable).parent
+    launch, entry = bin_dir / "mlx.launch", bin_dir / "mesp-train"
+    if not launch.exists() or not entry.exists():
+        pytest.skip("mlx.launch or the mesp-train entry point is not installed")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text("\n".join(json.dumps(r) for r in MORE[:8]))
+    # SGD: AdamW divides by sqrt(v), which turns 1e-7 differences in near-zero gradients into visible ones
+    common = ["--model", str(tiny_gguf), "--data", str(data), "--sample-prompt", "", "--rank", "4", "--iters", "5",
+              "--steps-per-report", "1", "--learning-rate", "1e-2", "--optimizer", "sgd", "--method", method]
+    env = dict(os.environ, MESP_MLX_NO_BLAS_PRELOAD="1")
+    r = subprocess.run([str(launch), "-n", "2", "--python", sys.executable, str(entry)] + common +
+                       ["--batch-size", "2", "--adapter-path", str(tmp_path / "two")], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert main(common + ["--batch-size", "4", "--adapter-path", str(tmp_path / "one")]) == 0
+    one, two = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
+    # mezo's projection is a finite difference: fp32 rounding of the two losses is amplified by 1/(2 eps) = 50
+    tol = 2e-3 if method == "mezo" else 1e-5
+    assert len(two) == 5 and max(abs(x - y) for x, y in zip(one, two)) <= tol, (one, two)
+    a = mx.load(str(tmp_path / "one" / "adapters.safetensors"))
+    b = mx.load(str(tmp_path / "two" / "adapters.safetensors"))
+    assert max(float(mx.max(mx.abs(a[k] - b[k]))) / (float(mx.max(mx.abs(a[k]))) + 1e-12) for k in a) <= 100 * tol

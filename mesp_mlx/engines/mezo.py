@@ -16,6 +16,7 @@ class MeZOEngine(StreamingEngine):
         self.eps, self.n_samples = eps, n_samples
         self.seed = seed
         self.calls = 0
+        self.combine = lambda c: c  # data-parallel runs set this to the group's mean of the projections
 
     def _z(self, seed, params):
         key = mx.random.key(seed)
@@ -43,7 +44,7 @@ class MeZOEngine(StreamingEngine):
             self.calls += 1
             lp = self.loss(self._shift(params, seed, self.eps), batch)
             lm = self.loss(self._shift(params, seed, -self.eps), batch)
-            out.append((seed, (lp - lm).item() / (2 * self.eps)))
+            out.append((seed, self.combine((lp - lm).item() / (2 * self.eps))))
             losses.append((lp.item() + lm.item()) / 2)
         return out, sum(losses) / len(losses)
 
