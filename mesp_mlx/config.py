@@ -2,7 +2,7 @@
 are errors, never ignored. Flag names follow mlx-lm's `lora` where it has the same setting."""
 import argparse
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml

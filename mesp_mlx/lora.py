@@ -5,7 +5,7 @@ Parameters live as {block index: {module path: (lora_a (in, r), lora_b (r, out))
 lora_a ~ U(-1/sqrt(in), 1/sqrt(in)), lora_b = 0.
 """
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import mlx.core as mx
 

@@ -6,7 +6,6 @@ Resume state (adapter_path/resume.safetensors, replaced atomically): LoRA parame
 step counter), the number of batches consumed (the data order is a function of seed and epoch, so this is the data
 position), MeZO's seed counter (the only random state a run has), and the settings the numbers depend on.
 """
-import dataclasses
 import json
 import math
 import os

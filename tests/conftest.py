@@ -66,6 +66,14 @@ def tiny_dir(tmp_path, arch):
     return write_tiny(tmp_path / arch, arch)
 
 
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory):
+    """A tiny qwen2 GGUF with Q8_0 tensors and a real BPE tokenizer with a chat template."""
+    f = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
+    write_tiny_gguf(f, "qwen2", "Q8_0")
+    return f
+
+
 def pytest_configure(config):
     # Same speed-up as the CLI: run the suite with OpenBLAS preloaded when it is installed.
     from mesp_mlx.blas import ensure_fast_blas

@@ -13,7 +13,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import write_tiny_gguf
 from mesp_mlx.data import DataError, load_split
 from mesp_mlx.io import SourceError
 from mesp_mlx.io.adapters import load_adapter_weights, load_resume
@@ -21,11 +20,6 @@ from mesp_mlx.io.sources import load_model
 from mesp_mlx.train import main
 
 
-@pytest.fixture(scope="module")
-def tiny_gguf(tmp_path_factory):
-    f = tmp_path_factory.mktemp("m") / "tiny.gguf"
-    write_tiny_gguf(f, "qwen2", "Q8_0")
-    return f
 
 
 @pytest.fixture(scope="module")

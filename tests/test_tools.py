@@ -1,6 +1,5 @@
 """Smoke runs of the benchmark tools on a tiny model, so that they cannot rot (the full runs are not in CI)."""
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,12 +23,6 @@ def test_bench_gradients(tiny_dir, tmp_path):
     assert abs(res["mezo n=1"]["cosine"]) < res["mezo n=50"]["cosine"] < 0.99
 
 
-@pytest.fixture(scope="module")
-def tiny_gguf(tmp_path_factory):
-    from conftest import write_tiny_gguf
-    f = tmp_path_factory.mktemp("m") / "tiny.gguf"
-    write_tiny_gguf(f, "qwen2", "Q8_0")
-    return f
 
 
 def test_bench_memory(tiny_gguf, tmp_path):

@@ -4,7 +4,6 @@ import json
 import mlx.core as mx
 import pytest
 
-from conftest import write_tiny_gguf
 from mesp_mlx.config import ConfigError, config_from_args
 from mesp_mlx.io.sources import load_model
 from mesp_mlx.lora import from_flat
@@ -16,11 +15,6 @@ ROWS = {"text": [{"text": "the quick brown fox jumps over the lazy dog"}] * 6,
         "chat": [{"messages": [{"role": "user", "content": "the fox"}, {"role": "assistant", "content": "quick"}]}] * 6}
 
 
-@pytest.fixture(scope="module")
-def tiny_gguf(tmp_path_factory):
-    f = tmp_path_factory.mktemp("m") / "tiny.gguf"
-    write_tiny_gguf(f, "qwen2", "Q8_0")
-    return f
 
 
 def write_data(d, kind):
