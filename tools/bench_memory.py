@@ -32,7 +32,7 @@ def text_tokens(tokenizer, n):
     return (ids * (1 + n // len(ids)))[:n]
 
 
-def one(model, method, seq, rank, steps, warmup):
+def one(model, method, seq, rank, steps, warmup, engine_kw):
     from mesp_mlx.blas import ensure_fast_blas
     ensure_fast_blas()
     import mlx.core as mx
@@ -47,7 +47,7 @@ def one(model, method, seq, rank, steps, warmup):
     params = init_lora(store.args, LoRAConfig(rank=rank), 0)
     ids = mx.array([text_tokens(store.tokenizer(), seq + 1)])
     batch = (ids[:, :-1], ids[:, 1:], mx.ones((1, seq)))
-    engine = make_engine(method, store, 20.0)
+    engine = make_engine(method, store, 20.0, **engine_kw)
     mx.eval(params)
     run = (lambda: engine.step(params, batch, 1e-4)) if method == "mezo" else \
         (lambda: engine.loss_and_grad(params, batch))
@@ -111,7 +111,7 @@ def child(a):
     if a.one == "mlx-lm":
         res = mlx_lm_run(a.models[0], a.seqs[0], a.ranks[0], a.steps, a.warmup)
     else:
-        res = one(a.models[0], a.one, a.seqs[0], a.ranks[0], a.steps, a.warmup)
+        res = one(a.models[0], a.one, a.seqs[0], a.ranks[0], a.steps, a.warmup, json.loads(a.engine_kw))
     print(json.dumps(res))
 
 
@@ -160,6 +160,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--timeout", type=int, default=3600, help="seconds per run")
+    p.add_argument("--engine-kw", default="{}", help='engine options as JSON, e.g. \'{"checkpoints": "disk"}\'')
     p.add_argument("--json")
     p.add_argument("--png")
     p.add_argument("--one", help=argparse.SUPPRESS)
@@ -172,8 +173,9 @@ def main(argv=None):
             for rank in a.ranks:
                 for method in a.methods:
                     cmd = [sys.executable, __file__, "--one", method, "--models", model, "--seqs", str(seq),
-                           "--ranks", str(rank), "--steps", str(a.steps), "--warmup", str(a.warmup)]
-                    row = {"model": model, "seq": seq, "rank": rank, "method": method}
+                           "--ranks", str(rank), "--steps", str(a.steps), "--warmup", str(a.warmup),
+                           "--engine-kw", a.engine_kw]
+                    row = {"model": model, "seq": seq, "rank": rank, "method": method, "engine_kw": a.engine_kw}
                     try:
                         out = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
                         if out.returncode == 0:
