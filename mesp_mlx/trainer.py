@@ -107,23 +107,25 @@ class Trainer:
         """The batch at the current data position (batches consumed so far), then advance. With W processes the
         batches are those of one process with a W times larger batch, each process taking its slice (groups too
         small to give every process a row are skipped)."""
-        train, bs = self.data["train"], self.cfg.batch_size
+        group = self._next_group()
+        lo, hi = self.rank * len(group) // self.world, (self.rank + 1) * len(group) // self.world
+        return collate([self.data["train"].examples[j] for j in group[lo:hi]])
+
+    def _next_group(self):
         if self._epoch is None or self._index >= len(self._groups):
             epoch = 0 if self._epoch is None else self._epoch + 1
-            groups = epoch_groups(train, bs * self.world, self.cfg.seed, epoch)
+            groups = epoch_groups(self.data["train"], self.cfg.batch_size * self.world, self.cfg.seed, epoch)
             self._groups = [g for g in groups if len(g) >= self.world]
             self._epoch, self._index = epoch, 0
-        group = self._groups[self._index]
         self._index += 1
         self.position += 1
-        share = math.ceil(len(group) / self.world)
-        return collate([train.examples[j] for j in group[self.rank * share:(self.rank + 1) * share]])
+        return self._groups[self._index - 1]
 
     def seek(self, position):
         """Moves the data stream to `position` batches from the start (resume)."""
         self._epoch, self.position = None, 0
         for _ in range(position):
-            self.next_batch()
+            self._next_group()
 
     def tokens(self, batch):
         """(this process's target tokens, the whole group's)."""
