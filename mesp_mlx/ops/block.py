@@ -66,7 +66,8 @@ def block_forward(x, w, lora, scale, spec: BlockSpec, save=False):
         q = rmsnorm_forward(q, w["self_attn.q_norm"], spec.eps)
         k = rmsnorm_forward(k, w["self_attn.k_norm"], spec.eps)
     q, k = rope_forward(q, spec.rope), rope_forward(k, spec.rope)
-    if spec.sdpa and not save:
+    if spec.sdpa and not save and (q.shape[2] <= spec.attn_chunk or mx.default_device() != mx.cpu):
+        # MLX's CPU fallback materialises all T x T scores; past one query block the chunked form is used there
         o = mx.fast.scaled_dot_product_attention(q, k, v, scale=spec.attn_scale, mask="causal")
     else:
         o, lse = attention_forward(q, k, v, spec.attn_scale, spec.attn_chunk)
