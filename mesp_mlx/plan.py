@@ -10,12 +10,12 @@ from .config import ConfigError
 
 # fastest first; each later plan trades speed for memory
 PLANS = [
-    dict(share_dequant=True, attn_chunk=256, vocab_chunk=4096, token_chunk=512, checkpoints="memory"),
-    dict(share_dequant=False, attn_chunk=256, vocab_chunk=4096, token_chunk=512, checkpoints="memory"),
-    dict(share_dequant=False, attn_chunk=128, vocab_chunk=2048, token_chunk=256, checkpoints="memory"),
-    dict(share_dequant=False, attn_chunk=64, vocab_chunk=1024, token_chunk=128, checkpoints="memory"),
-    dict(share_dequant=False, attn_chunk=64, vocab_chunk=1024, token_chunk=128, checkpoints="disk"),
-    dict(share_dequant=False, attn_chunk=32, vocab_chunk=512, token_chunk=64, checkpoints="disk"),
+    dict(share_dequant=True, attn_chunk=256, mlp_chunk=1024, vocab_chunk=4096, token_chunk=512, checkpoints="memory"),
+    dict(share_dequant=False, attn_chunk=256, mlp_chunk=1024, vocab_chunk=4096, token_chunk=512, checkpoints="memory"),
+    dict(share_dequant=False, attn_chunk=128, mlp_chunk=512, vocab_chunk=2048, token_chunk=256, checkpoints="memory"),
+    dict(share_dequant=False, attn_chunk=64, mlp_chunk=256, vocab_chunk=1024, token_chunk=128, checkpoints="memory"),
+    dict(share_dequant=False, attn_chunk=64, mlp_chunk=256, vocab_chunk=1024, token_chunk=128, checkpoints="disk"),
+    dict(share_dequant=False, attn_chunk=32, mlp_chunk=128, vocab_chunk=512, token_chunk=64, checkpoints="disk"),
 ]
 UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 2 ** 10, "MIB": 2 ** 20, "GIB": 2 ** 30}
 

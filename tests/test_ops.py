@@ -128,7 +128,7 @@ def test_cross_entropy(tchunk, vchunk, quant):
 def test_block(qk_norm, bias, hq, hkv):
     mx.random.seed(3)
     d, f, hd, t = 64, 96, 32, 9
-    spec = BlockSpec(hq, hkv, hd, 1e-5, rope_spec(hd, 10000.0, False), qk_norm, attn_chunk=4)
+    spec = BlockSpec(hq, hkv, hd, 1e-5, rope_spec(hd, 10000.0, False), qk_norm, attn_chunk=4, mlp_chunk=4)
     w = {"input_layernorm": 1 + 0.1 * R(d), "post_attention_layernorm": 1 + 0.1 * R(d),
          "self_attn.q_proj": quantized(hq * hd, d, bias), "self_attn.k_proj": quantized(hkv * hd, d, bias),
          "self_attn.v_proj": quantized(hkv * hd, d, bias), "self_attn.o_proj": quantized(d, hq * hd),

@@ -10,11 +10,13 @@ checks it against MLX's measured peak.
     block phase   one block's quantized weights (+ its dense copy when share_dequant, else one matrix at a time)
                   + saved B*T*(4d + (Hq + 2Hkv)D + Hq + 2f)*s (what block_backward keeps, ops/block.py)
                   + attention tiles 5 * B*Hq*chunk*T*s (scores, masked, probabilities, dp, ds of a query block)
+                  + MLP temporaries 8 * B*mlp_chunk*f*s (the MLP backward runs one block of tokens at a time)
                   + a few B*T*d*s gradients in flight
     head phase    one vocab chunk of head rows (quantized, read from the store) + its dense copy
                   + 4 (token chunk x vocab chunk) fp32 tiles; never B*T*V
 Blocks below the lowest adapted one are run forward only; the backward stops there.
 """
+import dataclasses
 import tempfile
 from pathlib import Path
 
@@ -62,10 +64,10 @@ class Checkpoints:
 class StreamingEngine:
     """What every streaming engine shares: forward with checkpoints, and the chunked loss."""
 
-    def __init__(self, store, scale, attn_chunk=256, token_chunk=512, vocab_chunk=4096, checkpoints="memory",
-                 checkpoint_dtype=None):
+    def __init__(self, store, scale, attn_chunk=256, mlp_chunk=1024, token_chunk=512, vocab_chunk=4096,
+                 checkpoints="memory", checkpoint_dtype=None):
         self.store, self.scale = store, scale
-        self.spec = store.args.block_spec(attn_chunk)
+        self.spec = dataclasses.replace(store.args.block_spec(attn_chunk), mlp_chunk=mlp_chunk)
         self.token_chunk, self.vocab_chunk = token_chunk, vocab_chunk
         self.checkpoints, self.checkpoint_dtype = checkpoints, checkpoint_dtype
         Checkpoints(checkpoints)  # validates
@@ -140,7 +142,8 @@ class MeSPEngine(StreamingEngine):
         dense = [i * o * s for i, o in shapes]
         saved = 4 * d + (hq + 2 * hkv) * hd + hq + 2 * f + ((hq + hkv) * hd if a.qk_norm else 0)
         block = (self.store.layer_bytes() + (sum(dense) if self._shares_dequant() else max(dense))
-                 + n * saved * s + 5 * batch_size * hq * min(self.spec.attn_chunk, seq_len) * seq_len * s + 4 * act)
+                 + n * saved * s + 5 * batch_size * hq * min(self.spec.attn_chunk, seq_len) * seq_len * s + 4 * act
+                 + 8 * batch_size * min(self.spec.mlp_chunk, seq_len) * f * s)
         head = self.store.head_rows()
         vc, tc = min(self.vocab_chunk, head.out_dims), min(self.token_chunk, n)
         head_phase = vc * (head.row_bytes + 2 * d * s) + 4 * tc * vc * max(s, 4) + 4 * act

@@ -33,6 +33,7 @@ class BlockSpec:
     rope: Rope
     qk_norm: bool = False
     attn_chunk: int = 256
+    mlp_chunk: int = 1024  # tokens per step of the MLP backward (and forward): bounds its T x f temporaries
     sdpa: bool = True  # MLX's fused attention where only the output is needed (save=False)
 
     @property
@@ -52,6 +53,13 @@ def _heads(x, n):
 def _merge(x):
     b, h, t, d = x.shape
     return x.transpose(0, 2, 1, 3).reshape(b, t, h * d)
+
+
+def _by_tokens(fn, t, chunk):
+    """fn(t0, t1) over blocks of the sequence axis, concatenated (one call when t <= chunk)."""
+    if t <= chunk:
+        return fn(0, t)
+    return mx.concatenate([fn(t0, min(t, t0 + chunk)) for t0 in range(0, t, chunk)], axis=1)
 
 
 def block_forward(x, w, lora, scale, spec: BlockSpec, save=False):
@@ -74,9 +82,12 @@ def block_forward(x, w, lora, scale, spec: BlockSpec, save=False):
     o = _merge(o)
     a = x + proj("self_attn.o_proj", o)
     z2 = rmsnorm_forward(a, w["post_attention_layernorm"], spec.eps)
-    g, u = proj("mlp.gate_proj", z2), proj("mlp.up_proj", z2)
     if not save:
-        return a + proj("mlp.down_proj", swiglu_forward(g, u))
+        def mlp(t0, t1):
+            zc = z2[:, t0:t1]
+            return proj("mlp.down_proj", swiglu_forward(proj("mlp.gate_proj", zc), proj("mlp.up_proj", zc)))
+        return a + _by_tokens(mlp, a.shape[1], spec.mlp_chunk)
+    g, u = proj("mlp.gate_proj", z2), proj("mlp.up_proj", z2)
     # the backward never needs y: the recompute stops before the down projection
     saved = dict(z1=z1, q=q, k=k, v=v, o=o, lse=lse, a=a, z2=z2, g=g, u=u)
     if spec.qk_norm:
@@ -90,19 +101,26 @@ def block_backward(dy, x, saved, w, lora, scale, spec: BlockSpec):
 
     def back(name, d_out, inp):
         dx, da, db = lora_linear_backward(d_out, inp, w[name], *_lora(lora, name), scale)
-        if da is not None:
-            grads[name] = (da, db)
+        if da is not None:  # summed over the token blocks that call it
+            grads[name] = (da, db) if name not in grads else (grads[name][0] + da, grads[name][1] + db)
         return dx
 
-    # MLP
-    g, u, z2 = saved.pop("g"), saved.pop("u"), saved.pop("z2")
-    sig = mx.sigmoid(g)
-    dact = back("mlp.down_proj", dy, g * sig * u)
-    dg, du = swiglu_backward(dact, g, u, sig)
-    dz2 = back("mlp.gate_proj", dg, z2) + back("mlp.up_proj", du, z2)
-    da = dy + rmsnorm_backward(dz2, saved.pop("a"), w["post_attention_layernorm"], spec.eps)
-    del g, u, z2, sig, dact, dg, du, dz2
-    mx.eval(da, grads)
+    # MLP, one block of tokens at a time (its T x f temporaries are the largest of the block)
+    g, u, z2, a = saved.pop("g"), saved.pop("u"), saved.pop("z2"), saved.pop("a")
+
+    def mlp_backward(t0, t1):
+        gc, uc, zc, dyc = g[:, t0:t1], u[:, t0:t1], z2[:, t0:t1], dy[:, t0:t1]
+        sig = mx.sigmoid(gc)
+        dact = back("mlp.down_proj", dyc, gc * sig * uc)
+        dg, du = swiglu_backward(dact, gc, uc, sig)
+        dz2 = back("mlp.gate_proj", dg, zc) + back("mlp.up_proj", du, zc)
+        out = dyc + rmsnorm_backward(dz2, a[:, t0:t1], w["post_attention_layernorm"], spec.eps)
+        mx.eval(out, grads)
+        return out
+
+    da = _by_tokens(mlp_backward, dy.shape[1], spec.mlp_chunk)
+    del g, u, z2, a
+    mx.eval(da)
 
     # attention
     o = saved.pop("o")
