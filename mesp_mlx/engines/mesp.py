@@ -11,7 +11,7 @@ checks it against MLX's measured peak.
                   + saved B*T*(4d + (Hq + 2Hkv)D + Hq + 2f)*s (what block_backward keeps, ops/block.py)
                   + attention tiles 5 * B*Hq*chunk*T*s (scores, masked, probabilities, dp, ds of a query block)
                   + MLP temporaries 8 * B*mlp_chunk*f*s (the MLP backward runs one block of tokens at a time)
-                  + a few B*T*d*s gradients in flight
+                  + ~12 B*T*d*s gradients and temporaries in flight (the attention half is one graph)
     head phase    one vocab chunk of head rows (quantized, read from the store) + its dense copy
                   + 4 (token chunk x vocab chunk) fp32 tiles; never B*T*V
 Blocks below the lowest adapted one are run forward only; the backward stops there.
@@ -142,7 +142,7 @@ class MeSPEngine(StreamingEngine):
         dense = [i * o * s for i, o in shapes]
         saved = 4 * d + (hq + 2 * hkv) * hd + hq + 2 * f + ((hq + hkv) * hd if a.qk_norm else 0)
         block = (self.store.layer_bytes() + (sum(dense) if self._shares_dequant() else max(dense))
-                 + n * saved * s + 5 * batch_size * hq * min(self.spec.attn_chunk, seq_len) * seq_len * s + 4 * act
+                 + n * saved * s + 5 * batch_size * hq * min(self.spec.attn_chunk, seq_len) * seq_len * s + 12 * act
                  + 8 * batch_size * min(self.spec.mlp_chunk, seq_len) * f * s)
         head = self.store.head_rows()
         vc, tc = min(self.vocab_chunk, head.out_dims), min(self.token_chunk, n)
