@@ -19,49 +19,48 @@ def _target_logit(z, targets, v0, v1):
     return mx.where(inside, picked, 0.0)
 
 
+def _token_chunks(n, token_chunk):
+    return [(t0, min(n, t0 + token_chunk)) for t0 in range(0, n, token_chunk)]
+
+
 def cross_entropy_forward(h, head, targets, mask, token_chunk=512, vocab_chunk=4096):
     """h (N, d); head: a `Frozen` or the store's `StoredRows` (anything with out_dims and rows(start, stop));
-    targets (N,) int, mask (N,) float. Returns (loss, lse): mean loss over masked tokens, lse (N,)."""
+    targets (N,) int, mask (N,) float. Returns (loss, lse): mean loss over masked tokens, lse (N,).
+    Vocabulary chunks are the outer loop, so each head chunk is read and dequantized once per pass."""
     n, vocab = h.shape[0], head.out_dims
-    ntok = mx.maximum(mx.sum(mask), 1.0)
-    total, lses = mx.array(0.0), []
-    for t0 in range(0, n, token_chunk):
-        hc, tc = h[t0:t0 + token_chunk], targets[t0:t0 + token_chunk]
-        run_max = mx.full((hc.shape[0],), -mx.inf)
-        run_sum = mx.zeros((hc.shape[0],))
-        picked = mx.zeros((hc.shape[0],))
-        for v0 in range(0, vocab, vocab_chunk):
-            v1 = min(vocab, v0 + vocab_chunk)
-            z = frozen_matmul(hc, head.rows(v0, v1)).astype(accum_dtype(hc.dtype))
-            new_max = mx.maximum(run_max, mx.max(z, axis=-1))
-            run_sum = run_sum * mx.exp(run_max - new_max) + mx.sum(mx.exp(z - new_max[:, None]), axis=-1)
-            run_max = new_max
-            picked = picked + _target_logit(z, tc, v0, v1)
-            mx.eval(run_max, run_sum, picked)  # one tile and one head chunk alive at a time
-        lse = run_max + mx.log(run_sum)
-        total = total + mx.sum((lse - picked) * mask[t0:t0 + token_chunk])
-        mx.eval(total, lse)
-        lses.append(lse)
-    return total / ntok, mx.concatenate(lses)
+    chunks = _token_chunks(n, token_chunk)
+    run_max = [mx.full((t1 - t0,), -mx.inf) for t0, t1 in chunks]
+    run_sum = [mx.zeros((t1 - t0,)) for t0, t1 in chunks]
+    picked = [mx.zeros((t1 - t0,)) for t0, t1 in chunks]
+    for v0 in range(0, vocab, vocab_chunk):
+        v1 = min(vocab, v0 + vocab_chunk)
+        rows = prepared(head.rows(v0, v1))
+        for k, (t0, t1) in enumerate(chunks):
+            z = frozen_matmul(h[t0:t1], rows).astype(accum_dtype(h.dtype))
+            new_max = mx.maximum(run_max[k], mx.max(z, axis=-1))
+            run_sum[k] = run_sum[k] * mx.exp(run_max[k] - new_max) + mx.sum(mx.exp(z - new_max[:, None]), axis=-1)
+            run_max[k] = new_max
+            picked[k] = picked[k] + _target_logit(z, targets[t0:t1], v0, v1)
+            mx.eval(run_max[k], run_sum[k], picked[k])  # one tile and one head chunk alive at a time
+    lse = mx.concatenate([m + mx.log(s) for m, s in zip(run_max, run_sum)])
+    loss = mx.sum((lse - mx.concatenate(picked)) * mask) / mx.maximum(mx.sum(mask), 1.0)
+    mx.eval(loss, lse)
+    return loss, lse
 
 
 def cross_entropy_backward(dloss, h, head, targets, mask, lse, token_chunk=512, vocab_chunk=4096):
     """Returns dh (N, d)."""
     n, vocab = h.shape[0], head.out_dims
+    chunks = _token_chunks(n, token_chunk)
     coef = (dloss * mask / mx.maximum(mx.sum(mask), 1.0))[:, None]
-    out = []
-    for t0 in range(0, n, token_chunk):
-        hc, tc = h[t0:t0 + token_chunk], targets[t0:t0 + token_chunk]
-        cc, lc = coef[t0:t0 + token_chunk], lse[t0:t0 + token_chunk, None]
-        dh = mx.zeros(hc.shape, dtype=h.dtype)
-        for v0 in range(0, vocab, vocab_chunk):
-            v1 = min(vocab, v0 + vocab_chunk)
-            rows = prepared(head.rows(v0, v1))  # one dequantization for both products
-            z = frozen_matmul(hc, rows).astype(accum_dtype(hc.dtype))
-            dz = mx.exp(z - lc)
-            onehot = (tc[:, None] == mx.arange(v0, v1)[None, :])
-            dz = (dz - onehot) * cc
-            dh = dh + frozen_matmul_t(dz.astype(h.dtype), rows)
-            mx.eval(dh)
-        out.append(dh)
-    return mx.concatenate(out)
+    dh = [mx.zeros((t1 - t0, h.shape[1]), dtype=h.dtype) for t0, t1 in chunks]
+    for v0 in range(0, vocab, vocab_chunk):
+        v1 = min(vocab, v0 + vocab_chunk)
+        rows = prepared(head.rows(v0, v1))  # one dequantization for every product with this chunk
+        for k, (t0, t1) in enumerate(chunks):
+            z = frozen_matmul(h[t0:t1], rows).astype(accum_dtype(h.dtype))
+            onehot = targets[t0:t1, None] == mx.arange(v0, v1)[None, :]
+            dz = (mx.exp(z - lse[t0:t1, None]) - onehot) * coef[t0:t1]
+            dh[k] = dh[k] + frozen_matmul_t(dz.astype(h.dtype), rows)
+            mx.eval(dh[k])
+    return mx.concatenate(dh)
