@@ -168,8 +168,7 @@ class Trainer:
             n, total = self.tokens(batch)
             # the group shares seeds and combines the scalar projections: a few bytes a step
             self.engine.combine = lambda v: self.reduce(mx.array(v), n, total).item()
-            lr = self.lr(mx.array(self.step_no)).item() if callable(self.lr) else self.lr
-            loss, self.params = self.engine.step(self.params, batch, lr)
+            loss, self.params = self.engine.step(self.params, batch, self.current_lr())
             return self.reduce(loss, n, total).item(), total.item()
         if self.fused:
             return self.fused_step(self.next_batch())

@@ -34,11 +34,7 @@ def ours(a, method, out):
 
 def mlx_lm(a, out):
     """mlx-lm's trainer on the same windows of text (written as jsonl rows), recording its reports."""
-    import time
-    from mesp_mlx.blas import ensure_fast_blas
-    ensure_fast_blas()
-    import mlx_lm.lora as mlx_lora
-    from mlx_lm.tuner.callbacks import TrainingCallback
+    from bench_memory import run_mlx_lm_lora
     from mesp_mlx.data import load_datasets
     from mesp_mlx.io.sources import load_model
     store = load_model(a.model)
@@ -48,26 +44,14 @@ def mlx_lm(a, out):
     for split, ds in load_datasets(tok, a.data, a.seq, False).items():
         (data / f"{split}.jsonl").write_text("".join(json.dumps({"text": tok.decode(ids[:-1])}) + "\n"
                                                      for ids, _ in ds.examples))
-    res, t0 = {"train": [], "val": []}, time.perf_counter()
-
-    class Record(TrainingCallback):
-        def on_train_loss_report(self, info):
-            res["train"].append((info["iteration"], time.perf_counter() - t0, info["train_loss"]))
-
-        def on_val_loss_report(self, info):
-            res["val"].append((info["iteration"] + 1, time.perf_counter() - t0, info["val_loss"]))
-
-    mlx_lora.get_reporting_callbacks = lambda *args, **kw: Record()
-    sys.argv = ["mlx_lm.lora", "--model", str(store.path), "--train", "--data", str(data), "--iters", str(a.iters),
-                "--batch-size", "1", "--num-layers", "-1", "--max-seq-length", str(a.seq), "--grad-checkpoint",
-                "--learning-rate", str(a.lr), "--steps-per-report", str(a.report), "--steps-per-eval",
-                str(a.eval_every), "--val-batches", str(a.val_batches), "--adapter-path", str(Path(out) / "ad")]
-    stdout, sys.stdout = sys.stdout, sys.stderr
-    try:
-        mlx_lora.main()
-    finally:
-        sys.stdout = stdout
-    return res
+    reports = run_mlx_lm_lora(
+        ["--model", str(store.path), "--train", "--data", str(data), "--iters", str(a.iters), "--batch-size", "1",
+         "--num-layers", "-1", "--max-seq-length", str(a.seq), "--grad-checkpoint", "--learning-rate", str(a.lr),
+         "--steps-per-report", str(a.report), "--steps-per-eval", str(a.eval_every), "--val-batches",
+         str(a.val_batches), "--adapter-path", str(Path(out) / "ad")])
+    # mlx-lm numbers a validation report by the iteration before it
+    return {"train": [(i["iteration"], t, i["train_loss"]) for kind, t, i in reports if kind == "train"],
+            "val": [(i["iteration"] + 1, t, i["val_loss"]) for kind, t, i in reports if kind == "val"]}
 
 
 def plot(results, png):

@@ -63,25 +63,41 @@ def one(model, method, seq, rank, steps, warmup, engine_kw):
             "active_before_mb": base / 1e6, "rss_peak_mb": rss_mb()}
 
 
-def mlx_lm_run(model, seq, rank, steps, warmup):
-    """mlx-lm's trainer as a user runs it (its `lora` command line, same store and text, --grad-checkpoint); its
-    own report callback gives the peak memory and speed it measures (its console no longer prints the peak)."""
+def run_mlx_lm_lora(argv):
+    """Runs mlx-lm's `lora` command line (`python -m mlx_lm lora <argv>`) in this process, its console output sent to
+    stderr. Returns [(kind, seconds since start, info)] from its own report callback, kind "train" or "val" (its
+    console no longer prints the peak memory)."""
     from mesp_mlx.blas import ensure_fast_blas
     ensure_fast_blas()
     import mlx_lm.lora as mlx_lora
     from mlx_lm.tuner.callbacks import TrainingCallback
+    reports, t0 = [], time.perf_counter()
+
+    class Record(TrainingCallback):
+        def on_train_loss_report(self, info):
+            reports.append(("train", time.perf_counter() - t0, info))
+
+        def on_val_loss_report(self, info):
+            reports.append(("val", time.perf_counter() - t0, info))
+
+    # mlx_lm.lora.run ignores its training_callback argument and asks get_reporting_callbacks for one
+    mlx_lora.get_reporting_callbacks = lambda *a, **k: Record()
+    sys.argv = ["mlx_lm.lora"] + argv
+    stdout, sys.stdout = sys.stdout, sys.stderr  # keep our stdout for the result line
+    try:
+        mlx_lora.main()
+    finally:
+        sys.stdout = stdout
+    return reports
+
+
+def mlx_lm_run(model, seq, rank, steps, warmup):
+    """mlx-lm's trainer as a user runs it (its `lora` command line, same store and text, --grad-checkpoint), with
+    the peak memory and speed it measures itself."""
     from mesp_mlx.io.sources import load_model
     from mesp_mlx.trainer import rss_mb
     store = load_model(model)
     tok = store.tokenizer()
-    reports = []
-
-    class Record(TrainingCallback):
-        def on_train_loss_report(self, info):
-            reports.append(info)
-
-    # mlx_lm.lora.run ignores its training_callback argument and asks get_reporting_callbacks for one
-    mlx_lora.get_reporting_callbacks = lambda *a, **k: Record()
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         data.mkdir()
@@ -90,17 +106,11 @@ def mlx_lm_run(model, seq, rank, steps, warmup):
             (data / f"{split}.jsonl").write_text((row + "\n") * 4)
         cfg = Path(tmp) / "lora.yaml"
         cfg.write_text(json.dumps({"lora_parameters": {"rank": rank, "scale": 20.0, "dropout": 0.0, "keys": KEYS}}))
-        iters = warmup + steps
-        sys.argv = ["mlx_lm.lora", "--model", str(store.path), "--train", "--data", str(data), "--iters", str(iters),
-                    "--batch-size", "1", "--num-layers", "-1", "--max-seq-length", str(seq), "--grad-checkpoint",
-                    "--steps-per-report", "1", "--steps-per-eval", "100000", "--val-batches", "1",
-                    "--adapter-path", str(Path(tmp) / "ad"), "-c", str(cfg)]
-        stdout = sys.stdout
-        sys.stdout = sys.stderr  # keep our stdout for the JSON line
-        try:
-            mlx_lora.main()
-        finally:
-            sys.stdout = stdout
+        reports = [info for kind, _, info in run_mlx_lm_lora(
+            ["--model", str(store.path), "--train", "--data", str(data), "--iters", str(warmup + steps),
+             "--batch-size", "1", "--num-layers", "-1", "--max-seq-length", str(seq), "--grad-checkpoint",
+             "--steps-per-report", "1", "--steps-per-eval", "100000", "--val-batches", "1",
+             "--adapter-path", str(Path(tmp) / "ad"), "-c", str(cfg)]) if kind == "train"]
     timed = reports[warmup:] or reports
     return {"s_per_step": sum(1 / r["iterations_per_second"] for r in timed) / len(timed),
             "peak_mb": max(r["peak_memory"] for r in reports) * 1e3, "active_before_mb": None,

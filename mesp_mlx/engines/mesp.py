@@ -35,9 +35,9 @@ class Checkpoints:
     are kept rounded (half the bytes, gradients no longer exact); "disk": written to a temporary file and mapped
     back when their block's backward comes (exact, as MeBP does; costs a write and a read per block)."""
 
+    PLACES = ("memory", "disk")
+
     def __init__(self, where="memory", dtype=None):
-        if where not in ("memory", "disk"):
-            raise ValueError(f"checkpoints must be 'memory' or 'disk', got {where!r}")
         self.where, self.dtype, self.items, self.dir = where, dtype, {}, None
 
     def __setitem__(self, i, x):
@@ -69,8 +69,9 @@ class StreamingEngine:
         self.store, self.scale = store, scale
         self.spec = dataclasses.replace(store.args.block_spec(attn_chunk), mlp_chunk=mlp_chunk)
         self.token_chunk, self.vocab_chunk = token_chunk, vocab_chunk
+        if checkpoints not in Checkpoints.PLACES:
+            raise ValueError(f"checkpoints must be 'memory' or 'disk', got {checkpoints!r}")
         self.checkpoints, self.checkpoint_dtype = checkpoints, checkpoint_dtype
-        Checkpoints(checkpoints)  # validates
 
     def forward(self, params, inputs, keep_from):
         """Runs the blocks, keeping the inputs of blocks >= keep_from. Returns (final hidden, checkpoints)."""

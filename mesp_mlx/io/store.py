@@ -83,7 +83,7 @@ class RowReader:
         with open(path, "rb") as f:
             n = struct.unpack("<Q", f.read(8))[0]
             self.header = json.loads(f.read(n))
-        self.base = 8 + n
+        self.base, self.tables = 8 + n, {}
 
     def take(self, name, index):
         """Rows `index` (a slice or an int array) of tensor `name`; only those bytes are read."""
@@ -91,10 +91,10 @@ class RowReader:
         dtype, shape = meta["dtype"], meta["shape"]
         if dtype not in _NP_TYPES:
             raise SourceError(f"{self.path}: {name} has dtype {dtype}, which row reads do not support")
-        np_type = _NP_TYPES[dtype]
-        table = np.memmap(self.path, np_type, "r", self.base + meta["data_offsets"][0],
-                          (shape[0], int(np.prod(shape[1:]))))
-        out = mx.array(np.ascontiguousarray(table[index]))
+        if name not in self.tables:  # mapped once per reader, read row range by row range
+            self.tables[name] = np.memmap(self.path, _NP_TYPES[dtype], "r", self.base + meta["data_offsets"][0],
+                                          (shape[0], int(np.prod(shape[1:]))))
+        out = mx.array(np.ascontiguousarray(self.tables[name][index]))
         out = out.reshape(out.shape[0], *shape[1:])
         return out.view(mx.bfloat16) if dtype == "BF16" else out
 

@@ -119,7 +119,7 @@ def block_backward(dy, x, saved, w, lora, scale, spec: BlockSpec):
         return out
 
     da = _by_tokens(mlp_backward, dy.shape[1], spec.mlp_chunk)
-    del g, u, z2, a
+    g = u = z2 = a = None  # freed before the attention half
     mx.eval(da)
 
     # attention
