@@ -30,3 +30,19 @@ def assert_grads_close(g, ref):
         for p in ref[i]:
             for k, name in enumerate(("lora_a", "lora_b")):
                 assert_close(g[i][p][k], ref[i][p][k], f"layer {i} {p}.{name}")
+
+
+def mlx_lm_model(path, adapter_path=None, fp32_base=True):
+    """mlx-lm's own model of a directory, loaded by `mlx_lm.load` (with our adapter when given). fp32_base: every
+    quantized layer dequantized with its scales cast to fp32 first, which is exactly what our forward does (ops/linear
+    `dense`); mlx-lm's quantized kernels work through the fp16 scales and differ from it by ~5e-4 relative."""
+    import mlx.nn as nn
+    from mlx_lm import load
+    from mlx_lm.utils import dequantize_model
+    model, _ = load(str(path), adapter_path=None if adapter_path is None else str(adapter_path))
+    if fp32_base:
+        for _, m in model.named_modules():
+            if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+                m.scales, m.biases = m.scales.astype(mx.float32), m.biases.astype(mx.float32)
+        model = dequantize_model(model)
+    return model

@@ -9,6 +9,7 @@ from mesp_mlx.io.sources import load_model
 from mesp_mlx.lora import from_flat
 from mesp_mlx.model import logits
 from mesp_mlx.train import main
+from helpers import mlx_lm_model, rel_err
 
 ROWS = {"text": [{"text": "the quick brown fox jumps over the lazy dog"}] * 6,
         "completions": [{"prompt": "def main():", "completion": " return 0"}] * 6,
@@ -27,8 +28,6 @@ def write_data(d, kind):
 @pytest.mark.parametrize("method", ["mesp", "mebp", "mezo", "autodiff"])
 @pytest.mark.parametrize("kind", ["text", "completions", "chat"])
 def test_cli_trains_and_mlx_lm_loads_adapter(tmp_path, tiny_gguf, kind, method):
-    if method != "mesp" and kind != "chat":
-        pytest.skip("each method runs on the chat data; each format runs with mesp")
     data = write_data(tmp_path / "data", kind)
     out = tmp_path / "ad"
     rc = main(["--model", str(tiny_gguf), "--data", str(data), "--iters", "3", "--method", method,
@@ -38,18 +37,31 @@ def test_cli_trains_and_mlx_lm_loads_adapter(tmp_path, tiny_gguf, kind, method):
     assert (out / "0000002_adapters.safetensors").exists()
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["lora_parameters"]["rank"] == 4 and cfg["fine_tune_type"] == "lora"
-    from mlx_lm.utils import load_model as mlx_lm_load
-    from mlx_lm.tuner.utils import load_adapters
-    store = load_model(str(tiny_gguf))
-    model, _ = mlx_lm_load(store.path)
-    model = load_adapters(model, str(out))
-    params = from_flat(mx.load(str(out / "adapters.safetensors")))
-    assert any(float(mx.abs(b).max()) > 0 for m in params.values() for _, b in m.values())  # it trained
-    ids = mx.array([[5, 17, 42, 99, 3]])
-    ours, theirs = logits(store, ids, params, cfg["lora_parameters"]["scale"]), model(ids)
-    assert float(mx.max(mx.abs(ours - theirs))) <= 2e-3 * float(mx.max(mx.abs(theirs)))
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert [l["iter"] for l in lines if "train_loss" in l] == [1, 2, 3]
+    store = load_model(str(tiny_gguf))
+    params = from_flat(mx.load(str(out / "adapters.safetensors")))
+    assert any(float(mx.abs(b).max()) > 0 for m in params.values() for _, b in m.values())  # it trained
+    scale = cfg["lora_parameters"]["scale"]
+    ids = mx.array([[5, 17, 42, 99, 3, 250, 7]])
+    ours = logits(store, ids, params, scale)
+
+    # mlx_lm.load(..., adapter_path=...) takes the adapter as its own: same tensors, same scale, same logits. With
+    # its base dequantized through fp32 scales, as ours is, both compute W x + s (x A) B in fp32 from the same
+    # numbers in another order: rounding of sums over d <= 160 terms (~1e-7 relative each), so 1e-5 is ample
+    # while a wrong scale, a transposed or misplaced LoRA tensor is off by orders of magnitude more.
+    model = mlx_lm_model(store.path, out)
+    theirs = model(ids)
+    assert rel_err(ours, theirs) <= 1e-5, rel_err(ours, theirs)
+    assert rel_err(logits(store, ids, params, 1.1 * scale), theirs) > 1e-3  # the check sees a 10% scale error
+    assert rel_err(logits(store, ids, None, scale), theirs) > 1e-3  # and an adapter that is not applied
+
+    # Loose check against mlx-lm's quantized kernels, on the base model only: they work through the fp16 scales
+    # (unit roundoff 2^-11 = 4.9e-4 relative per weight), which over two blocks and the head stays within 4x of
+    # that, 2e-3 of the largest logit. With a trained adapter the same gap is amplified by the update's size, so it
+    # bounds nothing there (a lr=1e-2 adapter on this tiny random model took it to ~1%).
+    base = mlx_lm_model(store.path, None, fp32_base=False)(ids)
+    assert rel_err(logits(store, ids), base) <= 2e-3
 
 
 def test_resume_from_mlx_lm_adapter(tmp_path, tiny_gguf):
