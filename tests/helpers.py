@@ -1,5 +1,7 @@
 """Comparison helpers with the tolerances the issues state: fp32, max relative error <= 1e-4 (max |a-b| over
 max |b|, so tiny entries do not dominate), cosine >= 0.99999."""
+from pathlib import Path
+
 import mlx.core as mx
 
 REL_TOL, COS_TOL = 1e-4, 0.99999
@@ -38,8 +40,11 @@ def mlx_lm_model(path, adapter_path=None, fp32_base=True):
     `dense`); mlx-lm's quantized kernels work through the fp16 scales and differ from it by ~5e-4 relative."""
     import mlx.nn as nn
     from mlx_lm import load
-    from mlx_lm.utils import dequantize_model
-    model, _ = load(str(path), adapter_path=None if adapter_path is None else str(adapter_path))
+    from mlx_lm.utils import dequantize_model, load_model
+    if adapter_path is None:  # the model alone (a directory may have no tokenizer)
+        model, _ = load_model(Path(path))
+    else:
+        model, _ = load(str(path), adapter_path=str(adapter_path))
     if fp32_base:
         for _, m in model.named_modules():
             if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
