@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import write_tiny, write_tiny_gguf
-from helpers import mlx_lm_model, rel_err
+from helpers import EXACT, mlx_lm_model, rel_err
 from mesp_mlx.io import SourceError
 from mesp_mlx.io.sources import load_model, smollm2_gguf
 from mesp_mlx.model import generate, logits
@@ -23,7 +23,7 @@ def test_logits_equal_mlx_lm(tiny_dir):
     ids = mx.random.randint(0, 150, (2, 12))
     # full precision kept: equal to mlx-lm on the original directory
     dense = load_model(str(tiny_dir), quantize=None)
-    assert rel_err(logits(dense, ids), mlx_lm_logits(tiny_dir, ids)) < 1e-5
+    assert rel_err(logits(dense, ids), mlx_lm_logits(tiny_dir, ids)) < EXACT
     # quantized on load (4-bit, group 64): the store is itself an mlx-lm directory, and mlx-lm agrees with us
     store = load_model(str(tiny_dir))
     assert store.config["quantization"]["bits"] == 4
@@ -31,7 +31,7 @@ def test_logits_equal_mlx_lm(tiny_dir):
     # we keep them in fp32. Everything else is the same arithmetic.
     assert rel_err(logits(store, ids), mlx_lm_logits(store.path, ids)) < 2e-3
     # with mlx-lm's base dequantized through fp32 scales, as ours is, the arithmetic is the same: fp32 rounding only
-    assert rel_err(logits(store, ids), mlx_lm_model(store.path)(ids)) < 1e-5
+    assert rel_err(logits(store, ids), mlx_lm_model(store.path)(ids)) < EXACT
 
 
 def test_store_is_cached_and_reconverted_on_change(tmp_path):
@@ -75,8 +75,8 @@ def test_gguf_model_matches_original(tmp_path, arch):
     store = load_model(str(f), quantize=None)
     ids = mx.random.randint(0, 300, (1, 20))
     ours = logits(store, ids)
-    assert rel_err(ours, mlx_lm_logits(original, ids)) < 1e-5
-    assert rel_err(ours, mlx_lm_logits(store.path, ids)) < 1e-5  # mlx-lm reads our store the same way
+    assert rel_err(ours, mlx_lm_logits(original, ids)) < EXACT
+    assert rel_err(ours, mlx_lm_logits(store.path, ids)) < EXACT  # mlx-lm reads our store the same way
     tok = store.tokenizer()
     text = "the quick brown fox <|im_end|> def main(): return 0\n"
     assert tok.decode(tok.encode(text)) == text
@@ -113,6 +113,12 @@ def test_bad_inputs(tmp_path):
     cfg = json.loads((d / "config.json").read_text())
     (d / "config.json").write_text(json.dumps(dict(cfg, model_type="gpt_neox")))
     assert "gpt_neox" in error(d) and "not supported" in error(d)
+    # settings of a supported family that our blocks do not implement: one line naming the file, no traceback
+    for bad, words in [(dict(mlp_bias=True), "mlp_bias"), (dict(num_key_value_heads=3), "do not group"),
+                       (dict(rope_scaling={"type": "yarn", "factor": 4.0}), "rope scaling"),
+                       (dict(num_attention_heads=0), "config.json")]:
+        (d / "config.json").write_text(json.dumps(dict(cfg, **bad)))
+        assert words in error(d) and "config.json" in error(d), bad
     d = write_tiny(tmp_path / "t", "llama")
     raw = (d / "model.safetensors").read_bytes()
     (d / "model.safetensors").write_bytes(raw[: len(raw) // 2])
@@ -180,3 +186,18 @@ def test_smollm2_tokenizer_matches_hugging_face(tmp_path):
         assert ours.decode(ids) == text
     digits = ours.encode("in 2026, 12345", add_special_tokens=False)
     assert [ours.decode([i]) for i in digits][-5:] == list("12345")
+
+
+def test_fetched_model_must_match_its_pinned_sha256(tmp_path, tiny_gguf, monkeypatch):
+    """A file in the default model's place that is not the pinned SmolLM2 GGUF is refused, and nothing is cached."""
+    from mesp_mlx.io import sources
+    impostor = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    impostor.write_bytes(tiny_gguf.read_bytes())
+    monkeypatch.setattr(sources, "smollm2_gguf", lambda install=True: impostor)
+    with pytest.raises(SourceError, match="sha256") as e:
+        load_model(None)
+    assert str(impostor) in str(e.value) and "\n" not in str(e.value)
+    key = sources._identity("gguf", [impostor], (64, 4))
+    assert not list((sources.cache_root() / "models").glob(f"*{key}*"))
+    # the right content passes the same check
+    sources.verify_pinned(tiny_gguf, "tiny", sources.sha256_file(tiny_gguf))

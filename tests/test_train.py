@@ -9,7 +9,7 @@ from mesp_mlx.io.sources import load_model
 from mesp_mlx.lora import from_flat
 from mesp_mlx.model import logits
 from mesp_mlx.train import main
-from helpers import mlx_lm_model, rel_err
+from helpers import EXACT, mlx_lm_model, rel_err
 
 ROWS = {"text": [{"text": "the quick brown fox jumps over the lazy dog"}] * 6,
         "completions": [{"prompt": "def main():", "completion": " return 0"}] * 6,
@@ -52,7 +52,7 @@ def test_cli_trains_and_mlx_lm_loads_adapter(tmp_path, tiny_gguf, kind, method):
     # while a wrong scale, a transposed or misplaced LoRA tensor is off by orders of magnitude more.
     model = mlx_lm_model(store.path, out)
     theirs = model(ids)
-    assert rel_err(ours, theirs) <= 1e-5, rel_err(ours, theirs)
+    assert rel_err(ours, theirs) <= EXACT, rel_err(ours, theirs)
     assert rel_err(logits(store, ids, params, 1.1 * scale), theirs) > 1e-3  # the check sees a 10% scale error
     assert rel_err(logits(store, ids, None, scale), theirs) > 1e-3  # and an adapter that is not applied
 

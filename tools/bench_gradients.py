@@ -22,8 +22,8 @@ def compare(grads, ref):
     for i in sorted(ref):
         for p in sorted(ref[i]):
             for k, name in enumerate(("lora_a", "lora_b")):
-                g, r = grads[i][p][k].astype(mx.float64), ref[i][p][k].astype(mx.float64)
-                with mx.stream(mx.cpu):
+                with mx.stream(mx.cpu):  # float64 exists only on the CPU (not on Metal or CUDA)
+                    g, r = grads[i][p][k].astype(mx.float64), ref[i][p][k].astype(mx.float64)
                     gg, rr, gr = (float(mx.sum(g * g)), float(mx.sum(r * r)), float(mx.sum(g * r)))
                     dd = float(mx.sum((g - r) ** 2))
                     rel = float(mx.max(mx.abs(g - r))) / max(float(mx.max(mx.abs(r))), 1e-30)

