@@ -28,24 +28,13 @@ from .io.sources import load_model
 from .lora import LoRAConfig, from_flat, init_lora, num_params, resolve_keys, to_flat, tree_map
 from .model import generate
 from .plan import parse_bytes, plan_for_budget
+from .report import rss_mb
 from .ops.block import PROJECTIONS
 from .ops.linear import set_compute_dtype, set_matmul_path
 
 # settings a checkpoint's numbers depend on: resuming with other values would not continue the same run
 RESUME_KEYS = ("model", "data", "method", "rank", "scale", "keys", "num_layers", "batch_size", "max_seq_length",
                "mask_prompt", "optimizer", "lr_schedule", "seed", "grad_accumulation_steps", "mezo_eps", "dtype")
-
-
-def rss_mb():
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r / (1024 * 1024) if sys.platform == "darwin" else r / 1024
 
 
 class Trainer:

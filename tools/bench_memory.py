@@ -40,7 +40,7 @@ def one(model, method, seq, rank, steps, warmup, engine_kw):
     from mesp_mlx.io.sources import load_model
     from mesp_mlx.lora import LoRAConfig, init_lora
     from mesp_mlx.ops.linear import set_matmul_path
-    from mesp_mlx.trainer import rss_mb
+    from mesp_mlx.report import rss_mb
     method, _, path = method.partition("@")
     set_matmul_path(path or "auto")
     store = load_model(model)
@@ -95,7 +95,7 @@ def mlx_lm_run(model, seq, rank, steps, warmup):
     """mlx-lm's trainer as a user runs it (its `lora` command line, same store and text, --grad-checkpoint), with
     the peak memory and speed it measures itself."""
     from mesp_mlx.io.sources import load_model
-    from mesp_mlx.trainer import rss_mb
+    from mesp_mlx.report import rss_mb
     store = load_model(model)
     tok = store.tokenizer()
     with tempfile.TemporaryDirectory() as tmp:
