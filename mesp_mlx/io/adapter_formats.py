@@ -241,7 +241,10 @@ def read_foreign(path, store):
     """A PEFT folder / adapter_model.safetensors or a GGUF LoRA -> ({mlx-lm name: numpy}, scale) in the store's row
     order; None when `path` is neither (an mlx-lm file)."""
     path = Path(path)
-    is_gguf = path.is_file() and path.open("rb").read(4) == b"GGUF"
+    is_gguf = False
+    if path.is_file():
+        with open(path, "rb") as f:
+            is_gguf = f.read(4) == b"GGUF"
     is_peft = (path / "adapter_model.safetensors").exists() if path.is_dir() \
         else path.name == "adapter_model.safetensors"
     if not (is_gguf or is_peft):
