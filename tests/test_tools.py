@@ -1,5 +1,6 @@
 """Smoke runs of the benchmark tools on a tiny model, so that they cannot rot (the full runs are not in CI)."""
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -31,9 +32,85 @@ def test_bench_memory(tiny_gguf, tmp_path):
     bench_memory.main(["--models", str(tiny_gguf), "--seqs", "32", "--ranks", "4", "--steps", "1",
                        "--methods", "mesp", "mebp", "mezo", "autodiff", "mlx-lm",
                        "--json", str(out), "--png", str(tmp_path / "m.png")])
-    rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
+    res = json.loads(out.read_text())
+    rows = {r["method"]: r for r in res["rows"]}
     assert all("peak_mb" in r for r in rows.values()), rows
     assert (tmp_path / "m.png").stat().st_size > 0
+    assert res["device"]["device"] and res["device"]["mlx"]
+    for r in rows.values():  # every row: a finite loss that passed the check, the device, its host syncs
+        assert r["loss_ok"] and r["device"] == res["device"]["device"] and r["evals_per_step"] >= 1, r
+    assert all(rows[m]["loss_rel_diff"] <= rows[m]["loss_tol"] for m in ("mebp", "mezo", "autodiff", "mlx-lm"))
+    assert rows["mlx-lm"]["same_data"] is True
+    assert "mezo" in rows and rows["mezo"]["loss_step"] == rows["mezo"]["loss_step"]  # reported, not checked
+
+
+def test_bench_memory_loss_check():
+    """A row whose loss is off by more than rounding, or not finite, or on other tokens, fails; rounding passes."""
+    import bench_memory
+    cpu, gpu = "Device(cpu, 0)", "Device(gpu, 0)"
+    row = lambda method, loss, device=cpu, **kw: dict(model="m", seq=256, rank=8, engine_kw="{}", method=method,
+                                                      loss=loss, device=device, peak_mb=1.0, s_per_step=1.0, **kw)
+    rows = [row("mesp", 10.0), row("mebp", 10.0005), row("autodiff", 10.003), row("mezo", float("nan")),
+            row("mesp@quantized", 10.0 * (1 + 2e-4)),
+            row("mlx-lm", 10.2, act_dtype="bfloat16", same_data=True),  # 2e-2: bf16 rounding (bound 3.1e-2)
+            row("mlx-lm", 10.2, act_dtype="float32", same_data=True),  # the same gap in fp32 is a wrong answer
+            row("mlx-lm", 10.0, act_dtype="bfloat16", same_data=False),
+            dict(row("mesp", 10.0, gpu), seq=512), dict(row("mebp", 10.01, gpu), seq=512),  # 1e-3 on a GPU: TF32
+            dict(row("autodiff", 10.03, gpu), seq=512)]
+    failed = bench_memory.check_losses(rows)
+    assert [r["loss_ok"] for r in rows] == [True, True, False, False, False, True, False, False, True, True, False]
+    assert failed == [r for r in rows if not r["loss_ok"]]
+    assert "not finite" in rows[3]["loss_why"] and "differently" in rows[7]["loss_why"]
+    assert "FAIL" in bench_memory.table(rows) and "| FAIL" in bench_memory.markdown(rows, bench_memory.device_info())
+
+
+@pytest.mark.parametrize("preset,vocab", [("smollm2-135m", None), ("qwen2.5-0.5b", 2048)])
+def test_make_model(tmp_path, preset, vocab):
+    """A random 4-bit model of a real shape, one layer: our loader trains a step on it, mlx-lm loads it and computes
+    the same loss up to bfloat16 rounding, and the tokenizer has exactly the config's vocabulary."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx_lm import load
+    import make_model
+    from mesp_mlx.engines import make_engine
+    from mesp_mlx.io.sources import load_model
+    from mesp_mlx.lora import LoRAConfig, init_lora
+    out = make_model.make_model(preset, tmp_path / preset, layers=1, vocab=vocab)
+    config = json.loads((out / "config.json").read_text())
+    real = make_model.PRESETS[preset]
+    assert config["num_hidden_layers"] == 1 and config["vocab_size"] == (vocab or real["vocab_size"])
+    assert config["hidden_size"] == real["hidden_size"] and config["quantization"] == {"group_size": 64, "bits": 4}
+    weights = mx.load(str(out / "model.safetensors"))
+    assert all(w.dtype == mx.uint32 for k, w in weights.items() if k.endswith("proj.weight")), "not quantized"
+    assert ("model.layers.0.self_attn.q_proj.bias" in weights) == (real["model_type"] == "qwen2")
+
+    store = load_model(str(out))
+    tok = store.tokenizer()
+    assert len(tok) == config["vocab_size"]
+    ids = tok.encode((Path(json.__file__).parent / "decoder.py").read_text())[:33]
+    assert tok.decode(ids) and max(ids) < config["vocab_size"]
+    assert "<|im_start|>assistant" in tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                                              add_generation_prompt=True)
+    x = mx.array([ids])
+    params = init_lora(store.args, LoRAConfig(rank=4), 0)
+    loss, grads = make_engine("mesp", store, 20.0).loss_and_grad(params, (x[:, :-1], x[:, 1:], mx.ones((1, 32))))
+    assert math.isfinite(loss.item()) and set(grads) == {0}
+
+    model, mtok = load(str(out))
+    ref = nn.losses.cross_entropy(model(x[:, :-1]).astype(mx.float32), x[:, 1:]).mean().item()
+    # mlx-lm runs in the model's bfloat16: bench_memory's bound for it (8 unit roundoffs relative)
+    assert abs(ref - loss.item()) <= 8 * 2 ** -8 * abs(loss.item()), (ref, loss.item())
+    assert mtok.encode("def f(x): return x") == tok.encode("def f(x): return x")
+
+
+def test_bench_memory_preset(tmp_path):
+    """`preset:...` specs are generated once into the cache and then reused."""
+    import bench_memory
+    spec = "preset:qwen3-0.6b,layers=1,vocab=512"
+    path = Path(bench_memory.resolve_model(spec))
+    assert json.loads((path / "config.json").read_text())["model_type"] == "qwen3"
+    stamp = (path / "model.safetensors").stat().st_mtime_ns
+    assert Path(bench_memory.resolve_model(spec)) == path and (path / "model.safetensors").stat().st_mtime_ns == stamp
 
 
 def test_bench_convergence(tiny_gguf, tmp_path):
