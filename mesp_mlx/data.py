@@ -15,11 +15,9 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from .errors import DataError
+
 SOURCE_SUFFIXES = (".py", ".md", ".txt", ".rst", ".c", ".h", ".js", ".ts", ".rs", ".go", ".java", ".sh")
-
-
-class DataError(ValueError):
-    pass
 
 
 def read_jsonl(path, skip_bad=False):

@@ -4,7 +4,7 @@ MLX autodiff differentiates (engines/autodiff.py). The training engines reuse th
 import mlx.core as mx
 
 from .ops.block import block_forward
-from .ops.linear import accum_dtype, frozen_matmul
+from .ops.linear import DEFAULT, accum_dtype, frozen_matmul
 from .ops.rmsnorm import rmsnorm_forward
 
 
@@ -12,7 +12,7 @@ def hidden_states(store, ids, lora=None, scale=20.0, spec=None, layers=None):
     """Final hidden state (before the final norm). `layers`: pre-loaded block weights (else streamed)."""
     spec = spec or store.args.block_spec()
     lora = lora or {}
-    x = store.embed(ids)
+    x = store.embed(ids, spec.compute.dtype)
     for i in range(store.num_layers):
         w = layers[i] if layers is not None else store.layer(i)
         x = block_forward(x, w, lora.get(i, {}), scale, spec)
@@ -21,28 +21,30 @@ def hidden_states(store, ids, lora=None, scale=20.0, spec=None, layers=None):
     return x
 
 
-def head_logits(store, x):
+def head_logits(store, x, compute=DEFAULT):
     """Final norm and LM head over the whole sequence: B x T x V logits."""
-    return frozen_matmul(rmsnorm_forward(x, store.final_norm(), store.args.rms_norm_eps), store.head())
+    return frozen_matmul(rmsnorm_forward(x, store.final_norm(), store.args.rms_norm_eps), store.head(), compute)
 
 
 def logits(store, ids, lora=None, scale=20.0, spec=None, layers=None):
-    return head_logits(store, hidden_states(store, ids, lora, scale, spec, layers))
+    spec = spec or store.args.block_spec()
+    return head_logits(store, hidden_states(store, ids, lora, scale, spec, layers), spec.compute)
 
 
-def full_loss(store, x, targets, mask):
+def full_loss(store, x, targets, mask, compute=DEFAULT):
     """Masked mean cross-entropy from the final hidden state, written the obvious way (full logits)."""
-    z = head_logits(store, x)
+    z = head_logits(store, x, compute)
     z = z.astype(accum_dtype(z.dtype))
     ce = mx.logsumexp(z, axis=-1) - mx.take_along_axis(z, targets[..., None], axis=-1)[..., 0]
     return mx.sum(ce * mask) / mx.maximum(mx.sum(mask), 1.0)
 
 
 def reference_loss(store, ids, targets, mask, lora, scale, spec=None, layers=None):
-    return full_loss(store, hidden_states(store, ids, lora, scale, spec, layers), targets, mask)
+    spec = spec or store.args.block_spec()
+    return full_loss(store, hidden_states(store, ids, lora, scale, spec, layers), targets, mask, spec.compute)
 
 
-def generate(store, tokenizer, prompt, max_tokens=32, lora=None, scale=20.0, chat=True):
+def generate(store, tokenizer, prompt, max_tokens=32, lora=None, scale=20.0, chat=True, compute=DEFAULT):
     """Greedy decoding (no KV cache: each step recomputes the prefix, fine for short answers)."""
     if chat and getattr(tokenizer, "chat_template", None):
         ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
@@ -52,7 +54,7 @@ def generate(store, tokenizer, prompt, max_tokens=32, lora=None, scale=20.0, cha
     else:
         ids = tokenizer.encode(prompt)
     ids, out = list(ids), []
-    spec = store.args.block_spec()
+    spec = store.args.block_spec(compute)
     layers = [store.layer(i) for i in range(store.num_layers)]
     for _ in range(max_tokens):
         z = logits(store, mx.array([ids]), lora, scale, spec, layers)[0, -1]

@@ -5,51 +5,51 @@ Plans are tried from the fastest to the leanest; the first that fits wins. Resid
 LoRA parameters, the optimizer's moments (2 per parameter for Adam/AdamW) and the store's small arrays. The model
 is within ~1.3x of measured peaks either way (benchmarks), so a plan must fit with a 1.25x margin.
 """
-import re
+import dataclasses
 
-from .config import ConfigError
+from .engines.mesp import MeSPEngine
+from .errors import ConfigError
+from .lora import num_params
 
-# fastest first; each later plan trades speed for memory
+# fastest first; each later plan trades speed for memory: (Compute fields, checkpoint placement)
 PLANS = [
-    dict(share_dequant=True, attn_chunk=256, mlp_chunk=1024, vocab_chunk=4096, token_chunk=512, checkpoints="memory"),
-    dict(share_dequant=False, attn_chunk=256, mlp_chunk=1024, vocab_chunk=4096, token_chunk=512, checkpoints="memory"),
-    dict(share_dequant=False, attn_chunk=128, mlp_chunk=512, vocab_chunk=2048, token_chunk=256, checkpoints="memory"),
-    dict(share_dequant=False, attn_chunk=64, mlp_chunk=256, vocab_chunk=1024, token_chunk=128, checkpoints="memory"),
-    dict(share_dequant=False, attn_chunk=64, mlp_chunk=256, vocab_chunk=1024, token_chunk=128, checkpoints="disk"),
-    dict(share_dequant=False, attn_chunk=32, mlp_chunk=128, vocab_chunk=512, token_chunk=64, checkpoints="disk"),
+    (dict(share_dequant=True, attn_chunk=256, mlp_chunk=1024, vocab_chunk=4096, token_chunk=512), "memory"),
+    (dict(share_dequant=False, attn_chunk=256, mlp_chunk=1024, vocab_chunk=4096, token_chunk=512), "memory"),
+    (dict(share_dequant=False, attn_chunk=128, mlp_chunk=512, vocab_chunk=2048, token_chunk=256), "memory"),
+    (dict(share_dequant=False, attn_chunk=64, mlp_chunk=256, vocab_chunk=1024, token_chunk=128), "memory"),
+    (dict(share_dequant=False, attn_chunk=64, mlp_chunk=256, vocab_chunk=1024, token_chunk=128), "disk"),
+    (dict(share_dequant=False, attn_chunk=32, mlp_chunk=128, vocab_chunk=512, token_chunk=64), "disk"),
 ]
 MARGIN = 1.25
-UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 2 ** 10, "MIB": 2 ** 20, "GIB": 2 ** 30}
-
-
-def parse_bytes(text):
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-    if not m or m.group(2).upper() not in UNITS:
-        raise ConfigError(f"memory budget {text!r}: expected a size like 300MB or 1.5GB")
-    return int(float(m.group(1)) * UNITS[m.group(2).upper()])
+MOMENTS = {"sgd": 0, "adam": 2, "adamw": 2}
 
 
 def resident_bytes(params, optimizer):
-    from .lora import num_params
-    moments = {"sgd": 0, "adam": 2, "adamw": 2}.get(optimizer, 0)
-    return 4 * num_params(params) * (1 + moments)
+    return 4 * num_params(params) * (1 + MOMENTS.get(optimizer, 0))
 
 
-def predicted_peak(store, scale, batch_size, seq_len, params, optimizer, fused, plan):
-    from .engines.mesp import MeSPEngine
-    engine = MeSPEngine(store, scale, **plan)
+def engine_settings(compute, plan):
+    """The engine keyword arguments of a plan, on top of the run's compute configuration (dtype, matmul path)."""
+    fields, checkpoints = plan
+    return dict(compute=dataclasses.replace(compute, **fields), checkpoints=checkpoints)
+
+
+def predicted_peak(store, scale, batch_size, seq_len, params, optimizer, fused, settings):
+    engine = MeSPEngine(store, scale, **settings)
     return MARGIN * (resident_bytes(params, optimizer) + engine.memory_model(batch_size, seq_len, params, fused)["peak"])
 
 
-def plan_for_budget(store, scale, batch_size, seq_len, params, optimizer, fused, budget):
+def plan_for_budget(store, scale, batch_size, seq_len, params, optimizer, fused, budget, compute):
     """-> (engine kwargs, predicted peak bytes); ConfigError naming the nearest feasible setting when none fits."""
+    peak_of = lambda plan, t=seq_len: predicted_peak(store, scale, batch_size, t, params, optimizer, fused,
+                                                     engine_settings(compute, plan))
     for plan in PLANS:
-        peak = predicted_peak(store, scale, batch_size, seq_len, params, optimizer, fused, plan)
+        peak = peak_of(plan)
         if peak <= budget:
-            return plan, peak
-    leanest = predicted_peak(store, scale, batch_size, seq_len, params, optimizer, fused, PLANS[-1])
+            return engine_settings(compute, plan), peak
+    leanest = peak_of(PLANS[-1])
     fit = seq_len
-    while fit > 16 and predicted_peak(store, scale, batch_size, fit, params, optimizer, fused, PLANS[-1]) > budget:
+    while fit > 16 and peak_of(PLANS[-1], fit) > budget:
         fit //= 2
     hint = (f"--max-seq-length {fit} fits in it" if fit > 16 and fit < seq_len
             else "a smaller --rank or fewer --num-layers is needed")

@@ -1,6 +1,13 @@
-"""Measurements a run reports about itself: process memory next to MLX's own counters."""
+"""What a run reports about itself: progress, mlx-lm's report lines, metrics.jsonl and a chart, with process
+memory (RSS) next to MLX's own counters."""
+import json
+import math
+import os
 import sys
+import time
 from pathlib import Path
+
+import mlx.core as mx
 
 
 def rss_mb():
@@ -14,3 +21,75 @@ def rss_mb():
     import resource
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r / (1024 * 1024) if sys.platform == "darwin" else r / 1024
+
+
+class Reporter:
+    """A run's reports: a progress bar (loss, lr, tokens/s, MLX peak, RSS; off when stderr is not a terminal),
+    mlx-lm's `Iter N: ...` lines, metrics.jsonl beside the adapter and, at the end, training.png. Only the first
+    process of a group writes files; the others log nothing."""
+
+    def __init__(self, out, log, first_process=True):
+        self.out, self.first = out, first_process
+        self.log = log if first_process else (lambda *a, **k: None)
+        self.metrics_path = out / "metrics.jsonl"
+
+    def forget_after(self, step):
+        """Drops what a stopped run logged after the checkpoint it is resumed from."""
+        if self.first and self.metrics_path.exists():
+            keep = [ln for ln in self.metrics_path.read_text().splitlines() if ln and json.loads(ln)["iter"] <= step]
+            self.metrics_path.write_text("".join(ln + "\n" for ln in keep))
+
+    def __enter__(self):
+        from tqdm import tqdm
+        self.metrics = open(self.metrics_path if self.first else os.devnull, "a")
+        self.started = self.t0 = time.perf_counter()
+        self.window_loss, self.window_tok = [], 0.0
+        self.bar = None
+        self.tqdm = tqdm
+        return self
+
+    def start(self, total, initial):
+        self.bar = self.tqdm(total=total, initial=initial, disable=None if self.first else True, file=sys.stderr,
+                             unit="step", dynamic_ncols=True, leave=False)
+        self.line = self.log if self.bar.disable else self.bar.write  # report lines above the bar, not through it
+
+    def step(self, step, loss, tokens, seconds, lr, report):
+        self.window_loss.append(loss)
+        self.window_tok += tokens
+        self.bar.update(1)
+        self.bar.set_postfix_str(f"loss {loss:.3f}, lr {lr:.2e}, {tokens / seconds:.0f} tok/s, "
+                                 f"peak {mx.get_peak_memory() / 1e9:.3f} GB, RSS {rss_mb():.0f} MB")
+        if not report:
+            return
+        dt = time.perf_counter() - self.t0
+        rec = {"iter": step, "train_loss": sum(self.window_loss) / len(self.window_loss), "learning_rate": lr,
+               "it_per_sec": len(self.window_loss) / dt, "tokens_per_sec": self.window_tok / dt,
+               "peak_memory_gb": mx.get_peak_memory() / 1e9, "active_memory_gb": mx.get_active_memory() / 1e9,
+               "rss_peak_mb": rss_mb(), "elapsed_s": time.perf_counter() - self.started}
+        self.line(f"Iter {step}: Train loss {rec['train_loss']:.3f}, Learning Rate {rec['learning_rate']:.3e}, "
+                  f"It/sec {rec['it_per_sec']:.3f}, Tokens/sec {rec['tokens_per_sec']:.3f}, "
+                  f"Peak mem {rec['peak_memory_gb']:.3f} GB, RSS {rec['rss_peak_mb']:.0f} MB")
+        self._write(rec)
+        self.window_loss, self.window_tok, self.t0 = [], 0.0, time.perf_counter()
+
+    def validation(self, step, loss, seconds):
+        self.line(f"Iter {step}: Val loss {loss:.3f}, Val ppl {math.exp(min(loss, 50)):.3f}, Val took {seconds:.3f}s")
+        self._write({"iter": step, "val_loss": loss, "elapsed_s": time.perf_counter() - self.started})
+        self.t0 += seconds  # validation time does not count against training speed
+
+    def saved(self, step):
+        self.line(f"Iter {step}: Saved adapter weights to {self.out}")
+
+    def _write(self, rec):
+        self.metrics.write(json.dumps(rec) + "\n")
+        self.metrics.flush()
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
+        self.metrics.close()
+        if self.first and exc[0] is None:
+            from .plots import plot_metrics
+            png = plot_metrics(self.metrics_path, self.out / "training.png")
+            if png:
+                self.log(f"[mesp-mlx] loss and memory chart: {png}")

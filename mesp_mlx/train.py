@@ -5,16 +5,15 @@ import sys
 def main(argv=None):
     from .blas import ensure_fast_blas
     ensure_fast_blas()
-    from .config import ConfigError, config_from_args
-    from .data import DataError
-    from .io import SourceError
+    from .config import config_from_args
+    from .errors import MespError
     from .trainer import Trainer
     try:
         trainer = Trainer(config_from_args(argv))
         trainer.run()
         if trainer.stop_signal is not None:
             return 128 + trainer.stop_signal
-    except (ConfigError, DataError, SourceError, FloatingPointError) as e:
+    except (MespError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

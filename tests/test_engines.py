@@ -7,7 +7,7 @@ from helpers import EXACT, assert_grads_close, cosine, rel_err
 from mesp_mlx.engines import make_engine
 from mesp_mlx.io.sources import load_model
 from mesp_mlx.lora import LoRAConfig, from_flat, init_lora, to_flat, tree_map
-from mesp_mlx.ops.linear import set_compute_dtype
+from mesp_mlx.ops.linear import Compute
 
 
 def padded_batch(vocab, prompt_mask, seed=0):
@@ -33,7 +33,7 @@ def test_gradients_equal_autodiff(tiny_dir, method, prompt_mask):
     params = perturbed_lora(store, LoRAConfig(rank=4))
     batch = padded_batch(store.args.vocab_size, prompt_mask)
     ref_loss, ref = make_engine("autodiff", store, 20.0).loss_and_grad(params, batch)
-    loss, grads = make_engine(method, store, 20.0, attn_chunk=5, vocab_chunk=64, token_chunk=7).loss_and_grad(
+    loss, grads = make_engine(method, store, 20.0, compute=Compute(attn_chunk=5, vocab_chunk=64, token_chunk=7)).loss_and_grad(
         params, batch)
     assert abs(loss.item() - ref_loss.item()) <= EXACT * abs(ref_loss.item())
     assert_grads_close(grads, ref)
@@ -102,8 +102,14 @@ def test_mezo_step_descends(tmp_path):
     eng = make_engine("mezo", store, 20.0, eps=1e-3, seed=1)
     batch = padded_batch(store.args.vocab_size, False)
     before = eng.loss(params, batch).item()
+    opt = optim.SGD(learning_rate=1e-3)  # MeZO's own update: theta -= lr * c z
+    opt.init(to_flat(params))
+
+    def update(i, g):
+        params[i] = from_flat(opt.apply_gradients(to_flat({i: g}), to_flat({i: params[i]})))[i]
+
     for _ in range(30):
-        _, params = eng.step(params, batch, lr=1e-3)
+        eng.train_step(params, batch, update, lambda tree: tree)
     assert eng.loss(params, batch).item() < before
 
 
@@ -121,14 +127,10 @@ def smollm2():
 
 def real_grads(store, batch, method, dtype):
     """Gradients of the top 4 layers' LoRA (rank 8, perturbed) with everything computed in `dtype` on the CPU."""
-    set_compute_dtype(dtype)
-    try:
-        with mx.stream(mx.cpu):
-            params = tree_map(lambda t: t.astype(dtype), perturbed_lora(store, LoRAConfig(rank=8, num_layers=4)))
-            loss, grads = make_engine(method, store, 20.0).loss_and_grad(params, batch)
-            return loss, tree_map(lambda t: t.astype(mx.float64), grads)
-    finally:
-        set_compute_dtype(mx.float32)
+    with mx.stream(mx.cpu):
+        params = tree_map(lambda t: t.astype(dtype), perturbed_lora(store, LoRAConfig(rank=8, num_layers=4)))
+        loss, grads = make_engine(method, store, 20.0, compute=Compute(dtype=dtype)).loss_and_grad(params, batch)
+        return loss, tree_map(lambda t: t.astype(mx.float64), grads)
 
 
 @pytest.mark.real
@@ -181,7 +183,7 @@ def test_memory_follows_the_model(tmp_path):
         params = init_lora(store.args, LoRAConfig(rank=8), 0)
         ids = mx.random.randint(0, store.args.vocab_size, (1, seq + 1), key=mx.random.key(0))
         batch = (ids[:, :-1], ids[:, 1:], mx.ones((1, seq)))
-        engine = make_engine("mesp", store, 20.0, vocab_chunk=2048)
+        engine = make_engine("mesp", store, 20.0, compute=Compute(vocab_chunk=2048))
         extra[n], model[n] = step_extra_memory(engine, params, batch), engine.memory_model(1, seq, params)
         assert extra[n] <= 1.05 * model[n]["peak"], (n, extra[n], model[n])
         assert model[n]["peak"] <= 2.0 * extra[n], (n, extra[n], model[n])
@@ -211,8 +213,8 @@ def test_checkpoint_placement(tiny_dir):
 
 def test_memory_budget_plans_or_refuses(tmp_path):
     from conftest import write_tiny
-    from mesp_mlx.config import ConfigError
-    from mesp_mlx.plan import PLANS, parse_bytes, plan_for_budget
+    from mesp_mlx.config import ConfigError, parse_bytes
+    from mesp_mlx.plan import PLANS, engine_settings, plan_for_budget
     store = load_model(str(write_tiny(tmp_path / "m", "llama", hidden_size=256, intermediate_size=768,
                                       num_attention_heads=8, num_key_value_heads=2, vocab_size=8192,
                                       num_hidden_layers=4)))
@@ -220,9 +222,9 @@ def test_memory_budget_plans_or_refuses(tmp_path):
     assert parse_bytes("300MB") == 300_000_000 and parse_bytes("1.5GiB") == int(1.5 * 2 ** 30)
     with pytest.raises(ConfigError, match="300 parsecs"):
         parse_bytes("300 parsecs")
-    plan, peak = plan_for_budget(store, 20.0, 1, 1024, params, "adamw", True, 10 ** 10)
-    assert plan == PLANS[0]
-    lean, lean_peak = plan_for_budget(store, 20.0, 1, 1024, params, "adamw", True, int(peak * 0.8))
-    assert lean != PLANS[0] and lean_peak <= peak * 0.8
+    plan, peak = plan_for_budget(store, 20.0, 1, 1024, params, "adamw", True, 10 ** 10, Compute())
+    assert plan == engine_settings(Compute(), PLANS[0])
+    lean, lean_peak = plan_for_budget(store, 20.0, 1, 1024, params, "adamw", True, int(peak * 0.8), Compute())
+    assert lean != plan and lean_peak <= peak * 0.8
     with pytest.raises(ConfigError, match="--max-seq-length"):
-        plan_for_budget(store, 20.0, 1, 1024, params, "adamw", True, int(lean_peak * 0.3))
+        plan_for_budget(store, 20.0, 1, 1024, params, "adamw", True, int(lean_peak * 0.3), Compute())

@@ -18,7 +18,8 @@ import pytest
 from conftest import write_tiny, write_tiny_gguf
 from mesp_mlx.io import SourceError
 from mesp_mlx.io.adapter_formats import export_adapter
-from mesp_mlx.io.adapters import load_adapter_weights, save_adapter
+from mesp_mlx.io.adapter_formats import load_adapter_weights
+from mesp_mlx.io.adapters import save_adapter
 from mesp_mlx.io.sources import load_model
 from mesp_mlx.lora import LoRAConfig, init_lora, to_flat
 from mesp_mlx.model import logits

@@ -5,7 +5,7 @@ import pytest
 from helpers import EXACT, assert_close
 from mesp_mlx.ops.attention import attention_backward, attention_forward
 from mesp_mlx.ops.block import BlockSpec, block_backward, block_forward
-from mesp_mlx.ops.linear import Frozen, set_matmul_path
+from mesp_mlx.ops.linear import Compute, Frozen
 from mesp_mlx.ops.lora_linear import LoRALinear, lora_linear, lora_linear_backward, lora_linear_forward
 from mesp_mlx.ops.loss import cross_entropy_backward, cross_entropy_forward
 from mesp_mlx.ops.mlp import swiglu_backward, swiglu_forward
@@ -28,16 +28,13 @@ def quantized(out_dim, in_dim, bias=False):
 @pytest.mark.parametrize("bias", [False, True])
 def test_lora_linear(path, bias):
     mx.random.seed(1)
-    set_matmul_path(path)
-    try:
-        w = quantized(48, 96, bias)
-        x, a, b, dy = R(3, 7, 96), R(96, 5) * 0.1, R(5, 48) * 0.1, R(3, 7, 48)
-        ref = vjp(lambda x, a, b: lora_linear_forward(x, w, a, b, 2.5), [x, a, b], dy)
-        got = lora_linear_backward(dy, x, w, a, b, 2.5)
-        for g, r, n in zip(got, ref, "x A B".split()):
-            assert_close(g, r, n)
-    finally:
-        set_matmul_path("auto")
+    compute = Compute(matmul=path)
+    w = quantized(48, 96, bias)
+    x, a, b, dy = R(3, 7, 96), R(96, 5) * 0.1, R(5, 48) * 0.1, R(3, 7, 48)
+    ref = vjp(lambda x, a, b: lora_linear_forward(x, w, a, b, 2.5, compute), [x, a, b], dy)
+    got = lora_linear_backward(dy, x, w, a, b, 2.5, compute)
+    for g, r, n in zip(got, ref, "x A B".split()):
+        assert_close(g, r, n)
 
 
 def test_lora_linear_custom_function_and_module():
@@ -118,17 +115,18 @@ def test_cross_entropy(tchunk, vchunk, quant):
         ce = mx.logsumexp(z, axis=-1) - mx.take_along_axis(z, t[:, None], axis=-1)[:, 0]
         return mx.sum(ce * m) / mx.sum(m)
 
-    loss, lse = cross_entropy_forward(h, head, t, m, tchunk, vchunk)
+    compute = Compute(token_chunk=tchunk, vocab_chunk=vchunk)
+    loss, lse = cross_entropy_forward(h, head, t, m, compute)
     ref_loss, ref_dh = mx.value_and_grad(plain)(h)
     assert abs(loss.item() - ref_loss.item()) <= EXACT * abs(ref_loss.item())
-    assert_close(cross_entropy_backward(mx.array(1.0), h, head, t, m, lse, tchunk, vchunk), ref_dh)
+    assert_close(cross_entropy_backward(mx.array(1.0), h, head, t, m, lse, compute), ref_dh)
 
 
 @pytest.mark.parametrize("qk_norm,bias,hq,hkv", [(False, False, 4, 4), (False, True, 6, 2), (True, False, 7, 1)])  # GQA 1, 3, 7
 def test_block(qk_norm, bias, hq, hkv):
     mx.random.seed(3)
     d, f, hd, t = 64, 96, 32, 9
-    spec = BlockSpec(hq, hkv, hd, 1e-5, rope_spec(hd, 10000.0, False), qk_norm, attn_chunk=4, mlp_chunk=4)
+    spec = BlockSpec(hq, hkv, hd, 1e-5, rope_spec(hd, 10000.0, False), qk_norm, Compute(attn_chunk=4, mlp_chunk=4))
     w = {"input_layernorm": 1 + 0.1 * R(d), "post_attention_layernorm": 1 + 0.1 * R(d),
          "self_attn.q_proj": quantized(hq * hd, d, bias), "self_attn.k_proj": quantized(hkv * hd, d, bias),
          "self_attn.v_proj": quantized(hkv * hd, d, bias), "self_attn.o_proj": quantized(d, hq * hd),

@@ -55,12 +55,12 @@ def main(argv=None):
     from mesp_mlx.engines import make_engine
     from mesp_mlx.io.sources import load_model
     from mesp_mlx.lora import LoRAConfig, init_lora, tree_map
-    from mesp_mlx.ops.linear import set_compute_dtype
+    from mesp_mlx.ops.linear import Compute
 
     dtype = getattr(mx, a.dtype)
     if dtype == mx.float64:
         mx.set_default_device(mx.cpu)
-    set_compute_dtype(dtype)
+    compute = Compute(dtype=dtype)
     store = load_model(a.model)
     if a.random:
         ids = mx.random.randint(0, store.args.vocab_size, (1, a.seq + 1), key=mx.random.key(0))
@@ -74,11 +74,11 @@ def main(argv=None):
     params = tree_map(lambda t: (t + 0.02 * mx.random.normal(t.shape, key=mx.random.key(t.size))).astype(dtype),
                       params)
     print(f"{store.path.name}: T={a.seq}, rank {a.rank} on {len(params)} layers, {a.dtype}")
-    ref_loss, ref = make_engine("autodiff", store, 20.0).loss_and_grad(params, batch)
+    ref_loss, ref = make_engine("autodiff", store, 20.0, compute=compute).loss_and_grad(params, batch)
     results = []
     for method in a.methods:
-        runs = ([(f"mezo n={n}", make_engine("mezo", store, 20.0, n_samples=n)) for n in a.mezo_samples]
-                if method == "mezo" else [(method, make_engine(method, store, 20.0))])
+        runs = ([(f"mezo n={n}", make_engine("mezo", store, 20.0, compute=compute, n_samples=n)) for n in a.mezo_samples]
+                if method == "mezo" else [(method, make_engine(method, store, 20.0, compute=compute))])
         for label, engine in runs:
             loss, grads = engine.loss_and_grad(params, batch)
             rows, overall = compare(grads, ref)

@@ -1,25 +1,34 @@
 """The reference: the whole model as one MLX `value_and_grad` graph, every weight resident, full logits.
 What one would write without thinking about memory; the engine every other engine's gradients are tested against.
+Its gradients all exist at the end, so a per-block callback sees them then (nothing to fuse).
 """
 import mlx.core as mx
 
 from ..lora import from_flat, to_flat
 from ..model import reference_loss
+from ..ops.linear import DEFAULT
+from .base import Engine
 
 
-class AutodiffEngine:
-    def __init__(self, store, scale, **kw):
+class AutodiffEngine(Engine):
+    def __init__(self, store, scale, compute=DEFAULT, checkpoints=None, checkpoint_dtype=None):
+        # one resident graph: there are no block checkpoints to place
         self.store, self.scale = store, scale
-        self.spec = store.args.block_spec()
+        self.spec = store.args.block_spec(compute)
         self.layers = [store.layer(i) for i in range(store.num_layers)]
 
     def loss(self, params, batch):
         return reference_loss(self.store, *batch, params, self.scale, self.spec, self.layers)
 
-    def loss_and_grad(self, params, batch):
+    def loss_and_grad(self, params, batch, on_block=None):
         def fn(flat):
             return reference_loss(self.store, *batch, from_flat(flat), self.scale, self.spec, self.layers)
 
         loss, g = mx.value_and_grad(fn)(to_flat(params))
         mx.eval(loss, g)
-        return loss, from_flat(g)
+        grads = from_flat(g)
+        if on_block is None:
+            return loss, grads
+        for i in sorted(grads, reverse=True):
+            on_block(i, grads.pop(i))
+        return loss, {}

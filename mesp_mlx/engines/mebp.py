@@ -7,14 +7,14 @@ import mlx.core as mx
 
 from ..model import full_loss
 from ..ops.block import block_forward
-from .mesp import StreamingEngine
+from .streaming import StreamingEngine
 
 
 class MeBPEngine(StreamingEngine):
     def head_loss(self, x, targets, mask, need_grad):
         if not need_grad:
-            return full_loss(self.store, x, targets, mask), None
-        (loss,), (dx,) = mx.vjp(lambda x: [full_loss(self.store, x, targets, mask)], [x], [mx.array(1.0)])
+            return full_loss(self.store, x, targets, mask, self.compute), None
+        (loss,), (dx,) = mx.vjp(lambda x: [full_loss(self.store, x, targets, mask, self.compute)], [x], [mx.array(1.0)])
         mx.eval(loss, dx)
         return loss, dx
 

@@ -1,32 +1,44 @@
 """MeZO (Malladi et al. 2023, arXiv 2305.17333): zeroth-order SPSA on the LoRA parameters.
 
 Per step and per sample j of n: a seed s_j; theta += eps z, loss l+; theta -= 2 eps z, loss l-; theta += eps z
-(restored); the projected gradient c_j = (l+ - l-) / (2 eps); update theta -= lr/n * c_j z, with z regenerated from
-s_j every time, never stored. Forward passes stream the base like the other engines. `loss_and_grad` materialises
-the estimate c z (for gradient comparisons only); training uses `step`.
+(restored); the projected gradient c_j = (l+ - l-) / (2 eps); the estimate g = mean_j c_j z_j, with z regenerated
+from s_j every time, never stored. Forward passes stream the base like the other engines. A training step hands the
+estimate to the optimizer one block at a time (SGD gives MeZO's update theta -= lr g; Adam gives MeZO-Adam), so
+at most one block of z exists at once. In a data-parallel group the processes share seeds and average only the
+scalars c_j. `loss_and_grad` materialises the whole estimate (for gradient comparisons).
 """
 import mlx.core as mx
 
-from .mesp import StreamingEngine
+from .streaming import StreamingEngine
 
 
 class MeZOEngine(StreamingEngine):
+    fuses_update = False  # no backward to fuse into; its update is per block anyway
+
     def __init__(self, store, scale, eps=1e-2, n_samples=1, seed=0, **kw):
         super().__init__(store, scale, **kw)
         self.eps, self.n_samples = eps, n_samples
         self.seed = seed
-        self.calls = 0
-        self.combine = lambda c: c  # data-parallel runs set this to the group's mean of the projections
+        self.calls = 0  # seeds drawn so far: the only random state of a run
 
-    def _z(self, seed, params):
+    def state(self):
+        return {"mezo_calls": self.calls}
+
+    def load_state(self, state):
+        self.calls = state.get("mezo_calls", 0)
+
+    def _z(self, seed, params, block=None):
+        """The direction of `seed` (or only its part for `block`: the keys are drawn in the same order)."""
         key = mx.random.key(seed)
         out = {}
         for i in sorted(params):
-            out[i] = {}
+            if block is None or i == block:
+                out[i] = {}
             for p in sorted(params[i]):
                 key, ka, kb = mx.random.split(key, 3)
-                a, b = params[i][p]
-                out[i][p] = (mx.random.normal(a.shape, key=ka), mx.random.normal(b.shape, key=kb))
+                if block is None or i == block:
+                    a, b = params[i][p]
+                    out[i][p] = (mx.random.normal(a.shape, key=ka), mx.random.normal(b.shape, key=kb))
         return out
 
     def _shift(self, params, seed, alpha):
@@ -36,19 +48,19 @@ class MeZOEngine(StreamingEngine):
         mx.eval(new)
         return new
 
-    def _projections(self, params, batch):
-        """[(seed, c)] for n fresh seeds, and the mean of the two-sided losses."""
+    def _projections(self, params, batch, reduce=lambda v: v):
+        """[(seed, c)] for n fresh seeds (c reduced over the group), and the mean of the two-sided losses."""
         out, losses = [], []
         for _ in range(self.n_samples):
             seed = self.seed * 1_000_003 + self.calls
             self.calls += 1
             lp = self.loss(self._shift(params, seed, self.eps), batch)
             lm = self.loss(self._shift(params, seed, -self.eps), batch)
-            out.append((seed, self.combine((lp - lm).item() / (2 * self.eps))))
+            out.append((seed, reduce(mx.array((lp - lm).item() / (2 * self.eps))).item()))
             losses.append((lp.item() + lm.item()) / 2)
         return out, sum(losses) / len(losses)
 
-    def loss_and_grad(self, params, batch):
+    def loss_and_grad(self, params, batch, on_block=None):
         proj, loss = self._projections(params, batch)
         grads = None
         for seed, c in proj:
@@ -56,11 +68,18 @@ class MeZOEngine(StreamingEngine):
             est = {i: {p: (c * za / len(proj), c * zb / len(proj)) for p, (za, zb) in m.items()} for i, m in z.items()}
             grads = est if grads is None else {i: {p: (grads[i][p][0] + est[i][p][0], grads[i][p][1] + est[i][p][1])
                                                    for p in m} for i, m in est.items()}
-        return mx.array(loss), grads
+        if on_block is not None:
+            for i in sorted(grads, reverse=True):
+                on_block(i, grads.pop(i))
+        return mx.array(loss), grads if on_block is None else {}
 
-    def step(self, params, batch, lr):
-        """One SPSA step with an SGD update; returns (loss, new params)."""
-        proj, loss = self._projections(params, batch)
-        for seed, c in proj:
-            params = self._shift(params, seed, -lr * c / len(proj))
-        return mx.array(loss), params
+    def train_step(self, params, batch, update, reduce):
+        proj, loss = self._projections(params, batch, reduce)
+        for i in sorted(params, reverse=True):
+            est = None
+            for seed, c in proj:
+                z = self._z(seed, params, block=i)[i]
+                term = {p: (c * za / len(proj), c * zb / len(proj)) for p, (za, zb) in z.items()}
+                est = term if est is None else {p: (est[p][0] + t[0], est[p][1] + t[1]) for p, t in term.items()}
+            update(i, est)
+        return mx.array(loss)

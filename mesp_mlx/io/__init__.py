@@ -1,5 +1,2 @@
 """Model sources, tokenizers, the per-layer weight store and adapter files."""
-
-
-class SourceError(ValueError):
-    """A model, data or adapter file that cannot be used; the message names the file and the problem."""
+from ..errors import SourceError  # noqa: F401  (io's own error, re-exported for its callers)

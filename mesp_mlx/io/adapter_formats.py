@@ -12,6 +12,7 @@ Hugging Face's, according to where the store came from. Qwen files are never per
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -19,7 +20,7 @@ import numpy as np
 
 from ..lora import LoRAConfig, from_flat, resolve_keys, to_flat
 from . import SourceError
-from .adapters import atomic_save_safetensors, load_adapter_weights
+from .adapters import atomic_save_safetensors
 from .gguf import NAMES as GGUF_TO_HF
 from .store import EMBED_FILE, STORE_MARK, layer_file
 
@@ -383,3 +384,39 @@ def export_adapter(adapter_dir, fmt="mlx-lm", out=None, model=None, dtype="float
     else:
         lines = [export_fused(params, lora, store, out, dtype, quantize)[0]]
     return out, lines
+
+
+def load_adapter_weights(path, expected, scale=None, store=None):
+    """Adapter file -> params, checked against the expected {name: shape}.
+
+    Besides mlx-lm's adapters.safetensors, `path` may be a PEFT folder (or its adapter_model.safetensors) or a GGUF
+    LoRA; those need `store` (the model, for its q/k row order: io/adapter_formats.py). When `scale` (the run's) is
+    given and the file was trained with another (PEFT/GGUF: alpha / r; mlx-lm: adapter_config.json beside the file),
+    lora_b is multiplied by file scale / run scale, so the adapted model stays the same, and a note says so."""
+    foreign = read_foreign(path, store)
+    if foreign is not None:
+        flat, file_scale = {k: mx.array(v) for k, v in foreign[0].items()}, foreign[1]
+    else:
+        try:
+            flat = mx.load(str(path))
+        except Exception as e:
+            raise SourceError(f"{path}: not a readable adapter file ({e})") from None
+        file_scale = _mlx_lm_scale(path) if scale is not None else None
+    wrong = [f"{k}: {tuple(v.shape)} (expected {expected.get(k)})" for k, v in flat.items()
+             if tuple(v.shape) != expected.get(k)]
+    missing = sorted(set(expected) - set(flat))
+    if wrong or missing:
+        raise SourceError(f"{path}: adapter does not fit the model: " + "; ".join(wrong[:3] + missing[:3]))
+    if scale is not None and file_scale is not None and abs(file_scale - scale) > 1e-6 * abs(scale):
+        print(f"[mesp-mlx] note: {path} was trained with scale {file_scale:g}, this run uses {scale:g}: lora_b "
+              f"multiplied by {file_scale / scale:g} so the adapted model is unchanged", file=sys.stderr)
+        flat = {k: v * (file_scale / scale) if k.endswith("lora_b") else v for k, v in flat.items()}
+    return from_flat(flat)
+
+
+def _mlx_lm_scale(path):
+    """The scale in the adapter_config.json beside an mlx-lm adapter file, or None."""
+    try:
+        return float(json.loads((Path(path).parent / "adapter_config.json").read_text())["lora_parameters"]["scale"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

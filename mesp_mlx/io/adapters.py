@@ -2,7 +2,6 @@
 half-written adapter in place of a good one."""
 import json
 import os
-import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -42,43 +41,6 @@ def save_adapter(out_dir, params, lora_cfg, model_path, step=None):
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise SourceError(f"{out / 'adapter_config.json'}: could not write it ({e.strerror})") from None
-
-
-def load_adapter_weights(path, expected, scale=None, store=None):
-    """Adapter file -> params, checked against the expected {name: shape}.
-
-    Besides mlx-lm's adapters.safetensors, `path` may be a PEFT folder (or its adapter_model.safetensors) or a GGUF
-    LoRA; those need `store` (the model, for its q/k row order: io/adapter_formats.py). When `scale` (the run's) is
-    given and the file was trained with another (PEFT/GGUF: alpha / r; mlx-lm: adapter_config.json beside the file),
-    lora_b is multiplied by file scale / run scale, so the adapted model stays the same, and a note says so."""
-    from .adapter_formats import read_foreign
-    foreign = read_foreign(path, store)
-    if foreign is not None:
-        flat, file_scale = {k: mx.array(v) for k, v in foreign[0].items()}, foreign[1]
-    else:
-        try:
-            flat = mx.load(str(path))
-        except Exception as e:
-            raise SourceError(f"{path}: not a readable adapter file ({e})") from None
-        file_scale = _mlx_lm_scale(path) if scale is not None else None
-    wrong = [f"{k}: {tuple(v.shape)} (expected {expected.get(k)})" for k, v in flat.items()
-             if tuple(v.shape) != expected.get(k)]
-    missing = sorted(set(expected) - set(flat))
-    if wrong or missing:
-        raise SourceError(f"{path}: adapter does not fit the model: " + "; ".join(wrong[:3] + missing[:3]))
-    if scale is not None and file_scale is not None and abs(file_scale - scale) > 1e-6 * abs(scale):
-        print(f"[mesp-mlx] note: {path} was trained with scale {file_scale:g}, this run uses {scale:g}: lora_b "
-              f"multiplied by {file_scale / scale:g} so the adapted model is unchanged", file=sys.stderr)
-        flat = {k: v * (file_scale / scale) if k.endswith("lora_b") else v for k, v in flat.items()}
-    return from_flat(flat)
-
-
-def _mlx_lm_scale(path):
-    """The scale in the adapter_config.json beside an mlx-lm adapter file, or None."""
-    try:
-        return float(json.loads((Path(path).parent / "adapter_config.json").read_text())["lora_parameters"]["scale"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 RESUME_FILE = "resume.safetensors"

@@ -11,8 +11,6 @@ import mlx.core as mx
 
 from . import SourceError
 
-Q = None  # gguf.GGMLQuantizationType, bound on first use so importing this module never needs gguf
-
 NAMES = {
     "token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
@@ -22,13 +20,17 @@ NAMES = {
 }
 
 
-def open_gguf(path):
-    global Q
+def _gguf():
+    """The gguf package, imported on first use so importing this module never needs it."""
     try:
         import gguf
     except ImportError:
         raise SourceError("reading GGUF files needs the 'gguf' package: pip install gguf") from None
-    Q = gguf.GGMLQuantizationType
+    return gguf
+
+
+def open_gguf(path):
+    gguf = _gguf()
     try:
         return gguf.GGUFReader(str(path))
     except Exception as e:
@@ -92,6 +94,7 @@ def _pack(q, bits):
 
 def _repack(raw, qtype, rows, cols):
     """Q4_0 / Q4_1 / Q8_0 blocks of 32 -> (packed, scales, biases) in MLX affine format, group 32, exact."""
+    Q = _gguf().GGMLQuantizationType
     nblk = cols // 32
     if qtype == Q.Q8_0:
         blk = np.frombuffer(raw, dtype=np.uint8).reshape(rows, nblk, 34)
@@ -115,7 +118,8 @@ def _repack(raw, qtype, rows, cols):
 
 def read_tensor(tensor, path, quantize_to=(64, 4)):
     """One GGUF tensor -> ({suffix: array}, quant) where quant is (group_size, bits) or None for dense."""
-    import gguf.quants
+    gguf = _gguf()
+    Q = gguf.GGMLQuantizationType
     shape = [int(s) for s in reversed(tensor.shape)]  # GGUF lists the fastest dim first
     qtype = tensor.tensor_type
     try:

@@ -119,12 +119,12 @@ class StoredRows:
         arrays = {f"{self.module}.{n}": self.reader.take(f"{self.module}.{n}", index) for n in names}
         return self.store._frozen(arrays, self.module, self.module)
 
-    def gather(self, ids):
-        """Rows for token ids (any shape), dequantized to the compute dtype; reads only the distinct rows."""
+    def gather(self, ids, dtype=mx.float32):
+        """Rows for token ids (any shape), dequantized to `dtype`; reads only the distinct rows."""
         flat = np.asarray(ids).reshape(-1)
         uniq, inverse = np.unique(flat, return_inverse=True)
         table = self._take(uniq)
-        return embedding_rows(table, mx.array(inverse.reshape(-1))).reshape(*ids.shape, -1)
+        return embedding_rows(table, mx.array(inverse.reshape(-1)), dtype).reshape(*ids.shape, -1)
 
 
 class WeightStore:
@@ -187,9 +187,9 @@ class WeightStore:
         """The head as `StoredRows`, for the chunked loss."""
         return StoredRows(self, "model.embed_tokens" if self.args.tie_word_embeddings else "lm_head")
 
-    def embed(self, ids):
-        """Embeddings of token ids, reading only the rows needed from the store."""
-        return StoredRows(self, "model.embed_tokens").gather(ids)
+    def embed(self, ids, dtype=mx.float32):
+        """Embeddings of token ids in `dtype`, reading only the rows needed from the store."""
+        return StoredRows(self, "model.embed_tokens").gather(ids, dtype)
 
     def final_norm(self):
         return self._load(EMBED_FILE)["model.norm.weight"]

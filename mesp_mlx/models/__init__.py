@@ -1,6 +1,6 @@
 """Architecture registry: model_type -> the file that reads its config."""
 from . import llama, qwen2, qwen3
-from ..io import SourceError
+from ..errors import SourceError
 from .base import ModelArgs
 
 ARCHITECTURES = {"llama": llama, "qwen2": qwen2, "qwen3": qwen3}

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..ops.block import BlockSpec
+from ..ops.linear import DEFAULT
 from ..ops.rope import rope_spec
 
 
@@ -37,11 +38,11 @@ class ModelArgs:
             raise ValueError(f"{self.num_attention_heads} query heads do not group over "
                              f"{self.num_key_value_heads} key/value heads")
 
-    def block_spec(self, attn_chunk=256):
+    def block_spec(self, compute=DEFAULT):
         rope = rope_spec(self.head_dim, self.rope_theta, self.rope_traditional, self.rope_scaling,
                          self.max_position_embeddings)
         return BlockSpec(self.num_attention_heads, self.num_key_value_heads, self.head_dim, self.rms_norm_eps,
-                         rope, self.qk_norm, attn_chunk)
+                         rope, self.qk_norm, compute)
 
     def projection_shapes(self):
         """(in, out) of each projection a LoRA can adapt."""

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from .attention import attention_backward, attention_forward
+from .linear import DEFAULT, Compute
 from .lora_linear import lora_linear_backward, lora_linear_forward
 from .mlp import swiglu_backward, swiglu_forward
 from .rmsnorm import rmsnorm_backward, rmsnorm_forward
@@ -32,13 +33,20 @@ class BlockSpec:
     eps: float
     rope: Rope
     qk_norm: bool = False
-    attn_chunk: int = 256
-    mlp_chunk: int = 1024  # tokens per step of the MLP backward (and forward): bounds its T x f temporaries
+    compute: Compute = DEFAULT  # dtype, matmul path, attention and MLP chunk sizes
     sdpa: bool = True  # MLX's fused attention where only the output is needed (save=False)
 
     @property
     def attn_scale(self):
         return self.head_dim ** -0.5
+
+    @property
+    def attn_chunk(self):
+        return self.compute.attn_chunk
+
+    @property
+    def mlp_chunk(self):
+        return self.compute.mlp_chunk
 
 
 def _lora(lora, name):
@@ -65,7 +73,7 @@ def _by_tokens(fn, t, chunk):
 def block_forward(x, w, lora, scale, spec: BlockSpec, save=False):
     """w: the block's frozen weights by module path; lora: {path: (A, B)} for the adapted projections."""
     z1 = rmsnorm_forward(x, w["input_layernorm"], spec.eps)
-    proj = lambda name, inp: lora_linear_forward(inp, w[name], *_lora(lora, name), scale)
+    proj = lambda name, inp: lora_linear_forward(inp, w[name], *_lora(lora, name), scale, spec.compute)
     q = _heads(proj("self_attn.q_proj", z1), spec.n_heads)
     k = _heads(proj("self_attn.k_proj", z1), spec.n_kv_heads)
     v = _heads(proj("self_attn.v_proj", z1), spec.n_kv_heads)
@@ -100,7 +108,7 @@ def block_backward(dy, x, saved, w, lora, scale, spec: BlockSpec):
     grads = {}
 
     def back(name, d_out, inp):
-        dx, da, db = lora_linear_backward(d_out, inp, w[name], *_lora(lora, name), scale)
+        dx, da, db = lora_linear_backward(d_out, inp, w[name], *_lora(lora, name), scale, spec.compute)
         if da is not None:  # summed over the token blocks that call it
             grads[name] = (da, db) if name not in grads else (grads[name][0] + da, grads[name][1] + db)
         return dx

@@ -1,16 +1,60 @@
 """Products with a frozen, possibly quantized, weight: the one place that knows how to multiply by the base model.
 
 On Metal and CUDA `mx.quantized_matmul` is the fast kernel; on the CPU it is a slow loop, and dequantizing into a
-transient fp32 matrix followed by a BLAS GEMM is ~20x faster (DESIGN.md §4). `matmul_path()` picks per device and
-`set_matmul_path` overrides it. The dequantized copy lives only for one product.
+transient fp32 matrix followed by a BLAS GEMM is ~20x faster (DESIGN.md §4). `Compute.path` picks per device and
+`Compute(matmul=...)` overrides it. The dequantized copy lives only for one product (or one block, `prepared`).
 """
+from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import mlx.core as mx
 
-_DTYPE = mx.float32
-_PATH = "auto"
-PATHS = ("auto", "quantized", "dequantize")
+MATMUL_PATHS = ("auto", "quantized", "dequantize")
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+@dataclass(frozen=True)
+class Compute:
+    """How a run's math is carried out, decided once (flags, the memory planner) and handed to every op that needs
+    it; no op reads a global, so two configurations can live in one process.
+        dtype          activations and dequantized weights: float32; bfloat16/float16 (fast on Metal); float64
+                       (CPU only: the exactness checks of real models)
+        matmul         products with the frozen base: auto (dequantize + BLAS on the CPU, quantized kernels on GPUs),
+                       quantized, dequantize
+        attn_chunk     queries per attention block: bounds the B*H*chunk*T score tiles
+        mlp_chunk      tokens per MLP block: bounds its T x f temporaries
+        token_chunk, vocab_chunk   tiles of the chunked loss: never B*T*V logits
+        share_dequant  on the dequantize path, dequantize each block weight once for its recompute and backward"""
+
+    dtype: mx.Dtype = mx.float32
+    matmul: str = "auto"
+    attn_chunk: int = 256
+    mlp_chunk: int = 1024
+    token_chunk: int = 512
+    vocab_chunk: int = 4096
+    share_dequant: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.dtype, str):
+            if self.dtype not in DTYPES:
+                raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+            object.__setattr__(self, "dtype", getattr(mx, self.dtype))
+        if self.matmul not in MATMUL_PATHS:
+            raise ValueError(f"matmul path must be one of {', '.join(MATMUL_PATHS)}, got {self.matmul!r}")
+
+    @property
+    def path(self):
+        """The matmul path on the current default device."""
+        if self.matmul != "auto":
+            return self.matmul
+        return "dequantize" if mx.default_device() == mx.cpu else "quantized"
+
+    @property
+    def accum(self):
+        return accum_dtype(self.dtype)
+
+
+DEFAULT = Compute()
 
 
 class Frozen(NamedTuple):
@@ -37,74 +81,50 @@ class Frozen(NamedTuple):
         return Frozen(sl(self.weight), sl(self.scales), sl(self.biases), sl(self.bias), self.group_size, self.bits)
 
 
-def set_compute_dtype(dtype):
-    """The dtype dequantized weights and activations are computed in: float32 (default), bfloat16 or float16 (the
-    fast choice on Metal), float64 (CPU only; what the exactness tests of the real models use)."""
-    global _DTYPE
-    _DTYPE = dtype
-
-
-def compute_dtype():
-    return _DTYPE
-
-
 def accum_dtype(dtype):
     """At least fp32 for softmax and loss sums."""
     return mx.float64 if dtype == mx.float64 else mx.float32
 
 
-def set_matmul_path(path):
-    global _PATH
-    if path not in PATHS:
-        raise ValueError(f"matmul path must be one of {PATHS}, got {path!r}")
-    _PATH = path
-
-
-def matmul_path():
-    if _PATH != "auto":
-        return _PATH
-    return "dequantize" if mx.default_device() == mx.cpu else "quantized"
-
-
-def dense(w: Frozen):
-    """The weight as a (out x in) matrix in the compute dtype."""
+def dense(w: Frozen, dtype=mx.float32):
+    """The weight as a (out x in) matrix in `dtype`."""
     if w.quantized:
         # fp32 scales: dequantizing with fp16 scales would round every weight to fp16 first
-        return mx.dequantize(w.weight, w.scales.astype(_DTYPE), w.biases.astype(_DTYPE),
+        return mx.dequantize(w.weight, w.scales.astype(dtype), w.biases.astype(dtype),
                              group_size=w.group_size, bits=w.bits)
-    return w.weight.astype(_DTYPE)
+    return w.weight.astype(dtype)
 
 
-def prepared(w: Frozen):
+def prepared(w: Frozen, compute: Compute = DEFAULT):
     """w in the form the products use: on the dequantize path one dense copy that several products can share."""
-    if w.quantized and matmul_path() == "dequantize":
-        return Frozen(dense(w), bias=w.bias)
+    if w.quantized and compute.path == "dequantize":
+        return Frozen(dense(w, compute.dtype), bias=w.bias)
     return w
 
 
-def frozen_matmul(x, w: Frozen):
+def frozen_matmul(x, w: Frozen, compute: Compute = DEFAULT):
     """x @ W^T (+ bias): the forward product."""
-    if w.quantized and matmul_path() == "quantized":
+    if w.quantized and compute.path == "quantized":
         y = mx.quantized_matmul(x, w.weight, w.scales, w.biases, transpose=True,
                                 group_size=w.group_size, bits=w.bits).astype(x.dtype)
     else:
-        y = x @ dense(w).T
+        y = x @ dense(w, compute.dtype).T
     if w.bias is not None:
         y = y + w.bias.astype(y.dtype)
     return y
 
 
-def frozen_matmul_t(g, w: Frozen):
+def frozen_matmul_t(g, w: Frozen, compute: Compute = DEFAULT):
     """g @ W: the product that carries a gradient back through the frozen weight."""
-    if w.quantized and matmul_path() == "quantized":
+    if w.quantized and compute.path == "quantized":
         return mx.quantized_matmul(g, w.weight, w.scales, w.biases, transpose=False,
                                    group_size=w.group_size, bits=w.bits).astype(g.dtype)
-    return g @ dense(w)
+    return g @ dense(w, compute.dtype)
 
 
-def embedding_rows(table: Frozen, ids):
+def embedding_rows(table: Frozen, ids, dtype=mx.float32):
     """Rows of an embedding table for token ids, dequantizing only the rows gathered."""
     if table.quantized:
-        return mx.dequantize(table.weight[ids], table.scales[ids].astype(_DTYPE),
-                             table.biases[ids].astype(_DTYPE), group_size=table.group_size, bits=table.bits)
-    return table.weight[ids].astype(_DTYPE)
+        return mx.dequantize(table.weight[ids], table.scales[ids].astype(dtype),
+                             table.biases[ids].astype(dtype), group_size=table.group_size, bits=table.bits)
+    return table.weight[ids].astype(dtype)

@@ -9,19 +9,19 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
-from .linear import Frozen, frozen_matmul, frozen_matmul_t
+from .linear import DEFAULT, Frozen, frozen_matmul, frozen_matmul_t
 
 
-def lora_linear_forward(x, w: Frozen, a, b, scale):
-    y = frozen_matmul(x, w)
+def lora_linear_forward(x, w: Frozen, a, b, scale, compute=DEFAULT):
+    y = frozen_matmul(x, w, compute)
     if a is None:
         return y
     return y + scale * ((x @ a) @ b)
 
 
-def lora_linear_backward(dy, x, w: Frozen, a, b, scale, need_dx=True):
+def lora_linear_backward(dy, x, w: Frozen, a, b, scale, compute=DEFAULT, need_dx=True):
     """Returns (dx, dA, dB); dA and dB are None when the layer has no LoRA, dx when need_dx is False."""
-    dx = frozen_matmul_t(dy, w) if need_dx else None
+    dx = frozen_matmul_t(dy, w, compute) if need_dx else None
     if a is None:
         return dx, None, None
     x2, g2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
@@ -34,17 +34,17 @@ def lora_linear_backward(dy, x, w: Frozen, a, b, scale, need_dx=True):
     return dx, da, db
 
 
-def lora_linear(w: Frozen, scale):
+def lora_linear(w: Frozen, scale, compute=DEFAULT):
     """An autodiff-ready f(x, lora_a, lora_b) whose vjp is the structured backward above."""
 
     @mx.custom_function
     def f(x, a, b):
-        return lora_linear_forward(x, w, a, b, scale)
+        return lora_linear_forward(x, w, a, b, scale, compute)
 
     @f.vjp
     def f_vjp(primals, cotangent, output):
         x, a, b = primals
-        return lora_linear_backward(cotangent, x, w, a, b, scale)
+        return lora_linear_backward(cotangent, x, w, a, b, scale, compute)
 
     return f
 

@@ -9,7 +9,7 @@ per-token lse (N floats); the backward recomputes each chunk's logits from it. T
 """
 import mlx.core as mx
 
-from .linear import accum_dtype, frozen_matmul, frozen_matmul_t, prepared
+from .linear import DEFAULT, accum_dtype, frozen_matmul, frozen_matmul_t, prepared
 
 
 def _target_logit(z, targets, v0, v1):
@@ -23,20 +23,20 @@ def _token_chunks(n, token_chunk):
     return [(t0, min(n, t0 + token_chunk)) for t0 in range(0, n, token_chunk)]
 
 
-def cross_entropy_forward(h, head, targets, mask, token_chunk=512, vocab_chunk=4096):
+def cross_entropy_forward(h, head, targets, mask, compute=DEFAULT):
     """h (N, d); head: a `Frozen` or the store's `StoredRows` (anything with out_dims and rows(start, stop));
     targets (N,) int, mask (N,) float. Returns (loss, lse): mean loss over masked tokens, lse (N,).
     Vocabulary chunks are the outer loop, so each head chunk is read and dequantized once per pass."""
-    n, vocab = h.shape[0], head.out_dims
-    chunks = _token_chunks(n, token_chunk)
+    n, vocab, vocab_chunk = h.shape[0], head.out_dims, compute.vocab_chunk
+    chunks = _token_chunks(n, compute.token_chunk)
     run_max = [mx.full((t1 - t0,), -mx.inf) for t0, t1 in chunks]
     run_sum = [mx.zeros((t1 - t0,)) for t0, t1 in chunks]
     picked = [mx.zeros((t1 - t0,)) for t0, t1 in chunks]
     for v0 in range(0, vocab, vocab_chunk):
         v1 = min(vocab, v0 + vocab_chunk)
-        rows = prepared(head.rows(v0, v1))
+        rows = prepared(head.rows(v0, v1), compute)
         for k, (t0, t1) in enumerate(chunks):
-            z = frozen_matmul(h[t0:t1], rows).astype(accum_dtype(h.dtype))
+            z = frozen_matmul(h[t0:t1], rows, compute).astype(accum_dtype(h.dtype))
             new_max = mx.maximum(run_max[k], mx.max(z, axis=-1))
             run_sum[k] = run_sum[k] * mx.exp(run_max[k] - new_max) + mx.sum(mx.exp(z - new_max[:, None]), axis=-1)
             run_max[k] = new_max
@@ -48,19 +48,19 @@ def cross_entropy_forward(h, head, targets, mask, token_chunk=512, vocab_chunk=4
     return loss, lse
 
 
-def cross_entropy_backward(dloss, h, head, targets, mask, lse, token_chunk=512, vocab_chunk=4096):
+def cross_entropy_backward(dloss, h, head, targets, mask, lse, compute=DEFAULT):
     """Returns dh (N, d)."""
-    n, vocab = h.shape[0], head.out_dims
-    chunks = _token_chunks(n, token_chunk)
+    n, vocab, vocab_chunk = h.shape[0], head.out_dims, compute.vocab_chunk
+    chunks = _token_chunks(n, compute.token_chunk)
     coef = (dloss * mask / mx.maximum(mx.sum(mask), 1.0))[:, None]
     dh = [mx.zeros((t1 - t0, h.shape[1]), dtype=h.dtype) for t0, t1 in chunks]
     for v0 in range(0, vocab, vocab_chunk):
         v1 = min(vocab, v0 + vocab_chunk)
-        rows = prepared(head.rows(v0, v1))  # one dequantization for every product with this chunk
+        rows = prepared(head.rows(v0, v1), compute)  # one dequantization for every product with this chunk
         for k, (t0, t1) in enumerate(chunks):
-            z = frozen_matmul(h[t0:t1], rows).astype(accum_dtype(h.dtype))
+            z = frozen_matmul(h[t0:t1], rows, compute).astype(accum_dtype(h.dtype))
             onehot = targets[t0:t1, None] == mx.arange(v0, v1)[None, :]
             dz = (mx.exp(z - lse[t0:t1, None]) - onehot) * coef[t0:t1]
-            dh[k] = dh[k] + frozen_matmul_t(dz.astype(h.dtype), rows)
+            dh[k] = dh[k] + frozen_matmul_t(dz.astype(h.dtype), rows, compute)
             mx.eval(dh[k])
     return mx.concatenate(dh)

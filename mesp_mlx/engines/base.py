@@ -1,0 +1,34 @@
+"""The interface every training engine implements, and the only thing the trainer knows about an engine.
+
+    loss(params, batch) -> loss
+    loss_and_grad(params, batch, on_block=None) -> (loss, grads)
+        grads shaped like params ({block: {path: (dA, dB)}}); with on_block, on_block(i, grads_i) is called for each
+        block as its gradients exist and the returned grads are empty
+    train_step(params, batch, update, reduce) -> loss
+        one optimizer step: reduce(tree) is the data-parallel mean (identity in one process) and update(i, grads_i)
+        applies the optimizer to block i. First-order engines update each block inside the backward.
+    fuses_update    whether train_step updates blocks during the backward (so whole gradients never exist)
+    state() / load_state(state)    the engine's own resumable state (JSON-able)
+A batch is (inputs, targets, mask) of shape (B, T), mask 1.0 where a target token counts.
+"""
+
+
+class Engine:
+    fuses_update = False
+
+    def loss(self, params, batch):
+        raise NotImplementedError
+
+    def loss_and_grad(self, params, batch, on_block=None):
+        raise NotImplementedError
+
+    def train_step(self, params, batch, update, reduce):
+        """Each block's (reduced) gradients go to update() as soon as they exist, then are dropped."""
+        loss, _ = self.loss_and_grad(params, batch, on_block=lambda i, g: update(i, reduce(g)))
+        return loss
+
+    def state(self):
+        return {}
+
+    def load_state(self, state):
+        pass

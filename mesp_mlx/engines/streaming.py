@@ -1,0 +1,71 @@
+"""What every streaming engine shares: the base read from the weight store one block at a time, a forward that
+keeps block checkpoints, the chunked head loss, and a backward that walks the blocks top-down and hands each
+block's gradients out as they exist (the fused update and the data-parallel all-reduce hook in there)."""
+import mlx.core as mx
+
+from ..ops.block import block_forward
+from ..ops.linear import DEFAULT
+from ..ops.loss import cross_entropy_backward, cross_entropy_forward
+from ..ops.rmsnorm import rmsnorm_backward, rmsnorm_forward
+from .base import Engine
+from .checkpoints import Checkpoints
+
+
+class StreamingEngine(Engine):
+    fuses_update = True
+
+    def __init__(self, store, scale, compute=DEFAULT, checkpoints="memory", checkpoint_dtype=None):
+        self.store, self.scale, self.compute = store, scale, compute
+        self.spec = store.args.block_spec(compute)
+        Checkpoints(checkpoints)  # an unknown place is refused here, not at the first step
+        self.checkpoints, self.checkpoint_dtype = checkpoints, checkpoint_dtype
+
+    def forward(self, params, inputs, keep_from):
+        """Runs the blocks, keeping the inputs of blocks >= keep_from. Returns (final hidden, checkpoints)."""
+        x = self.store.embed(inputs, self.compute.dtype)
+        checkpoints = Checkpoints(self.checkpoints, self.checkpoint_dtype)
+        for i in range(self.store.num_layers):
+            if i >= keep_from:
+                checkpoints[i] = x
+            x = block_forward(x, self.store.layer(i), params.get(i, {}), self.scale, self.spec)
+            mx.eval(x)
+        return x, checkpoints
+
+    def head_loss(self, x, targets, mask, need_grad):
+        eps = self.store.args.rms_norm_eps
+        norm_w, head = self.store.final_norm(), self.store.head_rows()
+        d = x.shape[-1]
+        h = rmsnorm_forward(x, norm_w, eps).reshape(-1, d)
+        t, m = targets.reshape(-1), mask.reshape(-1).astype(mx.float32)
+        loss, lse = cross_entropy_forward(h, head, t, m, self.compute)
+        if not need_grad:
+            return loss, None
+        dh = cross_entropy_backward(mx.array(1.0), h, head, t, m, lse, self.compute)
+        dx = rmsnorm_backward(dh.reshape(x.shape), x, norm_w, eps)
+        mx.eval(loss, dx)
+        return loss, dx
+
+    def loss(self, params, batch):
+        inputs, targets, mask = batch
+        x, _ = self.forward(params, inputs, keep_from=self.store.num_layers)
+        return self.head_loss(x, targets, mask, need_grad=False)[0]
+
+    def loss_and_grad(self, params, batch, on_block=None):
+        inputs, targets, mask = batch
+        lowest = min(params) if params else self.store.num_layers
+        x, checkpoints = self.forward(params, inputs, keep_from=lowest)
+        loss, dx = self.head_loss(x, targets, mask, need_grad=True)
+        del x
+        grads = {}
+        for i in reversed(range(lowest, self.store.num_layers)):
+            dx, g = self.block_backward(dx, checkpoints.pop(i), self.store.layer(i), params.get(i, {}))
+            mx.eval(dx, g)
+            if on_block is not None:
+                on_block(i, g)
+            else:
+                grads[i] = g
+        return loss, grads
+
+    def block_backward(self, dy, x, w, lora):
+        """-> (dx, {path: (dA, dB)}) of one block, given its checkpoint x."""
+        raise NotImplementedError
