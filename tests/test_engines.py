@@ -228,3 +228,18 @@ def test_memory_budget_plans_or_refuses(tmp_path):
     assert lean != plan and lean_peak <= peak * 0.8
     with pytest.raises(ConfigError, match="--max-seq-length"):
         plan_for_budget(store, 20.0, 1, 1024, params, "adamw", True, int(lean_peak * 0.3), Compute())
+
+
+@pytest.mark.parametrize("arch", ["qwen3"])
+def test_block_sync_gives_the_same_gradients(tiny_dir):
+    """Evaluating once per block (the GPU default) instead of per chunk changes when work runs, not what it computes:
+    the very same gradients, and still those of autodiff."""
+    store = load_model(str(tiny_dir))
+    params = perturbed_lora(store, LoRAConfig(rank=4))
+    batch = padded_batch(store.args.vocab_size, True)
+    small = dict(attn_chunk=5, mlp_chunk=6)
+    _, chunk = make_engine("mesp", store, 20.0, compute=Compute(sync="chunk", **small)).loss_and_grad(params, batch)
+    _, block = make_engine("mesp", store, 20.0, compute=Compute(sync="block", **small)).loss_and_grad(params, batch)
+    assert_grads_close(block, chunk)
+    _, ref = make_engine("autodiff", store, 20.0).loss_and_grad(params, batch)
+    assert_grads_close(block, ref)

@@ -62,5 +62,6 @@ class MeSPEngine(StreamingEngine):
         if self._shares_dequant():
             w = {k: prepared(v, self.compute) if isinstance(v, Frozen) else v for k, v in w.items()}
         saved = block_forward(x, w, lora, self.scale, self.spec, save=True)
-        mx.eval(saved)
+        if self.compute.sync_chunks:  # the recompute's temporaries are gone before the backward starts
+            mx.eval(saved)
         return block_backward(dy, x, saved, w, lora, self.scale, self.spec)

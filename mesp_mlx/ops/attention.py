@@ -22,8 +22,8 @@ def _causal(i0, i1, kv_len):
     return kj <= qi
 
 
-def attention_forward(q, k, v, scale, chunk=256):
-    """Returns (o, lse): o like q, lse (B, Hq, T) in fp32."""
+def attention_forward(q, k, v, scale, chunk=256, sync=True):
+    """Returns (o, lse): o like q, lse (B, Hq, T) in fp32. sync: evaluate each query block as it is done."""
     b, hq, t, d = q.shape
     hkv = k.shape[1]
     qg = _grouped(q, hkv)
@@ -38,13 +38,14 @@ def attention_forward(q, k, v, scale, chunk=256):
         total = mx.sum(e, axis=-1, keepdims=True)
         outs.append((e @ vv[..., :i1, :]) / total)
         lses.append((m + mx.log(total))[..., 0])
-        mx.eval(outs[-1], lses[-1])  # one query block's scores alive at a time, not all of them
+        if sync:
+            mx.eval(outs[-1], lses[-1])  # one query block's scores alive at a time, not all of them
     o = mx.concatenate(outs, axis=-2) if len(outs) > 1 else outs[0]
     lse = mx.concatenate(lses, axis=-1) if len(lses) > 1 else lses[0]
     return o.reshape(b, hq, t, d), lse.reshape(b, hq, t)
 
 
-def attention_backward(do, q, k, v, o, lse, scale, chunk=256):
+def attention_backward(do, q, k, v, o, lse, scale, chunk=256, sync=True):
     """Returns (dq, dk, dv)."""
     b, hq, t, d = q.shape
     hkv = k.shape[1]
@@ -70,6 +71,7 @@ def attention_backward(do, q, k, v, o, lse, scale, chunk=256):
         else:
             pad = [(0, 0), (0, 0), (0, t - i1), (0, 0)]
             dv, dk = dv + mx.pad(dv_c, pad), dk + mx.pad(dk_c, pad)
-        mx.eval(dqs[-1], dk, dv)
+        if sync:
+            mx.eval(dqs[-1], dk, dv)
     dq = mx.concatenate(dqs, axis=-2) if len(dqs) > 1 else dqs[0]
     return dq.reshape(b, hq, t, d), dk, dv

@@ -86,7 +86,7 @@ def block_forward(x, w, lora, scale, spec: BlockSpec, save=False):
         # MLX's CPU fallback materialises all T x T scores; past one query block the chunked form is used there
         o = mx.fast.scaled_dot_product_attention(q, k, v, scale=spec.attn_scale, mask="causal")
     else:
-        o, lse = attention_forward(q, k, v, spec.attn_scale, spec.attn_chunk)
+        o, lse = attention_forward(q, k, v, spec.attn_scale, spec.attn_chunk, spec.compute.sync_chunks)
     o = _merge(o)
     a = x + proj("self_attn.o_proj", o)
     z2 = rmsnorm_forward(a, w["post_attention_layernorm"], spec.eps)
@@ -123,19 +123,21 @@ def block_backward(dy, x, saved, w, lora, scale, spec: BlockSpec):
         dg, du = swiglu_backward(dact, gc, uc, sig)
         dz2 = back("mlp.gate_proj", dg, zc) + back("mlp.up_proj", du, zc)
         out = dyc + rmsnorm_backward(dz2, a[:, t0:t1], w["post_attention_layernorm"], spec.eps)
-        mx.eval(out, grads)
+        if spec.compute.sync_chunks:
+            mx.eval(out, grads)
         return out
 
     da = _by_tokens(mlp_backward, dy.shape[1], spec.mlp_chunk)
     g = u = z2 = a = None  # freed before the attention half
-    mx.eval(da)
+    if spec.compute.sync_chunks:
+        mx.eval(da)
 
     # attention
     o = saved.pop("o")
     do = _heads(back("self_attn.o_proj", da, o), spec.n_heads)
     q, k, v = saved.pop("q"), saved.pop("k"), saved.pop("v")
     dq, dk, dv = attention_backward(do, q, k, v, _heads(o, spec.n_heads), saved.pop("lse"),
-                                    spec.attn_scale, spec.attn_chunk)
+                                    spec.attn_scale, spec.attn_chunk, spec.compute.sync_chunks)
     del o, do, q, k, v
     dq, dk = rope_backward(dq, spec.rope), rope_backward(dk, spec.rope)
     if spec.qk_norm:

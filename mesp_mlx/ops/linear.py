@@ -11,6 +11,7 @@ import mlx.core as mx
 
 MATMUL_PATHS = ("auto", "quantized", "dequantize")
 DTYPES = ("float32", "bfloat16", "float16", "float64")
+SYNCS = ("auto", "chunk", "block")
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,11 @@ class Compute:
         attn_chunk     queries per attention block: bounds the B*H*chunk*T score tiles
         mlp_chunk      tokens per MLP block: bounds its T x f temporaries
         token_chunk, vocab_chunk   tiles of the chunked loss: never B*T*V logits
-        share_dequant  on the dequantize path, dequantize each block weight once for its recompute and backward"""
+        share_dequant  on the dequantize path, dequantize each block weight once for its recompute and backward
+        sync           where a block waits for its work: "chunk" evaluates every attention query block and MLP
+                       token block as it goes (one chunk's temporaries alive at a time); "block" builds the block's
+                       forward or backward as one graph and evaluates it once (each evaluation is a host sync that
+                       idles a GPU); auto: chunk on the CPU, block on GPUs"""
 
     dtype: mx.Dtype = mx.float32
     matmul: str = "auto"
@@ -33,6 +38,7 @@ class Compute:
     token_chunk: int = 512
     vocab_chunk: int = 4096
     share_dequant: bool = True
+    sync: str = "auto"
 
     def __post_init__(self):
         if isinstance(self.dtype, str):
@@ -41,6 +47,8 @@ class Compute:
             object.__setattr__(self, "dtype", getattr(mx, self.dtype))
         if self.matmul not in MATMUL_PATHS:
             raise ValueError(f"matmul path must be one of {', '.join(MATMUL_PATHS)}, got {self.matmul!r}")
+        if self.sync not in SYNCS:
+            raise ValueError(f"sync must be one of {', '.join(SYNCS)}, got {self.sync!r}")
 
     @property
     def path(self):
@@ -48,6 +56,13 @@ class Compute:
         if self.matmul != "auto":
             return self.matmul
         return "dequantize" if mx.default_device() == mx.cpu else "quantized"
+
+    @property
+    def sync_chunks(self):
+        """Whether ops evaluate chunk by chunk inside a block (see sync)."""
+        if self.sync != "auto":
+            return self.sync == "chunk"
+        return mx.default_device() == mx.cpu
 
     @property
     def accum(self):

@@ -41,7 +41,10 @@ def cross_entropy_forward(h, head, targets, mask, compute=DEFAULT):
             run_sum[k] = run_sum[k] * mx.exp(run_max[k] - new_max) + mx.sum(mx.exp(z - new_max[:, None]), axis=-1)
             run_max[k] = new_max
             picked[k] = picked[k] + _target_logit(z, targets[t0:t1], v0, v1)
-            mx.eval(run_max[k], run_sum[k], picked[k])  # one tile and one head chunk alive at a time
+            if compute.sync_chunks:
+                mx.eval(run_max[k], run_sum[k], picked[k])  # one tile and one head chunk alive at a time
+        if not compute.sync_chunks:
+            mx.eval(run_max, run_sum, picked)  # one head chunk read and dequantized at a time
     lse = mx.concatenate([m + mx.log(s) for m, s in zip(run_max, run_sum)])
     loss = mx.sum((lse - mx.concatenate(picked)) * mask) / mx.maximum(mx.sum(mask), 1.0)
     mx.eval(loss, lse)
@@ -62,5 +65,8 @@ def cross_entropy_backward(dloss, h, head, targets, mask, lse, compute=DEFAULT):
             onehot = targets[t0:t1, None] == mx.arange(v0, v1)[None, :]
             dz = (mx.exp(z - lse[t0:t1, None]) - onehot) * coef[t0:t1]
             dh[k] = dh[k] + frozen_matmul_t(dz.astype(h.dtype), rows, compute)
-            mx.eval(dh[k])
+            if compute.sync_chunks:
+                mx.eval(dh[k])
+        if not compute.sync_chunks:
+            mx.eval(dh)
     return mx.concatenate(dh)
