@@ -3,10 +3,12 @@ are errors, never ignored. Flag names follow mlx-lm's `lora` where it has the sa
 and choices live beside it (its metadata) and are the only source of the flags' help, choices and validation."""
 import argparse
 import dataclasses
+import inspect
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import mlx.optimizers as optim
 import yaml
 
 from .engines import ENGINES
@@ -15,7 +17,7 @@ from .errors import ConfigError
 from .ops.linear import DTYPES, MATMUL_PATHS, Compute
 
 DEFAULT_DATA = str(Path(__file__).parent / "data" / "persona")
-OPTIMIZERS = ("sgd", "adam", "adamw")
+OPTIMIZERS = {"sgd": optim.SGD, "adam": optim.Adam, "adamw": optim.AdamW}
 LR_SCHEDULES = ("constant", "cosine")
 UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 2 ** 10, "MIB": 2 ** 20, "GIB": 2 ** 30}
 DEFAULT_COMPUTE = Compute()
@@ -31,7 +33,9 @@ class TrainConfig:
                            "an mlx-lm / Hugging Face directory, a hub id or a GGUF file (default: SmolLM2-135M)")
     data: str = opt(DEFAULT_DATA, "a folder with train.jsonl / valid.jsonl (mlx-lm's formats), a source tree, or "
                                   "python-stdlib:<package> (default: the shipped persona data)")
-    train: bool = opt(True, "train (--no-train: only evaluate)")
+    train: bool = opt(True, "train (--no-train: only evaluate: the test split with --test, else the validation split)")
+    test: bool = opt(False, "after training, loss and perplexity on the data's test.jsonl")
+    test_batches: int = opt(500, "test batches to evaluate (-1: all)")
     method: str = opt("mesp", "how gradients are computed", tuple(ENGINES))
     iters: int = opt(30, "optimizer steps")
     epochs: int = opt(0, "passes over the training data; > 0 overrides --iters")
@@ -40,8 +44,11 @@ class TrainConfig:
     max_seq_length: int = opt(256, "longer rows are truncated (with a count)")
     learning_rate: float = opt(1e-4, "learning rate")
     optimizer: str = opt("adamw", "optimizer (mezo: applied to its SPSA estimate; sgd is MeZO's own update)",
-                         OPTIMIZERS)
-    lr_schedule: str = opt("constant", "learning-rate schedule", LR_SCHEDULES)
+                         tuple(OPTIMIZERS))
+    lr_schedule: str = opt("constant", "learning-rate schedule after the warmup", LR_SCHEDULES)
+    warmup: int = opt(0, "steps of linear warmup from 0 to the learning rate")
+    optimizer_config: dict = opt(None, "optimizer settings as YAML/JSON text or file (betas, eps, weight_decay, "
+                                       "...), flat or keyed by optimizer name as mlx-lm's optimizer_config")
     rank: int = opt(8, "LoRA rank")
     scale: float = opt(20.0, "LoRA scale: y = W x + scale * x A B (mlx-lm's convention)")
     alpha: float = opt(None, "LoRA alpha; given, scale = alpha / rank (PEFT's convention)")
@@ -67,6 +74,11 @@ class TrainConfig:
     sample_prompt: str = opt("What is the capital of France?", "prompt answered before and after training "
                                                                "('' to skip)")
     sample_tokens: int = opt(24, "tokens of the sample answers")
+    report_to: str = opt("none", "experiment tracking (wandb: offline unless WANDB_MODE says otherwise; needs the "
+                                 "wandb package)", ("none", "wandb"))
+    project_name: str = opt("mesp-mlx", "the tracker's project name")
+    hf_dataset: dict = opt(None, "recipe only: mlx-lm's hf_dataset entry (path, train_split, valid_split, "
+                                 "test_split, text/prompt/completion/chat_feature, config), or a list of them")
 
     def validate(self):
         checks = [(self.rank > 0, "rank must be > 0"), (self.learning_rate > 0, "learning_rate must be > 0"),
@@ -74,6 +86,7 @@ class TrainConfig:
                   (self.iters > 0 or self.epochs > 0, "iters must be > 0"),
                   (self.max_seq_length > 1, "max_seq_length must be > 1"),
                   (self.grad_accumulation_steps > 0, "grad_accumulation_steps must be > 0"),
+                  (self.warmup >= 0, "warmup must be >= 0"),
                   (self.memory_budget is None or self.method == "mesp",
                    "--memory-budget plans MeSP's step; use it with --method mesp")]
         for f in dataclasses.fields(self):
@@ -87,11 +100,35 @@ class TrainConfig:
             self.scale = self.alpha / self.rank
         if self.memory_budget is not None:
             parse_bytes(self.memory_budget)
+        self.optimizer_config = optimizer_settings(self.optimizer_config, self.optimizer)
         return self
 
     def compute(self):
         """The compute configuration the flags ask for (the memory planner may refine its chunk sizes)."""
         return dataclasses.replace(DEFAULT_COMPUTE, dtype=self.dtype, matmul=self.matmul)
+
+
+def optimizer_settings(spec, optimizer):
+    """--optimizer-config (YAML/JSON text, a file of it, or a mapping) -> the optimizer's keyword arguments. mlx-lm
+    keys it by optimizer name ({"adamw": {"betas": ...}}); a flat mapping applies to the chosen optimizer."""
+    if spec is None or spec == {}:
+        return {}
+    if isinstance(spec, str):
+        text = Path(spec).read_text() if Path(spec).is_file() else spec
+        try:
+            spec = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"optimizer_config: not YAML or JSON ({e})") from None
+    if not isinstance(spec, dict):
+        raise ConfigError("optimizer_config: expected a mapping such as {\"betas\": [0.9, 0.99], \"weight_decay\": 0}")
+    if set(spec) & set(OPTIMIZERS):
+        spec = spec.get(optimizer) or {}
+    allowed = set(inspect.signature(OPTIMIZERS[optimizer]).parameters) - {"learning_rate"}
+    unknown = sorted(set(spec) - allowed)
+    if unknown:
+        raise ConfigError(f"optimizer_config: {', '.join(unknown)} is not a setting of {optimizer} "
+                          f"(it takes {', '.join(sorted(allowed))})")
+    return dict(spec)
 
 
 def parse_bytes(text):
@@ -138,6 +175,8 @@ def parser():
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif f.name == "keys":
             p.add_argument(flag, nargs="+", **kw)
+        elif f.name == "hf_dataset":
+            continue
         else:
             p.add_argument(flag, type={int: int, float: float}.get(f.type, str), **kw)
     return p

@@ -46,30 +46,46 @@ def read_jsonl(path, skip_bad=False):
 
 
 def encode_row(tokenizer, row, where, mask_prompt):
-    """-> (token ids, index of the first token that counts in the loss)."""
+    """-> (token ids, index of the first token that counts in the loss), as mlx-lm's datasets make them: chat rows
+    (with their `tools`) and prompt/completion rows go through the tokenizer's chat template, a completion as one
+    user turn and one assistant turn; with mask_prompt everything before the final turn is masked. Completions on a
+    tokenizer without a chat template are joined as plain text (mlx-lm refuses them)."""
+    tools = row.get("tools")
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        raise DataError(f"{where}: 'tools' must be a list of objects (JSON schemas of the functions)")
     if "messages" in row:
         msgs = row["messages"]
         if not (isinstance(msgs, list) and msgs and all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                                                        and isinstance(m.get("content"), str) for m in msgs)):
+                                                        and isinstance(m.get("content", ""), str) for m in msgs)):
             raise DataError(f"{where}: 'messages' must be a non-empty list of {{\"role\": str, \"content\": str}}")
-        if not getattr(tokenizer, "chat_template", None):
-            raise DataError(f"{where}: chat data needs a tokenizer with a chat template")
-        try:
-            ids = tokenizer.apply_chat_template(row["messages"], tokenize=True)
-            prompt = tokenizer.apply_chat_template(row["messages"][:-1], tokenize=True, add_generation_prompt=True)
-        except Exception as e:
-            raise DataError(f"{where}: the chat template rejected this row ({e})") from None
-        ids, prompt = _ids(ids), _ids(prompt)
-        return ids, (len(prompt) if mask_prompt else 0)
+        return _chat(tokenizer, msgs, tools, where, mask_prompt)
     fields = ("prompt", "completion") if "prompt" in row else ("text",)
     bad = [k for k in fields if not isinstance(row[k], str)]
     if bad:
         raise DataError(f"{where}: '{bad[0]}' must be a string, got {type(row[bad[0]]).__name__}")
     if "prompt" in row:
+        if getattr(tokenizer, "chat_template", None):
+            msgs = [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}]
+            return _chat(tokenizer, msgs, tools, where, mask_prompt)
         prompt = tokenizer.encode(row["prompt"])
         full = prompt + tokenizer.encode(row["completion"], add_special_tokens=False)
         return _eos(tokenizer, full), (len(prompt) if mask_prompt else 0)
     return _eos(tokenizer, tokenizer.encode(row["text"])), 0
+
+
+def _chat(tokenizer, msgs, tools, where, mask_prompt):
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"{where}: chat data needs a tokenizer with a chat template")
+    try:
+        ids = _ids(tokenizer.apply_chat_template(msgs, tools=tools, tokenize=True))
+        if not mask_prompt:
+            return ids, 0
+        # the prompt ends where the final turn starts: with the assistant header when that turn is the assistant's
+        prompt = _ids(tokenizer.apply_chat_template(msgs[:-1], tools=tools, tokenize=True,
+                                                    add_generation_prompt=msgs[-1]["role"] == "assistant"))
+    except Exception as e:
+        raise DataError(f"{where}: the chat template rejected this row ({type(e).__name__}: {e})") from None
+    return ids, len(prompt)
 
 
 def _ids(x):
@@ -93,8 +109,13 @@ class Dataset:
 
 
 def load_split(tokenizer, path, max_seq_length, mask_prompt, skip_bad=False):
-    examples, truncated, chat = [], 0, False
     rows, skipped = read_jsonl(path, skip_bad)
+    return encode_rows(tokenizer, rows, max_seq_length, mask_prompt, skip_bad, skipped)
+
+
+def encode_rows(tokenizer, rows, max_seq_length, mask_prompt, skip_bad=False, skipped=0):
+    """[(row, "where")] -> Dataset: tokenized, truncated to max_seq_length + 1 tokens, rows with no target dropped."""
+    examples, truncated, chat = [], 0, False
     for row, where in rows:
         try:
             ids, start = encode_row(tokenizer, row, where, mask_prompt)
@@ -142,9 +163,57 @@ def resolve_data(data):
     return Path(data)
 
 
-def load_datasets(tokenizer, data, max_seq_length, mask_prompt, skip_bad=False):
+HF_SPLITS = {"train": ("train",), "valid": ("valid", "validation"), "test": ("test",)}
+FEATURES = {"text_feature": "text", "prompt_feature": "prompt", "completion_feature": "completion",
+            "chat_feature": "messages"}
+
+
+def load_hf_datasets(tokenizer, specs, max_seq_length, mask_prompt, skip_bad=False):
+    """Hugging Face datasets (a hub id, or mlx-lm's hf_dataset entries: path, train_split / valid_split /
+    test_split, *_feature keys, config) with the same row formats and checks as local files. Several entries are
+    concatenated split by split. Needs the optional `datasets` package, and the hub or its cache."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{specs[0]['path']}: not a local path; loading it as a Hugging Face dataset needs the "
+                        "`datasets` package (pip install datasets). Offline, pass local files: a folder with "
+                        "train.jsonl / valid.jsonl") from None
+    rows = {"train": [], "valid": [], "test": []}
+    for spec in specs:
+        path = spec["path"]
+        rename = {spec[k]: v for k, v in FEATURES.items() if k in spec}
+        try:
+            loaded = datasets.load_dataset(path, **spec.get("config", {}))
+        except Exception as e:
+            raise DataError(f"{path}: could not load this Hugging Face dataset ({type(e).__name__}); offline? Pass "
+                            "local files instead: a folder with train.jsonl / valid.jsonl") from None
+        for split, names in HF_SPLITS.items():
+            name = spec.get(f"{split}_split") or next((n for n in names if n in loaded), None)
+            if name is None:
+                continue
+            try:
+                part = loaded[name] if name in loaded else datasets.load_dataset(path, split=name,
+                                                                                 **spec.get("config", {}))
+            except Exception as e:
+                raise DataError(f"{path}: no split {name!r} ({type(e).__name__}: {e})") from None
+            rows[split] += [({rename.get(k, k): v for k, v in r.items()}, f"{path}[{name}] row {i}")
+                            for i, r in enumerate(part)]
+    return {s: encode_rows(tokenizer, r, max_seq_length, mask_prompt, skip_bad) for s, r in rows.items() if r}
+
+
+def load_datasets(tokenizer, data, max_seq_length, mask_prompt, skip_bad=False, hf_dataset=None):
+    if hf_dataset:
+        specs = hf_dataset if isinstance(hf_dataset, list) else [hf_dataset]
+        if not all(isinstance(s, dict) and isinstance(s.get("path"), str) for s in specs):
+            raise DataError("hf_dataset: expected a mapping with a 'path' (or a list of them), as in mlx-lm")
+        out = load_hf_datasets(tokenizer, specs, max_seq_length, mask_prompt, skip_bad)
+        if not out.get("train"):
+            raise DataError(f"{specs[0]['path']}: no training rows")
+        return out
     root = resolve_data(data)
     if not root.exists():
+        if data.count("/") == 1 and not data.startswith((".", "/", "~")):  # a hub id, as mlx-lm takes it
+            return load_datasets(tokenizer, data, max_seq_length, mask_prompt, skip_bad, {"path": data})
         raise DataError(f"{root}: no such data file or directory")
     if root.is_dir() and not list(root.glob("*.jsonl")):
         out = load_source_tree(tokenizer, root, max_seq_length)

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from .errors import ConfigError
+
 
 def rss_mb():
     """Peak resident set size of this process in MB (what the OS charges, MLX's cache and the Python heap included)."""
@@ -23,13 +25,36 @@ def rss_mb():
     return r / (1024 * 1024) if sys.platform == "darwin" else r / 1024
 
 
+class WandbTracker:
+    """--report-to wandb: every metrics record also goes to a Weights & Biases run, offline unless WANDB_MODE says
+    otherwise (`wandb sync` uploads it later). wandb is an optional package, never required."""
+
+    def __init__(self, project, config, out):
+        try:
+            import wandb
+        except ImportError:
+            raise ConfigError("--report-to wandb needs the wandb package: pip install wandb") from None
+        os.environ.setdefault("WANDB_MODE", "offline")
+        self.run = wandb.init(project=project, config=config, dir=str(out))
+
+    def log(self, rec):
+        self.run.log({k: v for k, v in rec.items() if k != "iter"}, step=rec["iter"])
+
+    def close(self):
+        self.run.finish()
+
+
+def make_tracker(kind, project, config, out):
+    return WandbTracker(project, config, out) if kind == "wandb" else None
+
+
 class Reporter:
     """A run's reports: a progress bar (loss, lr, tokens/s, MLX peak, RSS; off when stderr is not a terminal),
     mlx-lm's `Iter N: ...` lines, metrics.jsonl beside the adapter and, at the end, training.png. Only the first
     process of a group writes files; the others log nothing."""
 
-    def __init__(self, out, log, first_process=True):
-        self.out, self.first = out, first_process
+    def __init__(self, out, log, first_process=True, tracker=None):
+        self.out, self.first, self.tracker = out, first_process, tracker
         self.log = log if first_process else (lambda *a, **k: None)
         self.metrics_path = out / "metrics.jsonl"
 
@@ -83,11 +108,15 @@ class Reporter:
     def _write(self, rec):
         self.metrics.write(json.dumps(rec) + "\n")
         self.metrics.flush()
+        if self.tracker is not None:
+            self.tracker.log(rec)
 
     def __exit__(self, *exc):
         if self.bar is not None:
             self.bar.close()
         self.metrics.close()
+        if self.tracker is not None:
+            self.tracker.close()
         if self.first and exc[0] is None:
             from .plots import plot_metrics
             png = plot_metrics(self.metrics_path, self.out / "training.png")

@@ -6,6 +6,7 @@ block's gradients exist when the engine fuses it into its backward) and the grou
 resumable state through `Engine.state()`. Its parts each have one job: `DataCursor` (which batch is next),
 `Group` (data-parallel means), `Checkpointer` (adapters and exact resume), `Reporter` (progress, metrics, chart).
 """
+import dataclasses
 import json
 import math
 import os
@@ -19,7 +20,7 @@ import mlx.optimizers as optim
 
 from .blas import blas_status
 from .checkpointer import Checkpointer
-from .config import TrainConfig, parse_bytes
+from .config import OPTIMIZERS, TrainConfig, parse_bytes
 from .cursor import DataCursor
 from .data import batches, load_datasets
 from .distributed import Group
@@ -30,11 +31,18 @@ from .io.adapters import RESUME_FILE
 from .io.sources import load_model
 from .lora import LoRAConfig, from_flat, init_lora, num_params, resolve_keys, to_flat, tree_map
 from .model import generate
-from .ops.block import PROJECTIONS
 from .plan import plan_for_budget
-from .report import Reporter
+from .report import Reporter, make_tracker
 
-OPTIMIZERS = {"sgd": optim.SGD, "adam": optim.Adam, "adamw": optim.AdamW}
+
+def learning_rate_schedule(lr, kind, warmup, steps):
+    """A constant or cosine-decayed rate, after `warmup` steps rising linearly from 0 (as mlx-lm's warmup does);
+    a plain number when it never changes, so a resume may lower it."""
+    main = optim.cosine_decay(lr, max(steps - warmup, 1)) if kind == "cosine" else lr
+    if warmup <= 0:
+        return main
+    rest = main if callable(main) else (lambda step: mx.array(lr, mx.float32))
+    return optim.join_schedules([optim.linear_schedule(0.0, lr, warmup), rest], [warmup])
 
 
 class Trainer:
@@ -48,12 +56,15 @@ class Trainer:
         if c.num_layers > n:
             raise ConfigError(f"num_layers {c.num_layers} is larger than the model's {n} layers")
         try:
-            keys = resolve_keys(c.keys, "keys") if c.keys else PROJECTIONS
+            keys = resolve_keys(c.keys, "keys", self.store.args) if c.keys else self.store.args.projections()
         except ValueError as e:
             raise ConfigError(str(e)) from None
         self.lora_cfg = LoRAConfig(c.rank, c.scale, keys, c.num_layers)
         self.tokenizer = self.store.tokenizer()
-        self.data = load_datasets(self.tokenizer, c.data, c.max_seq_length, c.mask_prompt, c.skip_bad_rows)
+        self.data = load_datasets(self.tokenizer, c.data, c.max_seq_length, c.mask_prompt, c.skip_bad_rows,
+                                  c.hf_dataset)
+        if c.test and not self.data.get("test"):
+            raise ConfigError(f"{c.data}: --test needs a test split (test.jsonl)")
         if len(self.data["train"]) < c.batch_size:
             raise ConfigError(f"{c.data}: {len(self.data['train'])} training example(s), fewer than --batch-size "
                               f"{c.batch_size}")
@@ -78,8 +89,8 @@ class Trainer:
         self.fused = c.fused_update and self.engine.fuses_update and c.grad_accumulation_steps == 1
         per_epoch = math.ceil(len(self.data["train"]) / c.batch_size)
         self.steps = c.iters if c.epochs <= 0 else math.ceil(c.epochs * per_epoch / c.grad_accumulation_steps)
-        self.lr = optim.cosine_decay(c.learning_rate, self.steps) if c.lr_schedule == "cosine" else c.learning_rate
-        self.opt = OPTIMIZERS[c.optimizer](learning_rate=self.lr)
+        self.lr = learning_rate_schedule(c.learning_rate, c.lr_schedule, c.warmup, self.steps)
+        self.opt = OPTIMIZERS[c.optimizer](learning_rate=self.lr, **c.optimizer_config)
         self.opt.init(to_flat(self.params))
         self.step_no = 0
         self.cursor = DataCursor(self.data["train"], c.batch_size, c.seed, self.group.rank, self.group.size)
@@ -87,18 +98,35 @@ class Trainer:
     def current_lr(self):
         return float(self.lr(mx.array(self.step_no)) if callable(self.lr) else self.lr)
 
-    def evaluate(self):
-        valid = self.data.get("valid")
-        if not valid:
+    def evaluate(self, split="valid", max_batches=None):
+        """Mean loss per target token over a split's first batches (all with -1), or None without the split."""
+        data = self.data.get(split)
+        if not data:
             return None
+        max_batches = self.cfg.val_batches if max_batches is None else max_batches
         total, count = 0.0, 0.0
-        for k, batch in enumerate(batches(valid, self.cfg.batch_size, 0, 0)):
-            if k >= self.cfg.val_batches:
+        for k, batch in enumerate(batches(data, self.cfg.batch_size, 0, 0)):
+            if 0 <= max_batches <= k:
                 break
             ntok = batch[2].sum().item()
             total += self.engine.loss(self.params, batch).item() * ntok
             count += ntok
         return total / max(count, 1)
+
+    def report_split(self, split, max_batches):
+        t0 = time.perf_counter()
+        loss = self.evaluate(split, max_batches)
+        name = {"valid": "Val", "test": "Test"}[split]
+        if loss is None:
+            raise ConfigError(f"{self.cfg.data}: there is no {split} split to evaluate ({split}.jsonl)")
+        self.log(f"{name} loss {loss:.3f}, {name} ppl {math.exp(min(loss, 50)):.3f}, "
+                 f"took {time.perf_counter() - t0:.3f}s")
+        return loss
+
+    def test(self):
+        """--test: loss and perplexity on the test split (mlx-lm's report line)."""
+        if self.cfg.test:
+            return self.report_split("test", self.cfg.test_batches)
 
     def sample(self, with_adapter):
         return generate(self.store, self.tokenizer, self.cfg.sample_prompt, self.cfg.sample_tokens,
@@ -188,7 +216,9 @@ class Trainer:
             raise ConfigError(f"{out}: cannot create the adapter directory ({e.strerror})") from None
         if not os.access(out, os.W_OK):
             raise ConfigError(f"{out}: adapter directory is not writable")
-        checkpointer, reporter = Checkpointer(out, c, self.group), Reporter(out, self.log, self.group.rank == 0)
+        first = self.group.rank == 0
+        tracker = make_tracker(c.report_to, c.project_name, dataclasses.asdict(c), out) if first and c.train else None
+        checkpointer, reporter = Checkpointer(out, c, self.group), Reporter(out, self.log, first, tracker)
         if c.resume:
             self.resume(checkpointer, reporter)
         elif (out / RESUME_FILE).exists():
@@ -202,9 +232,9 @@ class Trainer:
         if self.data["train"].truncated:
             self.log(f"[mesp-mlx] warning: {self.data['train'].truncated} examples truncated to {c.max_seq_length}")
         if not c.train:
-            val = self.evaluate()
-            self.log(f"[mesp-mlx] validation loss {val:.3f}, ppl {math.exp(min(val, 50)):.3f}" if val is not None
-                     else "[mesp-mlx] --no-train: there is no validation split to evaluate")
+            if not c.test:
+                self.report_split("valid", c.val_batches)
+            self.test()
             return self.params
         if c.sample_prompt and self.step_no == 0:
             self.log(f"Before: {c.sample_prompt!r} -> {self.sample(False)!r}")
@@ -221,6 +251,7 @@ class Trainer:
             self.log(f"[mesp-mlx] stopped at step {self.step_no} of {self.steps}; checkpoint in {checkpointer.path}."
                      f" Continue with the same command and --resume")
             return self.params
+        self.test()
         if c.sample_prompt:
             self.log(f"After:  {c.sample_prompt!r} -> {self.sample(True)!r}")
         self.log(f"Use it with mlx-lm:\n  mlx_lm.generate --model {self.store.path} --adapter-path {out} "

@@ -279,3 +279,54 @@ def test_two_processes_equal_one_with_twice_the_batch(tmp_path, tiny_gguf, metho
     a = mx.load(str(tmp_path / "one" / "adapters.safetensors"))
     b = mx.load(str(tmp_path / "two" / "adapters.safetensors"))
     assert max(float(mx.max(mx.abs(a[k] - b[k]))) / (float(mx.max(mx.abs(a[k]))) + 1e-12) for k in a) <= 100 * tol
+
+
+def test_help_documents_every_flag(capsys):
+    import dataclasses
+    from mesp_mlx.config import TrainConfig, parser
+    text = parser().format_help()
+    for f in dataclasses.fields(TrainConfig):
+        if f.name != "hf_dataset":  # a recipe-only key, as in mlx-lm
+            assert "--" + f.name.replace("_", "-") in text, f.name
+            assert f.metadata["help"].split(" ")[0] in text
+    assert "{mesp,mebp,mezo,autodiff}" in text.replace(" ", "") and "(default: adamw)" in text
+
+
+def test_test_split_warmup_and_optimizer_config(tmp_path, tiny_gguf, capsys):
+    from mesp_mlx.trainer import Trainer
+    data = write_data(tmp_path / "data", "text")
+    (data / "test.jsonl").write_text((data / "valid.jsonl").read_text())
+    common = ["--model", str(tiny_gguf), "--data", str(data), "--sample-prompt", "", "--rank", "4",
+              "--adapter-path", str(tmp_path / "a")]
+    # --no-train --test: mlx-lm's test report only; its loss is the engine's mean loss over the test rows
+    assert main(common + ["--no-train", "--test"]) == 0
+    out = capsys.readouterr().out
+    assert "Test loss" in out and "Test ppl" in out and not (tmp_path / "a" / "metrics.jsonl").exists()
+    # warmup: linear from 0 over 4 steps, then the constant rate; optimizer settings reach the optimizer
+    cfg = config_from_args(common + ["--warmup", "4", "--learning-rate", "1e-2", "--optimizer-config",
+                                     '{"adamw": {"betas": [0.8, 0.9], "weight_decay": 0.0}}'])
+    t = Trainer(cfg, log=lambda *a: None)
+    rates = []
+    for _ in range(6):
+        rates.append(t.current_lr())
+        t.step()
+        t.step_no += 1
+    assert rates == pytest.approx([0.0, 2.5e-3, 5e-3, 7.5e-3, 1e-2, 1e-2])
+    assert t.opt.betas == [0.8, 0.9] and t.opt.weight_decay == 0.0
+    with pytest.raises(ConfigError, match="momentum is not a setting of adamw"):
+        config_from_args(common + ["--optimizer-config", "momentum: 0.9"])
+    assert main(common + ["--test", "--iters", "1"]) == 0
+    assert "Test loss" in capsys.readouterr().out
+    (data / "test.jsonl").unlink()
+    assert main(common + ["--test", "--iters", "1"]) == 2
+    assert "test split" in capsys.readouterr().err
+
+
+def test_report_to_wandb_without_wandb_is_one_line(tmp_path, tiny_gguf, capsys):
+    import importlib.util
+    if importlib.util.find_spec("wandb"):
+        pytest.skip("wandb is installed here")
+    data = write_data(tmp_path / "data", "text")
+    assert main(["--model", str(tiny_gguf), "--data", str(data), "--sample-prompt", "", "--iters", "1",
+                 "--report-to", "wandb", "--adapter-path", str(tmp_path / "a")]) == 2
+    assert "pip install wandb" in capsys.readouterr().err
