@@ -1,6 +1,8 @@
 """LoRA parameters: which projections of which blocks are adapted, their initialisation, and mlx-lm's names.
 
-Parameters live as {block index: {module path: (lora_a (in, r), lora_b (r, out))}}. mlx-lm's conventions hold:
+Parameters live as {block index: {module path: (lora_a (in, r), lora_b (r, out))}}. The adaptable paths are the
+model's (`args.projections()`: q/k/v/o, gate/up/down, or Phi-3's fused qkv_proj and gate_up_proj). mlx-lm's
+conventions hold:
 `num_layers` adapts the last N blocks, `scale` multiplies the low-rank product (alpha / rank when alpha is given),
 lora_a ~ U(-1/sqrt(in), 1/sqrt(in)), lora_b = 0.
 """
@@ -9,14 +11,17 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from .ops.block import PROJECTIONS
+from .ops.block import FUSED_PROJECTIONS, PROJECTIONS
+
+# every adaptable path of any supported layout, for a key list read without a model at hand
+KNOWN_PROJECTIONS = PROJECTIONS + tuple(p for p in FUSED_PROJECTIONS if p not in PROJECTIONS)
 
 
 @dataclass
 class LoRAConfig:
     rank: int = 8
     scale: float = 20.0
-    keys: tuple = PROJECTIONS
+    keys: tuple = None  # None: every projection of the model
     num_layers: int = -1  # -1: all blocks
     dropout: float = 0.0
 
@@ -25,14 +30,16 @@ class LoRAConfig:
         return range(n - k, n)
 
 
-def resolve_keys(keys, where="keys"):
-    """Accept full paths (self_attn.q_proj) or short names (q_proj); reject names that match no projection."""
+def resolve_keys(keys, where="keys", args=None):
+    """Accept full paths (self_attn.q_proj) or short names (q_proj); reject names that match no projection of the
+    model (`args`), or of any supported layout when no model is given."""
+    known = args.projections() if args is not None else KNOWN_PROJECTIONS
     out = []
     for k in keys:
-        match = [p for p in PROJECTIONS if p == k or p.endswith("." + k)]
+        match = [p for p in known if p == k or p.endswith("." + k)]
         if not match:
             raise ValueError(f"{where}: {k!r} matches no projection (choose from "
-                             f"{', '.join(p.split('.')[-1] for p in PROJECTIONS)})")
+                             f"{', '.join(p.split('.')[-1] for p in known)})")
         out += [m for m in match if m not in out]
     return tuple(out)
 
@@ -41,9 +48,14 @@ def init_lora(args, cfg: LoRAConfig, seed=0):
     key = mx.random.key(seed)
     shapes = args.projection_shapes()
     params = {}
+    keys = cfg.keys or args.projections()
+    unknown = [p for p in keys if p not in shapes]
+    if unknown:
+        raise ValueError(f"{args.model_type} models have no projection {', '.join(unknown)} (they have "
+                         f"{', '.join(shapes)})")
     for i in cfg.layers(args.num_hidden_layers):
         params[i] = {}
-        for path in cfg.keys:
+        for path in keys:
             key, sub = mx.random.split(key)
             d_in, d_out = shapes[path]
             bound = 1 / math.sqrt(d_in)

@@ -8,14 +8,15 @@ from .ops.linear import DEFAULT, accum_dtype, frozen_matmul
 from .ops.rmsnorm import rmsnorm_forward
 
 
-def hidden_states(store, ids, lora=None, scale=20.0, spec=None, layers=None):
-    """Final hidden state (before the final norm). `layers`: pre-loaded block weights (else streamed)."""
-    spec = spec or store.args.block_spec()
+def hidden_states(store, ids, lora=None, scale=20.0, specs=None, layers=None):
+    """Final hidden state (before the final norm). specs: one BlockSpec per block (`args.block_specs(compute)`);
+    `layers`: pre-loaded block weights (else streamed)."""
+    specs = specs or store.args.block_specs()
     lora = lora or {}
-    x = store.embed(ids, spec.compute.dtype)
+    x = store.embed(ids, specs[0].compute.dtype)
     for i in range(store.num_layers):
         w = layers[i] if layers is not None else store.layer(i)
-        x = block_forward(x, w, lora.get(i, {}), scale, spec)
+        x = block_forward(x, w, lora.get(i, {}), scale, specs[i])
         if layers is None:
             mx.eval(x)
     return x
@@ -23,12 +24,13 @@ def hidden_states(store, ids, lora=None, scale=20.0, spec=None, layers=None):
 
 def head_logits(store, x, compute=DEFAULT):
     """Final norm and LM head over the whole sequence: B x T x V logits."""
-    return frozen_matmul(rmsnorm_forward(x, store.final_norm(), store.args.rms_norm_eps), store.head(), compute)
+    a = store.args
+    return frozen_matmul(rmsnorm_forward(x, store.final_norm(), a.rms_norm_eps, a.norm_offset), store.head(), compute)
 
 
-def logits(store, ids, lora=None, scale=20.0, spec=None, layers=None):
-    spec = spec or store.args.block_spec()
-    return head_logits(store, hidden_states(store, ids, lora, scale, spec, layers), spec.compute)
+def logits(store, ids, lora=None, scale=20.0, specs=None, layers=None):
+    specs = specs or store.args.block_specs()
+    return head_logits(store, hidden_states(store, ids, lora, scale, specs, layers), specs[0].compute)
 
 
 def full_loss(store, x, targets, mask, compute=DEFAULT):
@@ -39,9 +41,9 @@ def full_loss(store, x, targets, mask, compute=DEFAULT):
     return mx.sum(ce * mask) / mx.maximum(mx.sum(mask), 1.0)
 
 
-def reference_loss(store, ids, targets, mask, lora, scale, spec=None, layers=None):
-    spec = spec or store.args.block_spec()
-    return full_loss(store, hidden_states(store, ids, lora, scale, spec, layers), targets, mask, spec.compute)
+def reference_loss(store, ids, targets, mask, lora, scale, specs=None, layers=None):
+    specs = specs or store.args.block_specs()
+    return full_loss(store, hidden_states(store, ids, lora, scale, specs, layers), targets, mask, specs[0].compute)
 
 
 def generate(store, tokenizer, prompt, max_tokens=32, lora=None, scale=20.0, chat=True, compute=DEFAULT):
@@ -54,10 +56,10 @@ def generate(store, tokenizer, prompt, max_tokens=32, lora=None, scale=20.0, cha
     else:
         ids = tokenizer.encode(prompt)
     ids, out = list(ids), []
-    spec = store.args.block_spec(compute)
+    specs = store.args.block_specs(compute)
     layers = [store.layer(i) for i in range(store.num_layers)]
     for _ in range(max_tokens):
-        z = logits(store, mx.array([ids]), lora, scale, spec, layers)[0, -1]
+        z = logits(store, mx.array([ids]), lora, scale, specs, layers)[0, -1]
         nxt = int(mx.argmax(z).item())
         if nxt == tokenizer.eos_token_id or nxt in _stop_ids(tokenizer):
             break

@@ -15,6 +15,31 @@ TINY = {
     "qwen3": dict(model_type="qwen3", hidden_size=64, num_hidden_layers=2, intermediate_size=128,
                   num_attention_heads=6, num_key_value_heads=2, head_dim=16, vocab_size=157, rms_norm_eps=1e-6,
                   rope_theta=1000000.0, tie_word_embeddings=True, max_position_embeddings=512),
+    # layers 0, 1 local over 5 keys (rope base 10000), layer 2 global (base 1e6, linear scaling); d = 48 so that
+    # sqrt(d) is not a bf16 number; query_pre_attn_scalar != head_dim != d / heads
+    "gemma3_text": dict(model_type="gemma3_text", hidden_size=48, num_hidden_layers=3, intermediate_size=96,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=190,
+                        rms_norm_eps=1e-6, rope_theta=1000000.0, rope_local_base_freq=10000.0,
+                        rope_scaling={"rope_type": "linear", "factor": 2.0}, query_pre_attn_scalar=24,
+                        sliding_window=5, sliding_window_pattern=3, max_position_embeddings=512,
+                        hidden_activation="gelu_pytorch_tanh"),
+    # layers 0 and 2 over a window of 6 keys (named per layer: mlx-lm's Llama reads layer_types, not
+    # sliding_window alone, and needs one full layer), untied head
+    "mistral": dict(model_type="mistral", hidden_size=64, num_hidden_layers=3, intermediate_size=96,
+                    num_attention_heads=4, num_key_value_heads=2, vocab_size=181, rms_norm_eps=1e-5,
+                    rope_theta=1000000.0, tie_word_embeddings=False, max_position_embeddings=512, sliding_window=6,
+                    layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+    "smollm3": dict(model_type="smollm3", hidden_size=64, num_hidden_layers=3, intermediate_size=96,
+                    num_attention_heads=4, num_key_value_heads=2, vocab_size=167, rms_norm_eps=1e-6,
+                    rope_theta=5000000.0, tie_word_embeddings=True, max_position_embeddings=512,
+                    no_rope_layers=[1, 0, 1]),
+    # fused projections, RoPE on 12 of 16 features, LongRoPE with its attention factor (max / original = 4)
+    "phi3": dict(model_type="phi3", hidden_size=64, num_hidden_layers=2, intermediate_size=80,
+                 num_attention_heads=4, num_key_value_heads=2, vocab_size=163, rms_norm_eps=1e-5,
+                 rope_theta=10000.0, tie_word_embeddings=False, max_position_embeddings=256,
+                 original_max_position_embeddings=64, partial_rotary_factor=0.75,
+                 rope_scaling={"type": "longrope", "long_factor": [1.0, 1.5, 2.0, 3.0, 5.0, 8.0],
+                               "short_factor": [1.0] * 6}),
 }
 
 
@@ -28,13 +53,24 @@ def tiny_weights(config, seed=0):
                                                                                 .astype(np.float32))}
     if not config.get("tie_word_embeddings", True):
         out["lm_head.weight"] = w(v, d)
+    kind = config["model_type"]
+    gemma = kind.startswith("gemma")
+    norm = (lambda n: w(n)) if gemma else (lambda n: 1 + w(n))  # Gemma stores multiplier - 1
+    if gemma:
+        out["model.norm.weight"] = norm(d)
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        out.update({p + "self_attn.q_proj.weight": w(hq, d), p + "self_attn.k_proj.weight": w(hkv, d),
-                    p + "self_attn.v_proj.weight": w(hkv, d), p + "self_attn.o_proj.weight": w(d, hq),
-                    p + "mlp.gate_proj.weight": w(f, d), p + "mlp.up_proj.weight": w(f, d),
-                    p + "mlp.down_proj.weight": w(d, f),
-                    p + "input_layernorm.weight": 1 + w(d), p + "post_attention_layernorm.weight": 1 + w(d)})
+        if kind == "phi3":  # fused: q, k, v rows in one matrix; gate, up rows in another
+            out.update({p + "self_attn.qkv_proj.weight": w(hq + 2 * hkv, d), p + "mlp.gate_up_proj.weight": w(2 * f, d)})
+        else:
+            out.update({p + "self_attn.q_proj.weight": w(hq, d), p + "self_attn.k_proj.weight": w(hkv, d),
+                        p + "self_attn.v_proj.weight": w(hkv, d), p + "mlp.gate_proj.weight": w(f, d),
+                        p + "mlp.up_proj.weight": w(f, d)})
+        out.update({p + "self_attn.o_proj.weight": w(d, hq), p + "mlp.down_proj.weight": w(d, f),
+                    p + "input_layernorm.weight": norm(d), p + "post_attention_layernorm.weight": norm(d)})
+        if gemma:
+            out.update({p + "pre_feedforward_layernorm.weight": norm(d), p + "post_feedforward_layernorm.weight":
+                        norm(d), p + "self_attn.q_norm.weight": norm(hd), p + "self_attn.k_norm.weight": norm(hd)})
         if config["model_type"] == "qwen2":
             out.update({p + "self_attn.q_proj.bias": w(hq), p + "self_attn.k_proj.bias": w(hkv),
                         p + "self_attn.v_proj.bias": w(hkv)})
@@ -80,6 +116,8 @@ def pytest_configure(config):
     ensure_fast_blas()
 
 
+GGUF_GEMMA3 = {"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
+               "post_feedforward_layernorm": "post_ffw_norm"}
 GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
               "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
               "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
@@ -102,14 +140,19 @@ def tiny_bpe(vocab_size):
     return tokens, merges
 
 
-def write_tiny_gguf(path, arch, qtype="Q8_0", seed=0, drop_tensor=None, bad_type_tensor=None):
-    """The tiny model of `arch` as a GGUF file, Llama q/k rows permuted as llama.cpp's converter does."""
+def write_tiny_gguf(path, arch, qtype="Q8_0", seed=0, drop_tensor=None, bad_type_tensor=None, **overrides):
+    """The tiny model of `arch` as a GGUF file as llama.cpp's converter writes it: Llama (and Mistral) q/k rows
+    permuted, Gemma 3 as arch gemma3 with its norms stored as 1 + w."""
     import gguf
     import numpy as np
-    config = dict(TINY[arch], vocab_size=300)
+    config = dict(TINY[arch], vocab_size=300, **overrides)
     tokens, merges = tiny_bpe(300)
     weights = {k: np.array(v) for k, v in tiny_weights(config, seed).items()}
-    w = gguf.GGUFWriter(str(path), arch)
+    gemma = arch == "gemma3_text"
+    garch = {"gemma3_text": "gemma3", "mistral": "llama"}.get(arch, arch)
+    w = gguf.GGUFWriter(str(path), garch)
+    if gemma:
+        w.add_sliding_window(config["sliding_window"])
     w.add_block_count(config["num_hidden_layers"])
     w.add_context_length(config["max_position_embeddings"])
     w.add_embedding_length(config["hidden_size"])
@@ -141,8 +184,11 @@ def write_tiny_gguf(path, arch, qtype="Q8_0", seed=0, drop_tensor=None, bad_type
         elif parts[1] == "norm":
             gname = "output_norm.weight"
         else:
-            gname = f"blk.{parts[2]}.{GGUF_NAMES['.'.join(parts[3:-1])]}.{parts[-1]}"
-        if arch == "llama" and parts[-1] == "weight" and parts[-2] in ("q_proj", "k_proj"):
+            module = '.'.join(parts[3:-1])
+            gname = f"blk.{parts[2]}.{(GGUF_GEMMA3 if gemma else {}).get(module) or GGUF_NAMES[module]}.{parts[-1]}"
+        if gemma and parts[-2].endswith("norm"):
+            arr = arr + 1.0
+        if garch == "llama" and parts[-1] == "weight" and parts[-2] in ("q_proj", "k_proj"):
             n = nh if parts[-2] == "q_proj" else nkv
             arr = arr.reshape(n, 2, arr.shape[0] // n // 2, *arr.shape[1:]).swapaxes(1, 2).reshape(arr.shape)
         if gname == drop_tensor:

@@ -8,7 +8,7 @@ from mesp_mlx.ops.block import BlockSpec, block_backward, block_forward
 from mesp_mlx.ops.linear import Compute, Frozen
 from mesp_mlx.ops.lora_linear import LoRALinear, lora_linear, lora_linear_backward, lora_linear_forward
 from mesp_mlx.ops.loss import cross_entropy_backward, cross_entropy_forward
-from mesp_mlx.ops.mlp import swiglu_backward, swiglu_forward
+from mesp_mlx.ops.mlp import geglu_backward, geglu_forward, swiglu_backward, swiglu_forward
 from mesp_mlx.ops.rmsnorm import rmsnorm_backward, rmsnorm_forward
 from mesp_mlx.ops.rope import rope_backward, rope_forward, rope_spec
 
@@ -56,49 +56,81 @@ def test_lora_linear_custom_function_and_module():
     assert_close(ours(x), theirs(x))
 
 
+@pytest.mark.parametrize("offset", [0.0, 1.0])  # Llama's w, Gemma's 1 + w
 @pytest.mark.parametrize("shape", [(2, 9, 64), (1, 1, 33)])
-def test_rmsnorm(shape):
+def test_rmsnorm(shape, offset):
     x, w, dy = R(*shape), R(shape[-1]), R(*shape)
-    ref = vjp(lambda x: rmsnorm_forward(x, w, 1e-5), [x], dy)[0]
-    assert_close(rmsnorm_backward(dy, x, w, 1e-5), ref)
+    ref = vjp(lambda x: rmsnorm_forward(x, w, 1e-5, offset), [x], dy)[0]
+    assert_close(rmsnorm_backward(dy, x, w, 1e-5, offset), ref)
+    if offset:  # the same as a plain norm with multiplier 1 + w, and not the same as one with w
+        assert_close(rmsnorm_forward(x, w, 1e-5, offset), rmsnorm_forward(x, 1 + w, 1e-5))
+        assert float(mx.max(mx.abs(rmsnorm_forward(x, w, 1e-5, offset) - rmsnorm_forward(x, w, 1e-5)))) > 0.1
+
+
+LONGROPE = {"type": "longrope", "long_factor": [1.0, 1.5, 2.0, 3.0, 5.0, 8.0], "short_factor": [1.0] * 6}
 
 
 @pytest.mark.parametrize("traditional", [False, True])
 @pytest.mark.parametrize("dims,scaling", [(16, None), (12, None), (16, {"rope_type": "linear", "factor": 2.0}),
                                           (16, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                                "high_freq_factor": 4.0, "original_max_position_embeddings": 64})])
+                                                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+                                          (12, LONGROPE)])  # partial, with LongRoPE's attention factor
 def test_rope(traditional, dims, scaling):
-    rope = rope_spec(dims, 10000.0, traditional, scaling)
+    rope = rope_spec(dims, 10000.0, traditional, scaling, 256, 64)
     x, dy = R(2, 3, 11, 16), R(2, 3, 11, 16)
     ref = vjp(lambda x: rope_forward(x, rope), [x], dy)[0]
     assert_close(rope_backward(dy, rope), ref)
-    # RoPE is a rotation: the backward is its inverse
-    assert_close(rope_backward(rope_forward(x, rope), rope), x)
+    # RoPE is a rotation: the backward is its inverse (LongRoPE's factor m on the rotated part: its square)
+    if rope.mscale == 1.0:
+        assert_close(rope_backward(rope_forward(x, rope), rope), x)
+    else:
+        assert rope.mscale > 1.0
+        assert_close(rope_backward(rope_forward(x, rope), rope), x.at[..., :dims].multiply(rope.mscale ** 2))
 
 
-def plain_attention(q, k, v, scale):
+def plain_attention(q, k, v, scale, window=None):
+    """The T x T reference; a window W also masks keys j <= i - W (built independently of ops/attention.py)."""
     g = q.shape[1] // k.shape[1]
     k, v = mx.repeat(k, g, axis=1), mx.repeat(v, g, axis=1)
     t = q.shape[2]
-    s = (q @ k.swapaxes(-1, -2)) * scale + mx.triu(mx.full((t, t), -1e9), k=1)
+    mask = mx.triu(mx.full((t, t), -1e9), k=1)
+    if window is not None:
+        mask = mask + mx.tril(mx.full((t, t), -1e9), k=-window)
+    s = (q @ k.swapaxes(-1, -2)) * scale + mask
     return mx.softmax(s, axis=-1) @ v
 
 
-@pytest.mark.parametrize("hq,hkv,t,chunk", [(3, 3, 10, 256), (6, 2, 1, 256), (7, 1, 19, 5), (4, 2, 16, 8)])
-def test_attention(hq, hkv, t, chunk):
+@pytest.mark.parametrize("hq,hkv,t,chunk,window", [(3, 3, 10, 256, None), (6, 2, 1, 256, None),
+                                                   (7, 1, 19, 5, None), (4, 2, 16, 8, None),
+                                                   # windows: shorter and longer than a query block, T > window,
+                                                   # one block holding the whole sequence, a window of 1 (itself)
+                                                   (4, 2, 23, 4, 7), (6, 3, 21, 8, 3), (4, 2, 17, 256, 5),
+                                                   (2, 1, 9, 4, 1), (4, 2, 12, 5, 40)])
+def test_attention(hq, hkv, t, chunk, window):
     q, k, v, do = R(2, hq, t, 8), R(2, hkv, t, 8), R(2, hkv, t, 8), R(2, hq, t, 8)
     scale = 8 ** -0.5
-    o, lse = attention_forward(q, k, v, scale, chunk)
-    assert_close(o, plain_attention(q, k, v, scale), "o")
-    ref = vjp(lambda q, k, v: plain_attention(q, k, v, scale), [q, k, v], do)
-    for g, r, n in zip(attention_backward(do, q, k, v, o, lse, scale, chunk), ref, "qkv"):
+    o, lse = attention_forward(q, k, v, scale, chunk, window=window)
+    assert_close(o, plain_attention(q, k, v, scale, window), "o")
+    ref = vjp(lambda q, k, v: plain_attention(q, k, v, scale, window), [q, k, v], do)
+    for g, r, n in zip(attention_backward(do, q, k, v, o, lse, scale, chunk, window=window), ref, "qkv"):
         assert_close(g, r, "d" + n)
+    if window is not None and window < t:  # the window is seen: plain causal attention differs
+        assert float(mx.max(mx.abs(o - plain_attention(q, k, v, scale)))) > 1e-2
 
 
 def test_swiglu():
     g, u, d = R(2, 5, 24) * 3, R(2, 5, 24), R(2, 5, 24)
     ref = vjp(swiglu_forward, [g, u], d)
     for a, b in zip(swiglu_backward(d, g, u), ref):
+        assert_close(a, b)
+
+
+def test_geglu():
+    import mlx.nn as nn
+    g, u, d = R(2, 5, 24) * 3, R(2, 5, 24), R(2, 5, 24)
+    assert_close(geglu_forward(g, u), nn.gelu_approx(g) * u)  # mlx-lm's Gemma MLP gate
+    ref = vjp(geglu_forward, [g, u], d)
+    for a, b in zip(geglu_backward(d, g, u), ref):
         assert_close(a, b)
 
 
@@ -144,6 +176,66 @@ def test_block(qk_norm, bias, hq, hkv):
 
     ref = vjp(fn, [x] + [a for p in paths for a in lora[p]], dy)
     saved = block_forward(x, w, lora, 2.0, spec, save=True)
+    dx, grads = block_backward(dy, x, saved, w, lora, 2.0, spec)
+    assert_close(dx, ref[0], "dx")
+    assert set(grads) == set(paths)
+    for j, p in enumerate(paths):
+        assert_close(grads[p][0], ref[1 + 2 * j], p + ".lora_a")
+        assert_close(grads[p][1], ref[2 + 2 * j], p + ".lora_b")
+
+
+def block_weights(spec, d, f, bias=False):
+    hq, hkv, hd = spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim, spec.head_dim
+    norm = lambda n: (0.1 * R(n)) if spec.norm_offset else (1 + 0.1 * R(n))
+    w = {"input_layernorm": norm(d), "post_attention_layernorm": norm(d), "self_attn.o_proj": quantized(d, hq),
+         "mlp.down_proj": quantized(d, f)}
+    if spec.fused:
+        w.update({"self_attn.qkv_proj": quantized(hq + 2 * hkv, d, bias), "mlp.gate_up_proj": quantized(2 * f, d)})
+    else:
+        w.update({"self_attn.q_proj": quantized(hq, d, bias), "self_attn.k_proj": quantized(hkv, d, bias),
+                  "self_attn.v_proj": quantized(hkv, d, bias), "mlp.gate_proj": quantized(f, d),
+                  "mlp.up_proj": quantized(f, d)})
+    if spec.qk_norm:
+        w.update({"self_attn.q_norm": norm(hd), "self_attn.k_norm": norm(hd)})
+    if spec.sandwich:
+        w.update({"pre_feedforward_layernorm": norm(d), "post_feedforward_layernorm": norm(d)})
+    return w
+
+
+GEMMA = dict(qk_norm=True, norm_offset=1.0, sandwich=True, activation="gelu_tanh", scale=24 ** -0.5)
+
+
+@pytest.mark.parametrize("variant,chunk", [
+    # Gemma 3 local layer: 1 + w norms, sandwich norms, GELU, q/k norms, its own scale, a window of 4 < T = 11;
+    # with a 256 chunk the reference runs MLX's fused attention with the window's boolean mask
+    (dict(GEMMA, window=4), 4), (dict(GEMMA, window=4), 256), (dict(GEMMA), 4),
+    (dict(fused=True, rope="partial-longrope"), 4),  # Phi-3 / Phi-4-mini
+    (dict(rope=None), 4),  # SmolLM3's NoPE layers
+    (dict(window=3), 5),  # Mistral
+])
+def test_block_variants(variant, chunk):
+    mx.random.seed(4)
+    d, f, hq, hkv, hd, t = 64, 96, 4, 2, 16, 11
+    variant = dict(variant)
+    rope = variant.pop("rope", "full")
+    rope = {"full": rope_spec(hd, 10000.0, False), None: None,
+            "partial-longrope": rope_spec(12, 10000.0, False, LONGROPE, 256, 64)}[rope]
+    spec = BlockSpec(hq, hkv, hd, 1e-6, rope, compute=Compute(attn_chunk=chunk, mlp_chunk=4), **variant)
+    w = block_weights(spec, d, f)
+    shapes = {"self_attn.o_proj": (hq * hd, d), "mlp.down_proj": (f, d)}
+    shapes.update({"self_attn.qkv_proj": (d, (hq + 2 * hkv) * hd), "mlp.gate_up_proj": (d, 2 * f)} if spec.fused else
+                  {"self_attn.q_proj": (d, hq * hd), "self_attn.k_proj": (d, hkv * hd),
+                   "self_attn.v_proj": (d, hkv * hd), "mlp.up_proj": (d, f)})
+    lora = {p: (R(i, 3) * 0.1, R(3, o) * 0.1) for p, (i, o) in shapes.items()}
+    x, dy = R(2, t, d), R(2, t, d)
+    paths = sorted(lora)
+
+    def fn(x, *flat):
+        return block_forward(x, w, {p: (flat[2 * j], flat[2 * j + 1]) for j, p in enumerate(paths)}, 2.0, spec)
+
+    ref = vjp(fn, [x] + [a for p in paths for a in lora[p]], dy)
+    saved = block_forward(x, w, lora, 2.0, spec, save=True)
+    assert ("r" in saved) == spec.sandwich
     dx, grads = block_backward(dy, x, saved, w, lora, 2.0, spec)
     assert_close(dx, ref[0], "dx")
     assert set(grads) == set(paths)

@@ -14,15 +14,15 @@ class AutodiffEngine(Engine):
     def __init__(self, store, scale, compute=DEFAULT, checkpoints=None, checkpoint_dtype=None):
         # one resident graph: there are no block checkpoints to place
         self.store, self.scale = store, scale
-        self.spec = store.args.block_spec(compute)
+        self.specs = store.args.block_specs(compute)
         self.layers = [store.layer(i) for i in range(store.num_layers)]
 
     def loss(self, params, batch):
-        return reference_loss(self.store, *batch, params, self.scale, self.spec, self.layers)
+        return reference_loss(self.store, *batch, params, self.scale, self.specs, self.layers)
 
     def loss_and_grad(self, params, batch, on_block=None):
         def fn(flat):
-            return reference_loss(self.store, *batch, from_flat(flat), self.scale, self.spec, self.layers)
+            return reference_loss(self.store, *batch, from_flat(flat), self.scale, self.specs, self.layers)
 
         loss, g = mx.value_and_grad(fn)(to_flat(params))
         mx.eval(loss, g)

@@ -8,8 +8,10 @@ checks it against MLX's measured peak.
                                                       half with 16-bit checkpoints, ~0 with checkpoints on disk
     then the larger of two phases:
     block phase   one block's quantized weights (+ its dense copy when share_dequant, else one matrix at a time)
-                  + saved B*T*(4d + (Hq + 2Hkv)D + Hq + 2f)*s (what block_backward keeps, ops/block.py)
-                  + attention tiles 5 * B*Hq*chunk*T*s (scores, masked, probabilities, dp, ds of a query block)
+                  + saved B*T*(4d + (Hq + 2Hkv)D + Hq + 2f)*s (what block_backward keeps, ops/block.py;
+                    + (Hq + Hkv)D with q/k norms, + d with Gemma's sandwich norms)
+                  + attention tiles 5 * B*Hq*chunk*K*s (scores, masked, probabilities, dp, ds of a query block;
+                    K = T keys, or chunk + window - 1 when every layer attends over a sliding window)
                   + MLP temporaries 8 * B*mlp_chunk*f*s (the MLP backward runs one block of tokens at a time)
                   + ~12 B*T*d*s gradients and temporaries in flight (the attention half is one graph)
     head phase    one vocab chunk of head rows (quantized, read from the store) + its dense copy
@@ -40,9 +42,12 @@ class MeSPEngine(StreamingEngine):
         lowest = min(params) if params else a.num_hidden_layers
         shapes = a.projection_shapes().values()
         dense = [i * o * s for i, o in shapes]
-        saved = 4 * d + (hq + 2 * hkv) * hd + hq + 2 * f + ((hq + hkv) * hd if a.qk_norm else 0)
+        saved = (4 * d + (hq + 2 * hkv) * hd + hq + 2 * f + ((hq + hkv) * hd if a.qk_norm else 0)
+                 + (d if a.sandwich_norms else 0))
+        chunk = min(c.attn_chunk, seq_len)
+        keys = max(seq_len if s.window is None else min(seq_len, chunk + s.window - 1) for s in self.specs)
         block = (self.store.layer_bytes() + (sum(dense) if self._shares_dequant() else max(dense))
-                 + n * saved * s + 5 * batch_size * hq * min(c.attn_chunk, seq_len) * seq_len * s + 12 * act
+                 + n * saved * s + 5 * batch_size * hq * chunk * keys * s + 12 * act
                  + 8 * batch_size * min(c.mlp_chunk, seq_len) * f * s)
         head = self.store.head_rows()
         vc, tc = min(c.vocab_chunk, head.out_dims), min(c.token_chunk, n)
@@ -58,10 +63,10 @@ class MeSPEngine(StreamingEngine):
     def _shares_dequant(self):
         return self.compute.share_dequant and self.compute.path == "dequantize"
 
-    def block_backward(self, dy, x, w, lora):
+    def block_backward(self, dy, x, w, lora, spec):
         if self._shares_dequant():
             w = {k: prepared(v, self.compute) if isinstance(v, Frozen) else v for k, v in w.items()}
-        saved = block_forward(x, w, lora, self.scale, self.spec, save=True)
+        saved = block_forward(x, w, lora, self.scale, spec, save=True)
         if self.compute.sync_chunks:  # the recompute's temporaries are gone before the backward starts
             mx.eval(saved)
-        return block_backward(dy, x, saved, w, lora, self.scale, self.spec)
+        return block_backward(dy, x, saved, w, lora, self.scale, spec)

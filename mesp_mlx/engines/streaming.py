@@ -16,7 +16,7 @@ class StreamingEngine(Engine):
 
     def __init__(self, store, scale, compute=DEFAULT, checkpoints="memory", checkpoint_dtype=None):
         self.store, self.scale, self.compute = store, scale, compute
-        self.spec = store.args.block_spec(compute)
+        self.specs = store.args.block_specs(compute)  # one per block: windows and rope differ by layer
         Checkpoints(checkpoints)  # an unknown place is refused here, not at the first step
         self.checkpoints, self.checkpoint_dtype = checkpoints, checkpoint_dtype
 
@@ -27,21 +27,21 @@ class StreamingEngine(Engine):
         for i in range(self.store.num_layers):
             if i >= keep_from:
                 checkpoints[i] = x
-            x = block_forward(x, self.store.layer(i), params.get(i, {}), self.scale, self.spec)
+            x = block_forward(x, self.store.layer(i), params.get(i, {}), self.scale, self.specs[i])
             mx.eval(x)
         return x, checkpoints
 
     def head_loss(self, x, targets, mask, need_grad):
-        eps = self.store.args.rms_norm_eps
+        eps, offset = self.store.args.rms_norm_eps, self.store.args.norm_offset
         norm_w, head = self.store.final_norm(), self.store.head_rows()
         d = x.shape[-1]
-        h = rmsnorm_forward(x, norm_w, eps).reshape(-1, d)
+        h = rmsnorm_forward(x, norm_w, eps, offset).reshape(-1, d)
         t, m = targets.reshape(-1), mask.reshape(-1).astype(mx.float32)
         loss, lse = cross_entropy_forward(h, head, t, m, self.compute)
         if not need_grad:
             return loss, None
         dh = cross_entropy_backward(mx.array(1.0), h, head, t, m, lse, self.compute)
-        dx = rmsnorm_backward(dh.reshape(x.shape), x, norm_w, eps)
+        dx = rmsnorm_backward(dh.reshape(x.shape), x, norm_w, eps, offset)
         mx.eval(loss, dx)
         return loss, dx
 
@@ -58,7 +58,8 @@ class StreamingEngine(Engine):
         del x
         grads = {}
         for i in reversed(range(lowest, self.store.num_layers)):
-            dx, g = self.block_backward(dx, checkpoints.pop(i), self.store.layer(i), params.get(i, {}))
+            dx, g = self.block_backward(dx, checkpoints.pop(i), self.store.layer(i), params.get(i, {}),
+                                        self.specs[i])
             mx.eval(dx, g)
             if on_block is not None:
                 on_block(i, g)
@@ -66,6 +67,6 @@ class StreamingEngine(Engine):
                 grads[i] = g
         return loss, grads
 
-    def block_backward(self, dy, x, w, lora):
-        """-> (dx, {path: (dA, dB)}) of one block, given its checkpoint x."""
+    def block_backward(self, dy, x, w, lora, spec):
+        """-> (dx, {path: (dA, dB)}) of one block, given its checkpoint x and its spec."""
         raise NotImplementedError

@@ -4,6 +4,10 @@ Q4_0, Q4_1 and Q8_0 tensors are repacked losslessly into MLX's affine format wit
 gives for them); every other type is dequantized with the `gguf` package and re-quantized to MLX 4-bit, group 64.
 We read tensors one at a time from the memory-mapped file, so a conversion never holds the whole model, and every
 tensor the header lists is accounted for (`mx.load` silently drops some types).
+
+Architectures: llama (also what llama.cpp makes of Mistral), qwen2, qwen3 and gemma3. llama.cpp's Gemma 3 files
+name the pre-MLP norm `ffn_norm` (post_attention_layernorm in Llama files) and store every norm weight as 1 + w,
+the multiplier itself; we store w, as the Hugging Face checkpoint and mlx-lm's model have it.
 """
 import numpy as np
 
@@ -18,6 +22,12 @@ NAMES = {
     "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
 }
+# where an architecture's block tensors differ from the table above
+ARCH_NAMES = {"gemma3": {"ffn_norm": "pre_feedforward_layernorm", "post_attention_norm": "post_attention_layernorm",
+                         "post_ffw_norm": "post_feedforward_layernorm"}}
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3")
+# llama.cpp's fixed choices for Gemma 3 that its files do not record: five sliding layers in six, local RoPE base
+GEMMA3_PATTERN, GEMMA3_LOCAL_BASE = 6, 10000.0
 
 
 def _gguf():
@@ -45,17 +55,24 @@ def field(reader, key, default=None):
     return v
 
 
-def hf_name(gguf_name):
+def hf_name(gguf_name, arch="llama"):
     parts = gguf_name.split(".")
+    names = dict(NAMES, **ARCH_NAMES.get(arch, {}))
     if parts[0] == "blk":
-        return f"model.layers.{parts[1]}.{NAMES.get(parts[2], parts[2])}.{parts[3]}"
-    return f"{NAMES.get(parts[0], parts[0])}.{parts[1]}"
+        return f"model.layers.{parts[1]}.{names.get(parts[2], parts[2])}.{parts[3]}"
+    return f"{names.get(parts[0], parts[0])}.{parts[1]}"
+
+
+def norm_shift(reader):
+    """What llama.cpp added to the norm weights of this file's architecture (Gemma: 1)."""
+    return 1.0 if field(reader, "general.architecture") == "gemma3" else 0.0
 
 
 def config_from_gguf(reader, path):
     arch = field(reader, "general.architecture")
-    if arch not in ("llama", "qwen2", "qwen3"):
-        raise SourceError(f"{path}: GGUF architecture {arch!r} is not supported (supported: llama, qwen2, qwen3)")
+    if arch not in ARCHITECTURES:
+        raise SourceError(f"{path}: GGUF architecture {arch!r} is not supported (supported: "
+                          f"{', '.join(ARCHITECTURES)})")
     g = lambda k, d=None: field(reader, f"{arch}.{k}", d)
     tokens = field(reader, "tokenizer.ggml.tokens") or []
     names = {t.name for t in reader.tensors}
@@ -78,10 +95,27 @@ def config_from_gguf(reader, path):
     }
     if g("attention.key_length"):
         config["head_dim"] = g("attention.key_length")
+    if arch == "gemma3":
+        config.update(_gemma3_config(g, config))
     if None in config.values():
         missing = [k for k, v in config.items() if v is None]
         raise SourceError(f"{path}: GGUF metadata lacks {missing}")
     return config
+
+
+def _gemma3_config(g, config):
+    """The Gemma 3 fields of a gemma3 GGUF. llama.cpp scales attention by 1/sqrt(key_length), except for the 27B
+    model (62 blocks), whose query_pre_attn_scalar is hidden_size / heads."""
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    out = {"model_type": "gemma3_text", "head_dim": head_dim, "sliding_window": g("attention.sliding_window", 4096),
+           "sliding_window_pattern": GEMMA3_PATTERN, "rope_local_base_freq": GEMMA3_LOCAL_BASE,
+           "query_pre_attn_scalar": (config["hidden_size"] // config["num_attention_heads"]
+                                     if config["num_hidden_layers"] == 62 else head_dim),
+           "rope_traditional": False, "hidden_activation": "gelu_pytorch_tanh"}
+    kind, factor = g("rope.scaling.type"), g("rope.scaling.factor")
+    if kind and kind != "none":
+        out["rope_scaling"] = {"rope_type": kind, "factor": float(factor)}
+    return out
 
 
 def _pack(q, bits):
@@ -145,7 +179,8 @@ def read_tensor(tensor, path, quantize_to=(64, 4)):
 
 
 def gguf_tensors(reader, path):
-    """Yields (hf module path, tensor); checks the tensor count against the header first."""
+    """Yields (hf module path, tensor) in the file's architecture's naming; checks the tensor count against the
+    header first."""
     declared = field(reader, "GGUF.tensor_count")
     if declared is not None and int(declared) != len(reader.tensors):
         raise SourceError(f"{path}: header declares {declared} tensors but {len(reader.tensors)} were found "
@@ -153,4 +188,4 @@ def gguf_tensors(reader, path):
     for t in reader.tensors:
         if not t.name.endswith((".weight", ".bias")):
             raise SourceError(f"{path}: unexpected tensor {t.name}")
-        yield hf_name(t.name), t
+        yield hf_name(t.name, field(reader, "general.architecture")), t

@@ -121,7 +121,8 @@ def convert_hf_dir(path, out, quantize=(64, 4)):
         config = json.loads(config_file.read_text())
     except json.JSONDecodeError as e:
         raise SourceError(f"{config_file}: not valid JSON ({e})") from None
-    from ..models import model_args
+    from ..models import model_args, text_model
+    config, rename = text_model(config)  # a multimodal checkpoint's language model (Gemma 3), stored on its own
     args = model_args(config, where=str(config_file))
     files = sorted(glob.glob(str(path / "*.safetensors")))
     if not files:
@@ -132,7 +133,7 @@ def convert_hf_dir(path, out, quantize=(64, 4)):
             weights.update(mx.load(f))
         except Exception as e:
             raise SourceError(f"{f}: not a readable safetensors file ({e})") from None
-    weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
+    weights = {rename(k): v for k, v in weights.items() if "rotary_emb.inv_freq" not in k and rename(k)}
     if args.tie_word_embeddings:
         weights.pop("lm_head.weight", None)
     pre = config.get("quantization")
@@ -164,10 +165,11 @@ def convert_hf_dir(path, out, quantize=(64, 4)):
 
 
 def convert_gguf(path, out, quantize=(64, 4)):
-    from .gguf import config_from_gguf, gguf_tensors, open_gguf, read_tensor
+    from .gguf import config_from_gguf, gguf_tensors, norm_shift, open_gguf, read_tensor
     from .tokenizer import tokenizer_from_gguf
     reader = open_gguf(path)
     config = config_from_gguf(reader, path)
+    shift = norm_shift(reader)
     tensors, quants = {}, {}
     for name, t in gguf_tensors(reader, path):
         module, leaf = name.rsplit(".", 1)
@@ -176,6 +178,8 @@ def convert_gguf(path, out, quantize=(64, 4)):
             tensors[name] = arrays["weight"]
             continue
         arrays, quants[module] = read_tensor(t, path, quantize)
+        if shift and module.endswith("norm"):
+            arrays["weight"] = arrays["weight"] - shift
         tensors.update({f"{module}.{k}": v for k, v in arrays.items()})
         mx.eval(list(arrays.values()))
     write_store(out, config, tensors, quants)

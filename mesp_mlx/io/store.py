@@ -188,8 +188,10 @@ class WeightStore:
         return StoredRows(self, "model.embed_tokens" if self.args.tie_word_embeddings else "lm_head")
 
     def embed(self, ids, dtype=mx.float32):
-        """Embeddings of token ids in `dtype`, reading only the rows needed from the store."""
-        return StoredRows(self, "model.embed_tokens").gather(ids, dtype)
+        """Embeddings of token ids in `dtype` as the first block takes them (times the family's scale: Gemma's
+        sqrt(d)), reading only the rows needed from the store."""
+        x = StoredRows(self, "model.embed_tokens").gather(ids, dtype)
+        return x if self.args.embed_scale == 1.0 else x * self.args.embed_scale
 
     def final_norm(self):
         return self._load(EMBED_FILE)["model.norm.weight"]

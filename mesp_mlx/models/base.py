@@ -1,14 +1,18 @@
-"""What every supported architecture reduces to: dimensions, attention layout, norms, rope and tying.
+"""What every supported architecture reduces to: dimensions, attention layout, norms, rope, windows and tying.
 
 An architecture file turns a Hugging Face / mlx-lm `config.json` into `ModelArgs`; the block math is shared
-(`ops/block.py`) because Llama, Qwen2 and Qwen3 differ only in the switches held here.
+(`ops/block.py`) because the families differ only in the switches held here. Some switches vary by layer (Gemma 3's
+sliding-window layers with their own RoPE base, SmolLM3's layers without RoPE): `block_spec(compute, layer)` gives
+the spec of one block and `block_specs(compute)` those of all of them.
 """
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ..ops.block import BlockSpec
+from ..ops.block import FUSED_PROJECTIONS, PROJECTIONS, BlockSpec
 from ..ops.linear import DEFAULT
 from ..ops.rope import rope_spec
+
+SLIDING, FULL = "sliding_attention", "full_attention"
 
 
 @dataclass
@@ -29,6 +33,18 @@ class ModelArgs:
     attention_bias: bool = False
     qk_norm: bool = False
     max_position_embeddings: int = 4096
+    original_max_position_embeddings: Optional[int] = None  # LongRoPE's pre-extension length (Phi-3)
+    partial_rotary_factor: float = 1.0  # the share of each head's features RoPE rotates (Phi-4-mini: 0.75)
+    norm_offset: float = 0.0  # Gemma: norms multiply by 1 + w (the final norm too)
+    sandwich_norms: bool = False  # Gemma: post-attention and post-MLP norms
+    activation: str = "silu"
+    attn_scale: Optional[float] = None  # None: head_dim ** -0.5
+    embed_scale: float = 1.0  # Gemma: embeddings times sqrt(d), rounded as the reference rounds it
+    sliding_window: Optional[int] = None
+    layer_types: Optional[tuple] = None  # per layer SLIDING or FULL; None: all full
+    rope_local_theta: Optional[float] = None  # Gemma: RoPE base of the sliding layers (unscaled there)
+    rope_layers: Optional[tuple] = None  # per layer whether RoPE applies (SmolLM3); None: everywhere
+    fused_projections: bool = False  # Phi-3: qkv_proj and gate_up_proj
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -37,21 +53,56 @@ class ModelArgs:
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"{self.num_attention_heads} query heads do not group over "
                              f"{self.num_key_value_heads} key/value heads")
+        for name in ("layer_types", "rope_layers"):
+            per_layer = getattr(self, name)
+            if per_layer is not None and len(per_layer) != self.num_hidden_layers:
+                raise ValueError(f"{name} lists {len(per_layer)} layers, the model has {self.num_hidden_layers}")
+        if self.layer_types is not None and SLIDING in self.layer_types and not self.sliding_window:
+            raise ValueError("sliding_attention layers need a sliding_window")
 
-    def block_spec(self, compute=DEFAULT):
-        rope = rope_spec(self.head_dim, self.rope_theta, self.rope_traditional, self.rope_scaling,
-                         self.max_position_embeddings)
+    def sliding(self, layer):
+        return self.layer_types is not None and self.layer_types[layer] == SLIDING
+
+    def block_spec(self, compute=DEFAULT, layer=0):
+        """The spec of block `layer` (blocks differ in window and rope only)."""
+        dims = int(self.head_dim * self.partial_rotary_factor)
+        sliding = self.sliding(layer)
+        if self.rope_layers is not None and not self.rope_layers[layer]:
+            rope = None
+        elif sliding and self.rope_local_theta is not None:
+            rope = rope_spec(dims, self.rope_local_theta, self.rope_traditional)
+        else:
+            rope = rope_spec(dims, self.rope_theta, self.rope_traditional, self.rope_scaling,
+                             self.max_position_embeddings, self.original_max_position_embeddings)
         return BlockSpec(self.num_attention_heads, self.num_key_value_heads, self.head_dim, self.rms_norm_eps,
-                         rope, self.qk_norm, compute)
+                         rope, self.qk_norm, compute, norm_offset=self.norm_offset, sandwich=self.sandwich_norms,
+                         activation=self.activation, window=self.sliding_window if sliding else None,
+                         scale=self.attn_scale, fused=self.fused_projections)
+
+    def block_specs(self, compute=DEFAULT):
+        """One spec per block (the specs of equal blocks are shared)."""
+        cache = {}
+        out = []
+        for i in range(self.num_hidden_layers):
+            key = (self.sliding(i), self.rope_layers[i] if self.rope_layers is not None else True)
+            if key not in cache:
+                cache[key] = self.block_spec(compute, i)
+            out.append(cache[key])
+        return tuple(out)
+
+    def projections(self):
+        """The module paths a LoRA can adapt in each block, in mlx-lm's naming."""
+        return FUSED_PROJECTIONS if self.fused_projections else PROJECTIONS
 
     def projection_shapes(self):
         """(in, out) of each projection a LoRA can adapt."""
         d, f, hd = self.hidden_size, self.intermediate_size, self.head_dim
-        return {"self_attn.q_proj": (d, self.num_attention_heads * hd),
-                "self_attn.k_proj": (d, self.num_key_value_heads * hd),
-                "self_attn.v_proj": (d, self.num_key_value_heads * hd),
-                "self_attn.o_proj": (self.num_attention_heads * hd, d),
-                "mlp.gate_proj": (d, f), "mlp.up_proj": (d, f), "mlp.down_proj": (f, d)}
+        hq, hkv = self.num_attention_heads * hd, self.num_key_value_heads * hd
+        if self.fused_projections:
+            return {"self_attn.qkv_proj": (d, hq + 2 * hkv), "self_attn.o_proj": (hq, d),
+                    "mlp.gate_up_proj": (d, 2 * f), "mlp.down_proj": (f, d)}
+        return {"self_attn.q_proj": (d, hq), "self_attn.k_proj": (d, hkv), "self_attn.v_proj": (d, hkv),
+                "self_attn.o_proj": (hq, d), "mlp.gate_proj": (d, f), "mlp.up_proj": (d, f), "mlp.down_proj": (f, d)}
 
 
 def common(config, **kw):
@@ -71,3 +122,14 @@ def common(config, **kw):
         max_position_embeddings=config.get("max_position_embeddings", 4096),
         **kw,
     )
+
+
+def layer_types_from(config, n):
+    """Hugging Face's per-layer `layer_types` (mlx-lm's Llama reads it too), validated; None when absent."""
+    types = config.get("layer_types")
+    if types is None:
+        return None
+    bad = sorted(set(types) - {SLIDING, FULL})
+    if bad:
+        raise ValueError(f"layer_types {bad} are not supported (supported: {SLIDING}, {FULL})")
+    return tuple(types)

@@ -1,10 +1,14 @@
-"""Llama family (Llama 2/3.x, SmolLM2, TinyLlama): optional attention bias, optional tied head."""
-from .base import common
+"""Llama family (Llama 2/3.x, SmolLM2, TinyLlama): optional attention bias, optional tied head, and, as mlx-lm
+reads it, per-layer `layer_types` with a `sliding_window` for the sliding ones."""
+from .base import SLIDING, common, layer_types_from
 
 
 def model_args(config):
     if config.get("mlp_bias"):
         raise ValueError("llama models with mlp_bias are not supported")
+    types = layer_types_from(config, config["num_hidden_layers"])
     return common(config, head_dim=config.get("head_dim"),
                   tie_word_embeddings=config.get("tie_word_embeddings", True),
-                  attention_bias=config.get("attention_bias", False))
+                  attention_bias=config.get("attention_bias", False),
+                  sliding_window=config.get("sliding_window") if types and SLIDING in types else None,
+                  layer_types=types)

@@ -1,12 +1,17 @@
-"""Causal grouped-query attention, computed one block of queries at a time.
+"""Causal grouped-query attention, computed one block of queries at a time, optionally over a sliding window.
 
 q is (B, Hq, T, D); k and v are (B, Hkv, T, D) with Hq = G * Hkv. The forward returns the output o and the
 log-sum-exp of each query's scores; the backward recomputes each query block's probabilities from them
 (flash-attention style), so nothing of size T x T outlives one block of `chunk` queries. A shared k/v head's
 gradient is the sum over the G query heads that read it.
 
-    s = q k^T * scale + causal,  p = exp(s - lse),  o = p v
+    s = q k^T * scale + mask,  p = exp(s - lse),  o = p v
     dv = p^T do,  dp = do v^T,  ds = p (dp - rowsum(do * o)),  dq = ds k * scale,  dk = ds^T q * scale
+
+The mask is causal, and with a window W (Gemma 3's local layers, Mistral) query i also ignores keys j <= i - W.
+Those keys get p = 0 and contribute nothing to any sum above, so a query block [i0, i1) reads only keys
+[max(0, i0 - W + 1), i1): with W << T each block's tiles are chunk x (chunk + W) instead of chunk x T, in the
+forward and in the backward alike.
 """
 import mlx.core as mx
 
@@ -16,13 +21,19 @@ def _grouped(q, hkv):
     return q.reshape(b, hkv, hq // hkv, t, d)
 
 
-def _causal(i0, i1, kv_len):
+def _first_key(i0, window):
+    return 0 if window is None else max(0, i0 - window + 1)
+
+
+def visible(i0, i1, k0, k1, window=None):
+    """(i1 - i0, k1 - k0) booleans: which keys each query attends to."""
     qi = mx.arange(i0, i1)[:, None]
-    kj = mx.arange(kv_len)[None, :]
-    return kj <= qi
+    kj = mx.arange(k0, k1)[None, :]
+    mask = kj <= qi
+    return mask if window is None else mask & (qi - kj < window)
 
 
-def attention_forward(q, k, v, scale, chunk=256, sync=True):
+def attention_forward(q, k, v, scale, chunk=256, sync=True, window=None):
     """Returns (o, lse): o like q, lse (B, Hq, T) in fp32. sync: evaluate each query block as it is done."""
     b, hq, t, d = q.shape
     hkv = k.shape[1]
@@ -31,12 +42,13 @@ def attention_forward(q, k, v, scale, chunk=256, sync=True):
     outs, lses = [], []
     for i0 in range(0, t, chunk):
         i1 = min(t, i0 + chunk)
-        s = (qg[..., i0:i1, :] @ kk[..., :i1, :].swapaxes(-1, -2)) * scale
-        s = mx.where(_causal(i0, i1, i1), s, -mx.inf)
+        k0 = _first_key(i0, window)
+        s = (qg[..., i0:i1, :] @ kk[..., k0:i1, :].swapaxes(-1, -2)) * scale
+        s = mx.where(visible(i0, i1, k0, i1, window), s, -mx.inf)
         m = mx.max(s, axis=-1, keepdims=True)
         e = mx.exp(s - m)  # the only exp pass: exp is the costliest op on the CPU
         total = mx.sum(e, axis=-1, keepdims=True)
-        outs.append((e @ vv[..., :i1, :]) / total)
+        outs.append((e @ vv[..., k0:i1, :]) / total)
         lses.append((m + mx.log(total))[..., 0])
         if sync:
             mx.eval(outs[-1], lses[-1])  # one query block's scores alive at a time, not all of them
@@ -45,7 +57,7 @@ def attention_forward(q, k, v, scale, chunk=256, sync=True):
     return o.reshape(b, hq, t, d), lse.reshape(b, hq, t)
 
 
-def attention_backward(do, q, k, v, o, lse, scale, chunk=256, sync=True):
+def attention_backward(do, q, k, v, o, lse, scale, chunk=256, sync=True, window=None):
     """Returns (dq, dk, dv)."""
     b, hq, t, d = q.shape
     hkv = k.shape[1]
@@ -58,18 +70,19 @@ def attention_backward(do, q, k, v, o, lse, scale, chunk=256, sync=True):
     dqs = []
     for i0 in range(0, t, chunk):
         i1 = min(t, i0 + chunk)
+        k0 = _first_key(i0, window)
         qc, doc = qg[..., i0:i1, :], dog[..., i0:i1, :]
-        s = (qc @ kk[..., :i1, :].swapaxes(-1, -2)) * scale
-        p = mx.where(_causal(i0, i1, i1), mx.exp(s - lseg[..., i0:i1, :]), 0.0)
-        dp = doc @ vv[..., :i1, :].swapaxes(-1, -2)
+        s = (qc @ kk[..., k0:i1, :].swapaxes(-1, -2)) * scale
+        p = mx.where(visible(i0, i1, k0, i1, window), mx.exp(s - lseg[..., i0:i1, :]), 0.0)
+        dp = doc @ vv[..., k0:i1, :].swapaxes(-1, -2)
         ds = p * (dp - delta[..., i0:i1, :]) * scale
-        dqs.append(ds @ kk[..., :i1, :])
+        dqs.append(ds @ kk[..., k0:i1, :])
         dv_c = mx.sum(p.swapaxes(-1, -2) @ doc, axis=2)
         dk_c = mx.sum(ds.swapaxes(-1, -2) @ qc, axis=2)
-        if i1 == t:
+        if k0 == 0 and i1 == t:
             dv, dk = dv + dv_c, dk + dk_c
         else:
-            pad = [(0, 0), (0, 0), (0, t - i1), (0, 0)]
+            pad = [(0, 0), (0, 0), (k0, t - i1), (0, 0)]
             dv, dk = dv + mx.pad(dv_c, pad), dk + mx.pad(dk_c, pad)
         if sync:
             mx.eval(dqs[-1], dk, dv)

@@ -1,28 +1,39 @@
-"""One transformer block (Llama / Qwen2 / Qwen3), forward and structured backward.
+"""One transformer block, forward and structured backward, for every supported family through the switches of
+`BlockSpec` (Llama / Mistral / SmolLM3 / Qwen2 / Qwen3 / Phi-3 / Gemma 3).
 
-    z1 = RMSNorm1(x);  q,k,v = LoRA-linears(z1) (+bias);  [Qwen3: q,k = RMSNorm(q), RMSNorm(k) per head]
-    q,k = RoPE(q), RoPE(k);  o = attention(q, k, v);  a = x + o_proj(o)
-    z2 = RMSNorm2(a);  g, u = gate(z2), up(z2);  y = a + down(silu(g) * u)
+    z1 = N_in(x);  q,k,v = LoRA-linears(z1) (+bias) [Phi-3: one fused qkv_proj, split];
+    [Qwen3, Gemma 3: q,k = N_q(q), N_k(k) per head];  q,k = RoPE(q), RoPE(k) [not on SmolLM3's NoPE layers];
+    o = attention(q, k, v) [causal; Gemma 3's local layers, Mistral: over a sliding window];  r = o_proj(o)
+    a = x + r                  [Gemma 3 ("sandwich"): a = x + N_post_attn(r)]
+    z2 = N_mlp(a);  g, u = gate(z2), up(z2) [Phi-3: one fused gate_up_proj, split];  m = down(f(g) * u)
+    y = a + m                  [Gemma 3: y = a + N_post_ff(m)]
+N are RMSNorms (Gemma: multiplier 1 + w), f is SiLU or GELU(tanh). N_mlp is post_attention_layernorm in the Llama
+naming and pre_feedforward_layernorm in Gemma's, where post_attention_layernorm normalises the attention output.
 
 `block_forward(..., save=True)` also returns what the backward needs, hand-picked: z1, z2 (inputs of the LoRA
 projections), the roped q and k, v, the attention output o and its per-query lse, the residual a, and the MLP's
-g and u. Per token that is 4d + (Hq + 2 Hkv) D [+ (Hq + Hkv) D pre-norm q/k for Qwen3] + Hq + 2f floats; nothing
-of size T x T (attention recomputes its probabilities per query block) and silu(g)*u is recomputed. The block input x
-is the checkpoint and is owned by the caller.
+g and u; with q/k norms the pre-norm q and k; with sandwich norms r (the post-attention norm's input). Per token that
+is 4d + (Hq + 2 Hkv) D + Hq + 2f floats [+ (Hq + Hkv) D with q/k norms, + d with sandwich norms]; nothing of size
+T x T (attention recomputes its probabilities per query block); f(g)*u is recomputed, and with sandwich norms so is m
+(one more down-projection product per MLP token block, instead of keeping B*T*d). The block input x is the
+checkpoint and is owned by the caller.
 """
 from dataclasses import dataclass
+from typing import Optional
 
 import mlx.core as mx
 
-from .attention import attention_backward, attention_forward
+from .attention import attention_backward, attention_forward, visible
 from .linear import DEFAULT, Compute
 from .lora_linear import lora_linear_backward, lora_linear_forward
-from .mlp import swiglu_backward, swiglu_forward
+from .mlp import gated_act_and_backward, gated_forward
 from .rmsnorm import rmsnorm_backward, rmsnorm_forward
 from .rope import Rope, rope_backward, rope_forward
 
+# the adaptable projections, in the two layouts (mlx-lm's module paths, so adapters interchange)
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+FUSED_PROJECTIONS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
 
 
 @dataclass(frozen=True)
@@ -31,14 +42,20 @@ class BlockSpec:
     n_kv_heads: int
     head_dim: int
     eps: float
-    rope: Rope
+    rope: Optional[Rope]  # None: no position rotation in this block (SmolLM3's NoPE layers)
     qk_norm: bool = False
     compute: Compute = DEFAULT  # dtype, matmul path, attention and MLP chunk sizes
     sdpa: bool = True  # MLX's fused attention where only the output is needed (save=False)
+    norm_offset: float = 0.0  # Gemma: every norm multiplies by 1 + w
+    sandwich: bool = False  # Gemma: norms on the attention and MLP outputs too, before the residual adds
+    activation: str = "silu"  # the MLP gate: silu or gelu_tanh
+    window: Optional[int] = None  # sliding-window attention: each query sees its `window` latest keys
+    scale: Optional[float] = None  # attention scale; default head_dim ** -0.5 (Gemma: query_pre_attn_scalar)
+    fused: bool = False  # Phi-3: fused qkv_proj and gate_up_proj
 
     @property
     def attn_scale(self):
-        return self.head_dim ** -0.5
+        return self.head_dim ** -0.5 if self.scale is None else self.scale
 
     @property
     def attn_chunk(self):
@@ -47,6 +64,14 @@ class BlockSpec:
     @property
     def mlp_chunk(self):
         return self.compute.mlp_chunk
+
+    @property
+    def mlp_norm(self):
+        return "pre_feedforward_layernorm" if self.sandwich else "post_attention_layernorm"
+
+    @property
+    def projections(self):
+        return FUSED_PROJECTIONS if self.fused else PROJECTIONS
 
 
 def _lora(lora, name):
@@ -70,42 +95,65 @@ def _by_tokens(fn, t, chunk):
     return mx.concatenate([fn(t0, min(t, t0 + chunk)) for t0 in range(0, t, chunk)], axis=1)
 
 
+def _qkv(z1, proj, spec):
+    """q, k, v in (B, H, T, D) layout, from three projections or one fused one (q rows, then k, then v)."""
+    if spec.fused:
+        nq, nk = spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim
+        q, k, v = mx.split(proj("self_attn.qkv_proj", z1), [nq, nq + nk], axis=-1)
+    else:
+        q, k, v = proj("self_attn.q_proj", z1), proj("self_attn.k_proj", z1), proj("self_attn.v_proj", z1)
+    return _heads(q, spec.n_heads), _heads(k, spec.n_kv_heads), _heads(v, spec.n_kv_heads)
+
+
+def _gate_up(z, proj, spec):
+    if spec.fused:  # gate rows first, then up
+        return mx.split(proj("mlp.gate_up_proj", z), 2, axis=-1)
+    return proj("mlp.gate_proj", z), proj("mlp.up_proj", z)
+
+
 def block_forward(x, w, lora, scale, spec: BlockSpec, save=False):
     """w: the block's frozen weights by module path; lora: {path: (A, B)} for the adapted projections."""
-    z1 = rmsnorm_forward(x, w["input_layernorm"], spec.eps)
+    norm = lambda inp, name: rmsnorm_forward(inp, w[name], spec.eps, spec.norm_offset)
     proj = lambda name, inp: lora_linear_forward(inp, w[name], *_lora(lora, name), scale, spec.compute)
-    q = _heads(proj("self_attn.q_proj", z1), spec.n_heads)
-    k = _heads(proj("self_attn.k_proj", z1), spec.n_kv_heads)
-    v = _heads(proj("self_attn.v_proj", z1), spec.n_kv_heads)
+    z1 = norm(x, "input_layernorm")
+    q, k, v = _qkv(z1, proj, spec)
     q_pre, k_pre = q, k
     if spec.qk_norm:
-        q = rmsnorm_forward(q, w["self_attn.q_norm"], spec.eps)
-        k = rmsnorm_forward(k, w["self_attn.k_norm"], spec.eps)
-    q, k = rope_forward(q, spec.rope), rope_forward(k, spec.rope)
-    if spec.sdpa and not save and (q.shape[2] <= spec.attn_chunk or mx.default_device() != mx.cpu):
+        q, k = norm(q, "self_attn.q_norm"), norm(k, "self_attn.k_norm")
+    if spec.rope is not None:
+        q, k = rope_forward(q, spec.rope), rope_forward(k, spec.rope)
+    t = q.shape[2]
+    if spec.sdpa and not save and (t <= spec.attn_chunk or mx.default_device() != mx.cpu):
         # MLX's CPU fallback materialises all T x T scores; past one query block the chunked form is used there
-        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=spec.attn_scale, mask="causal")
+        mask = "causal" if spec.window is None or t <= spec.window else visible(0, t, 0, t, spec.window)
+        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=spec.attn_scale, mask=mask)
     else:
-        o, lse = attention_forward(q, k, v, spec.attn_scale, spec.attn_chunk, spec.compute.sync_chunks)
+        o, lse = attention_forward(q, k, v, spec.attn_scale, spec.attn_chunk, spec.compute.sync_chunks,
+                                   spec.window)
     o = _merge(o)
-    a = x + proj("self_attn.o_proj", o)
-    z2 = rmsnorm_forward(a, w["post_attention_layernorm"], spec.eps)
+    r = proj("self_attn.o_proj", o)
+    a = x + (norm(r, "post_attention_layernorm") if spec.sandwich else r)
+    z2 = norm(a, spec.mlp_norm)
     if not save:
         def mlp(t0, t1):
-            zc = z2[:, t0:t1]
-            return proj("mlp.down_proj", swiglu_forward(proj("mlp.gate_proj", zc), proj("mlp.up_proj", zc)))
+            g, u = _gate_up(z2[:, t0:t1], proj, spec)
+            m = proj("mlp.down_proj", gated_forward(spec.activation, g, u))
+            return norm(m, "post_feedforward_layernorm") if spec.sandwich else m
         return a + _by_tokens(mlp, a.shape[1], spec.mlp_chunk)
-    g, u = proj("mlp.gate_proj", z2), proj("mlp.up_proj", z2)
+    g, u = _gate_up(z2, proj, spec)
     # the backward never needs y: the recompute stops before the down projection
     saved = dict(z1=z1, q=q, k=k, v=v, o=o, lse=lse, a=a, z2=z2, g=g, u=u)
     if spec.qk_norm:
         saved.update(q_pre=q_pre, k_pre=k_pre)
+    if spec.sandwich:
+        saved.update(r=r)
     return saved
 
 
 def block_backward(dy, x, saved, w, lora, scale, spec: BlockSpec):
     """Returns (dx, grads) with grads {path: (dA, dB)}. Consumes `saved`: each intermediate is dropped once used."""
     grads = {}
+    norm_back = lambda d, inp, name: rmsnorm_backward(d, inp, w[name], spec.eps, spec.norm_offset)
 
     def back(name, d_out, inp):
         dx, da, db = lora_linear_backward(d_out, inp, w[name], *_lora(lora, name), scale, spec.compute)
@@ -118,11 +166,17 @@ def block_backward(dy, x, saved, w, lora, scale, spec: BlockSpec):
 
     def mlp_backward(t0, t1):
         gc, uc, zc, dyc = g[:, t0:t1], u[:, t0:t1], z2[:, t0:t1], dy[:, t0:t1]
-        sig = mx.sigmoid(gc)
-        dact = back("mlp.down_proj", dyc, gc * sig * uc)
-        dg, du = swiglu_backward(dact, gc, uc, sig)
-        dz2 = back("mlp.gate_proj", dg, zc) + back("mlp.up_proj", du, zc)
-        out = dyc + rmsnorm_backward(dz2, a[:, t0:t1], w["post_attention_layernorm"], spec.eps)
+        act, gate_backward = gated_act_and_backward(spec.activation, gc, uc)
+        dm = dyc
+        if spec.sandwich:  # dm = N_post_ff'(m)^T dy, with m = down(act) recomputed
+            m = lora_linear_forward(act, w["mlp.down_proj"], *_lora(lora, "mlp.down_proj"), scale, spec.compute)
+            dm = norm_back(dyc, m, "post_feedforward_layernorm")
+        dg, du = gate_backward(back("mlp.down_proj", dm, act))
+        if spec.fused:
+            dz2 = back("mlp.gate_up_proj", mx.concatenate([dg, du], axis=-1), zc)
+        else:
+            dz2 = back("mlp.gate_proj", dg, zc) + back("mlp.up_proj", du, zc)
+        out = dyc + norm_back(dz2, a[:, t0:t1], spec.mlp_norm)
         if spec.compute.sync_chunks:
             mx.eval(out, grads)
         return out
@@ -133,18 +187,23 @@ def block_backward(dy, x, saved, w, lora, scale, spec: BlockSpec):
         mx.eval(da)
 
     # attention
+    dr = norm_back(da, saved.pop("r"), "post_attention_layernorm") if spec.sandwich else da
     o = saved.pop("o")
-    do = _heads(back("self_attn.o_proj", da, o), spec.n_heads)
+    do = _heads(back("self_attn.o_proj", dr, o), spec.n_heads)
     q, k, v = saved.pop("q"), saved.pop("k"), saved.pop("v")
     dq, dk, dv = attention_backward(do, q, k, v, _heads(o, spec.n_heads), saved.pop("lse"),
-                                    spec.attn_scale, spec.attn_chunk, spec.compute.sync_chunks)
-    del o, do, q, k, v
-    dq, dk = rope_backward(dq, spec.rope), rope_backward(dk, spec.rope)
+                                    spec.attn_scale, spec.attn_chunk, spec.compute.sync_chunks, spec.window)
+    del o, do, q, k, v, dr
+    if spec.rope is not None:
+        dq, dk = rope_backward(dq, spec.rope), rope_backward(dk, spec.rope)
     if spec.qk_norm:
-        dq = rmsnorm_backward(dq, saved.pop("q_pre"), w["self_attn.q_norm"], spec.eps)
-        dk = rmsnorm_backward(dk, saved.pop("k_pre"), w["self_attn.k_norm"], spec.eps)
+        dq = norm_back(dq, saved.pop("q_pre"), "self_attn.q_norm")
+        dk = norm_back(dk, saved.pop("k_pre"), "self_attn.k_norm")
     z1 = saved.pop("z1")
-    dz1 = (back("self_attn.q_proj", _merge(dq), z1) + back("self_attn.k_proj", _merge(dk), z1)
-           + back("self_attn.v_proj", _merge(dv), z1))
-    dx = da + rmsnorm_backward(dz1, x, w["input_layernorm"], spec.eps)
+    if spec.fused:
+        dz1 = back("self_attn.qkv_proj", mx.concatenate([_merge(dq), _merge(dk), _merge(dv)], axis=-1), z1)
+    else:
+        dz1 = (back("self_attn.q_proj", _merge(dq), z1) + back("self_attn.k_proj", _merge(dk), z1)
+               + back("self_attn.v_proj", _merge(dv), z1))
+    dx = da + norm_back(dz1, x, "input_layernorm")
     return dx, grads

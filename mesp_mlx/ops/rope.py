@@ -1,9 +1,12 @@
-"""Rotary position embedding, both layouts ("traditional" interleaved pairs, or split halves).
+"""Rotary position embedding, both layouts ("traditional" interleaved pairs, or split halves), over the first `dims`
+features of each head (partial rotary: Phi-4-mini rotates 3/4 of them; the rest pass through unchanged).
 
 RoPE is a rotation by angle pos * scale / freq for each pair, so its backward is the inverse rotation: the same
 kernel with the frequencies negated, in the same layout. Leaving it out (as the reference MeSP code did) makes q/k
-gradients inexact.
+gradients inexact. LongRoPE (Phi-3 / Phi-4-mini) also multiplies the rotated features by a constant `mscale` before
+rotating; a constant factor's backward is the same factor, applied after the inverse rotation.
 """
+import math
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -15,13 +18,18 @@ class Rope:
     traditional: bool
     freqs: mx.array  # wavelength per rotated pair, as mx.fast.rope takes it
     scale: float = 1.0
+    mscale: float = 1.0  # LongRoPE's attention factor on the rotated features
 
 
-def rope_spec(dims, base, traditional=False, scaling=None, max_position_embeddings=None):
-    """The rotation for a model config, covering the rope types of the supported families (default, linear, llama3)."""
+ROPE_TYPES = ("default", "linear", "llama3", "longrope", "su")
+
+
+def rope_spec(dims, base, traditional=False, scaling=None, max_position_embeddings=None,
+              original_max_position_embeddings=None):
+    """The rotation for a model config, covering the rope types of the supported families."""
     freqs = base ** (mx.arange(0, dims, 2, dtype=mx.float32) / dims)
     kind = (scaling or {}).get("rope_type") or (scaling or {}).get("type") or "default"
-    scale = 1.0
+    scale, mscale = 1.0, 1.0
     if kind == "linear":
         scale = 1.0 / scaling["factor"]
     elif kind == "llama3":
@@ -33,16 +41,33 @@ def rope_spec(dims, base, traditional=False, scaling=None, max_position_embeddin
         medium = (wavelens > old_len / high) & (wavelens < old_len / low)
         smooth = (old_len / wavelens - low) / (high - low)
         freqs = mx.where(medium, freqs / ((1 - smooth) / factor + smooth), freqs)
+    elif kind in ("longrope", "su"):
+        # mlx-lm's reading (what an adapter trained here is used with): the long factors at every length, and the
+        # attention factor sqrt(1 + ln(s) / ln(original length)) for s = max / original length when s > 1.
+        # (Hugging Face switches to the short factors below the original length.)
+        long_factor = scaling["long_factor"]
+        if isinstance(long_factor, list) and len(long_factor) != dims // 2:
+            raise ValueError(f"rope_scaling long_factor has {len(long_factor)} entries, expected {dims // 2}")
+        freqs = mx.array(long_factor, dtype=mx.float32) * freqs
+        original = original_max_position_embeddings or 4096
+        factor = (max_position_embeddings or original) / original
+        mscale = scaling.get("long_mscale") or (1.0 if factor <= 1.0 else
+                                                math.sqrt(1 + math.log(factor) / math.log(original)))
     elif kind != "default":
-        raise ValueError(f"unsupported rope scaling type {kind!r} (supported: default, linear, llama3)")
-    return Rope(dims, traditional, freqs, scale)
+        raise ValueError(f"unsupported rope scaling type {kind!r} (supported: {', '.join(ROPE_TYPES)})")
+    return Rope(dims, traditional, freqs, scale, mscale)
 
 
 def rope_forward(x, rope: Rope):
+    if rope.mscale != 1.0:
+        x = x.at[..., :rope.dims].multiply(rope.mscale)
     return mx.fast.rope(x, rope.dims, traditional=rope.traditional, base=None, scale=rope.scale,
                         offset=0, freqs=rope.freqs)
 
 
 def rope_backward(dy, rope: Rope):
-    return mx.fast.rope(dy, rope.dims, traditional=rope.traditional, base=None, scale=rope.scale,
-                        offset=0, freqs=-rope.freqs)
+    dx = mx.fast.rope(dy, rope.dims, traditional=rope.traditional, base=None, scale=rope.scale,
+                      offset=0, freqs=-rope.freqs)
+    if rope.mscale != 1.0:
+        dx = dx.at[..., :rope.dims].multiply(rope.mscale)
+    return dx
