@@ -2,12 +2,12 @@
 import mlx.core as mx
 import pytest
 
-from helpers import EXACT, assert_close
+from helpers import EXACT, assert_close, rel_err
 from mesp_mlx.ops.attention import attention_backward, attention_forward
 from mesp_mlx.ops.block import BlockSpec, block_backward, block_forward
 from mesp_mlx.ops.linear import Compute, Frozen
 from mesp_mlx.ops.lora_linear import LoRALinear, lora_linear, lora_linear_backward, lora_linear_forward
-from mesp_mlx.ops.loss import cross_entropy_backward, cross_entropy_forward
+from mesp_mlx.ops.loss import cross_entropy_backward, cross_entropy_forward, cross_entropy_forward_backward
 from mesp_mlx.ops.mlp import geglu_backward, geglu_forward, swiglu_backward, swiglu_forward
 from mesp_mlx.ops.rmsnorm import rmsnorm_backward, rmsnorm_forward
 from mesp_mlx.ops.rope import rope_backward, rope_forward, rope_spec
@@ -77,6 +77,11 @@ LONGROPE = {"type": "longrope", "long_factor": [1.0, 1.5, 2.0, 3.0, 5.0, 8.0], "
                                           (12, LONGROPE)])  # partial, with LongRoPE's attention factor
 def test_rope(traditional, dims, scaling):
     rope = rope_spec(dims, 10000.0, traditional, scaling, 256, 64)
+    with mx.stream(mx.cpu):  # float64 (CPU only) takes the written-out rotation: the same map as MLX's kernel
+        x64, dy64 = R(2, 3, 11, 16).astype(mx.float64), R(2, 3, 11, 16).astype(mx.float64)
+        assert_close(rope_forward(x64, rope), rope_forward(x64.astype(mx.float32), rope).astype(mx.float64))
+        ref = vjp(lambda x: rope_forward(x, rope), [x64], dy64)[0]
+        assert rel_err(rope_backward(dy64, rope), ref) < 1e-12
     x, dy = R(2, 3, 11, 16), R(2, 3, 11, 16)
     ref = vjp(lambda x: rope_forward(x, rope), [x], dy)[0]
     assert_close(rope_backward(dy, rope), ref)
@@ -152,6 +157,10 @@ def test_cross_entropy(tchunk, vchunk, quant):
     ref_loss, ref_dh = mx.value_and_grad(plain)(h)
     assert abs(loss.item() - ref_loss.item()) <= EXACT * abs(ref_loss.item())
     assert_close(cross_entropy_backward(mx.array(1.0), h, head, t, m, lse, compute), ref_dh)
+    # the one-pass form: the same loss and gradient, with the softmax-weighted rows accumulated under a running max
+    fused_loss, fused_dh = cross_entropy_forward_backward(h, head, t, m, compute)
+    assert abs(fused_loss.item() - ref_loss.item()) <= EXACT * abs(ref_loss.item())
+    assert_close(fused_dh, ref_dh)
 
 
 @pytest.mark.parametrize("qk_norm,bias,hq,hkv", [(False, False, 4, 4), (False, True, 6, 2), (True, False, 7, 1)])  # GQA 1, 3, 7

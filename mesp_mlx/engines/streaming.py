@@ -5,7 +5,7 @@ import mlx.core as mx
 
 from ..ops.block import block_forward
 from ..ops.linear import DEFAULT
-from ..ops.loss import cross_entropy_backward, cross_entropy_forward
+from ..ops.loss import cross_entropy_forward, cross_entropy_forward_backward
 from ..ops.rmsnorm import rmsnorm_backward, rmsnorm_forward
 from .base import Engine
 from .checkpoints import Checkpoints
@@ -37,10 +37,9 @@ class StreamingEngine(Engine):
         d = x.shape[-1]
         h = rmsnorm_forward(x, norm_w, eps, offset).reshape(-1, d)
         t, m = targets.reshape(-1), mask.reshape(-1).astype(mx.float32)
-        loss, lse = cross_entropy_forward(h, head, t, m, self.compute)
         if not need_grad:
-            return loss, None
-        dh = cross_entropy_backward(mx.array(1.0), h, head, t, m, lse, self.compute)
+            return cross_entropy_forward(h, head, t, m, self.compute)[0], None
+        loss, dh = cross_entropy_forward_backward(h, head, t, m, self.compute)
         dx = rmsnorm_backward(dh.reshape(x.shape), x, norm_w, eps, offset)
         mx.eval(loss, dx)
         return loss, dx
