@@ -21,7 +21,7 @@ KNOWN_PROJECTIONS = PROJECTIONS + tuple(p for p in FUSED_PROJECTIONS if p not in
 class LoRAConfig:
     rank: int = 8
     scale: float = 20.0
-    keys: tuple = None  # None: every projection of the model
+    keys: tuple = PROJECTIONS  # the default, all seven, means every projection of the model's own layout
     num_layers: int = -1  # -1: all blocks
     dropout: float = 0.0
 
@@ -48,7 +48,7 @@ def init_lora(args, cfg: LoRAConfig, seed=0):
     key = mx.random.key(seed)
     shapes = args.projection_shapes()
     params = {}
-    keys = cfg.keys or args.projections()
+    keys = args.projections() if not cfg.keys or tuple(cfg.keys) == PROJECTIONS else cfg.keys
     unknown = [p for p in keys if p not in shapes]
     if unknown:
         raise ValueError(f"{args.model_type} models have no projection {', '.join(unknown)} (they have "

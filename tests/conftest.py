@@ -61,7 +61,8 @@ def tiny_weights(config, seed=0):
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}."
         if kind == "phi3":  # fused: q, k, v rows in one matrix; gate, up rows in another
-            out.update({p + "self_attn.qkv_proj.weight": w(hq + 2 * hkv, d), p + "mlp.gate_up_proj.weight": w(2 * f, d)})
+            out.update({p + "self_attn.qkv_proj.weight": w(hq + 2 * hkv, d),
+                        p + "mlp.gate_up_proj.weight": w(2 * f, d)})
         else:
             out.update({p + "self_attn.q_proj.weight": w(hq, d), p + "self_attn.k_proj.weight": w(hkv, d),
                         p + "self_attn.v_proj.weight": w(hkv, d), p + "mlp.gate_proj.weight": w(f, d),

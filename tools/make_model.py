@@ -47,6 +47,13 @@ _QWEN3 = dict(model_type="qwen3", rms_norm_eps=1e-6, rope_theta=1000000.0, tie_w
 _SMOLLM2 = dict(model_type="llama", rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True,
                 vocab_size=49152, max_position_embeddings=8192, hidden_act="silu", attention_bias=False,
                 mlp_bias=False)
+# google/gemma-3-1b-it (model_type gemma3_text): 1+w norms, sandwich norms, q/k norms, GELU(tanh), 5 local layers
+# (window 512, RoPE base 10000) per global one (base 1e6), head_dim 256 with 4 query heads and 1 key/value head
+_GEMMA3 = dict(model_type="gemma3_text", rms_norm_eps=1e-6, rope_theta=1000000.0, rope_local_base_freq=10000.0,
+               tie_word_embeddings=True, vocab_size=262144, max_position_embeddings=32768, head_dim=256,
+               query_pre_attn_scalar=256, sliding_window=512, sliding_window_pattern=6, rope_scaling=None,
+               hidden_activation="gelu_pytorch_tanh", attention_bias=False, final_logit_softcapping=None,
+               attn_logit_softcapping=None)
 PRESETS = {
     # Qwen/Qwen2.5-{0.5B,1.5B,3B}: q/k/v biases (model_type qwen2 always has them), tied head
     "qwen2.5-0.5b": dict(_QWEN2, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
@@ -70,6 +77,8 @@ PRESETS = {
                          num_attention_heads=9, num_key_value_heads=3),
     "smollm2-360m": dict(_SMOLLM2, hidden_size=960, intermediate_size=2560, num_hidden_layers=32,
                          num_attention_heads=15, num_key_value_heads=5),
+    "gemma3-1b": dict(_GEMMA3, hidden_size=1152, intermediate_size=6912, num_hidden_layers=26,
+                      num_attention_heads=4, num_key_value_heads=1),
 }
 
 
@@ -78,7 +87,7 @@ def preset_config(preset, layers=None, vocab=None):
         raise SystemExit(f"unknown preset {preset!r} (presets: {', '.join(PRESETS)})")
     config = dict(PRESETS[preset])
     config["architectures"] = [{"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                                "llama": "LlamaForCausalLM"}[config["model_type"]]]
+                                "llama": "LlamaForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}[config["model_type"]]]
     if layers is not None:
         config["num_hidden_layers"] = layers
     if vocab is not None:
@@ -88,11 +97,14 @@ def preset_config(preset, layers=None, vocab=None):
 
 
 def tensor_shapes(config):
-    """[(name, shape, kind)] of every weight, kind "q" (quantized), "norm" (ones) or "bias" (kept as is)."""
+    """[(name, shape, kind)] of every weight, kind "q" (quantized), "norm" (multiplier 1: ones, or zeros where the
+    family stores multiplier - 1, as Gemma does) or "bias" (kept as is)."""
     d, f, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
     hd = config.get("head_dim") or d // config["num_attention_heads"]
     hq, hkv = config["num_attention_heads"] * hd, config["num_key_value_heads"] * hd
-    out = [("model.embed_tokens", (v, d), "q"), ("model.norm.weight", (d,), "norm")]
+    gemma = config["model_type"] == "gemma3_text"
+    norm = "norm0" if gemma else "norm"
+    out = [("model.embed_tokens", (v, d), "q"), ("model.norm.weight", (d,), norm)]
     if not config["tie_word_embeddings"]:
         out.append(("lm_head", (v, d), "q"))
     for i in range(config["num_hidden_layers"]):
@@ -101,12 +113,15 @@ def tensor_shapes(config):
                 (p + "self_attn.v_proj", (hkv, d), "q"), (p + "self_attn.o_proj", (d, hq), "q"),
                 (p + "mlp.gate_proj", (f, d), "q"), (p + "mlp.up_proj", (f, d), "q"),
                 (p + "mlp.down_proj", (d, f), "q"),
-                (p + "input_layernorm.weight", (d,), "norm"), (p + "post_attention_layernorm.weight", (d,), "norm")]
+                (p + "input_layernorm.weight", (d,), norm), (p + "post_attention_layernorm.weight", (d,), norm)]
         if config["model_type"] == "qwen2" or config.get("attention_bias"):
             out += [(p + "self_attn.q_proj.bias", (hq,), "bias"), (p + "self_attn.k_proj.bias", (hkv,), "bias"),
                     (p + "self_attn.v_proj.bias", (hkv,), "bias")]
-        if config["model_type"] == "qwen3":
-            out += [(p + "self_attn.q_norm.weight", (hd,), "norm"), (p + "self_attn.k_norm.weight", (hd,), "norm")]
+        if config["model_type"] == "qwen3" or gemma:
+            out += [(p + "self_attn.q_norm.weight", (hd,), norm), (p + "self_attn.k_norm.weight", (hd,), norm)]
+        if gemma:
+            out += [(p + "pre_feedforward_layernorm.weight", (d,), norm),
+                    (p + "post_feedforward_layernorm.weight", (d,), norm)]
     return out
 
 
@@ -122,8 +137,8 @@ def _key(seed, name, block):
 
 def make_tensor(name, shape, kind, seed, dtype):
     """{full name: array} for one weight, quantized a block of rows at a time when kind == "q"."""
-    if kind == "norm":
-        return {name: mx.ones(shape, dtype=dtype)}
+    if kind in ("norm", "norm0"):
+        return {name: (mx.ones if kind == "norm" else mx.zeros)(shape, dtype=dtype)}
     if kind == "bias":
         return {name: (0.02 * mx.random.normal(shape, key=_key(seed, name, 0))).astype(dtype)}
     rows, cols = shape

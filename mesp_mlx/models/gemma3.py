@@ -28,6 +28,8 @@ def text_config(config):
     text.setdefault("num_key_value_heads", 4)
     text["vocab_size"] = config.get("vocab_size", 262208)
     text["model_type"] = "gemma3_text"
+    if "quantization" in config:  # an mlx-lm quantized checkpoint: its group size and bits hold for the text model
+        text["quantization"] = config["quantization"]
     return text
 
 

@@ -58,16 +58,38 @@ def rope_spec(dims, base, traditional=False, scaling=None, max_position_embeddin
     return Rope(dims, traditional, freqs, scale, mscale)
 
 
+def _rotate(x, rope: Rope, sign):
+    """The rotation written out, for float64: MLX's fused kernel forms its angles in fp32 (~1e-7 relative), which
+    would hide a wrong term in the fp64 exactness checks. Angle of pair j at position p: p * scale / freqs[j]."""
+    d, half = rope.dims, rope.dims // 2
+    pos = mx.arange(x.shape[-2], dtype=x.dtype)[:, None] * rope.scale
+    theta = sign * pos / rope.freqs.astype(x.dtype)[None, :]
+    c, s = mx.cos(theta), mx.sin(theta)
+    xr = x[..., :d]
+    if rope.traditional:  # interleaved pairs (x0, x1), (x2, x3), ...
+        x1, x2 = xr[..., 0::2], xr[..., 1::2]
+        out = mx.stack([x1 * c - x2 * s, x1 * s + x2 * c], axis=-1).reshape(xr.shape)
+    else:  # split halves (x_j, x_{j + d/2})
+        x1, x2 = xr[..., :half], xr[..., half:]
+        out = mx.concatenate([x1 * c - x2 * s, x1 * s + x2 * c], axis=-1)
+    return out if d == x.shape[-1] else mx.concatenate([out, x[..., d:]], axis=-1)
+
+
 def rope_forward(x, rope: Rope):
     if rope.mscale != 1.0:
         x = x.at[..., :rope.dims].multiply(rope.mscale)
+    if x.dtype == mx.float64:
+        return _rotate(x, rope, 1.0)
     return mx.fast.rope(x, rope.dims, traditional=rope.traditional, base=None, scale=rope.scale,
                         offset=0, freqs=rope.freqs)
 
 
 def rope_backward(dy, rope: Rope):
-    dx = mx.fast.rope(dy, rope.dims, traditional=rope.traditional, base=None, scale=rope.scale,
-                      offset=0, freqs=-rope.freqs)
+    if dy.dtype == mx.float64:
+        dx = _rotate(dy, rope, -1.0)
+    else:
+        dx = mx.fast.rope(dy, rope.dims, traditional=rope.traditional, base=None, scale=rope.scale,
+                          offset=0, freqs=-rope.freqs)
     if rope.mscale != 1.0:
         dx = dx.at[..., :rope.dims].multiply(rope.mscale)
     return dx
