@@ -16,7 +16,7 @@ from .lora import from_flat, to_flat
 # settings a checkpoint's numbers depend on: resuming with other values would not continue the same run
 RESUME_KEYS = ("model", "data", "method", "rank", "scale", "keys", "num_layers", "batch_size", "max_seq_length",
                "mask_prompt", "optimizer", "lr_schedule", "seed", "grad_accumulation_steps", "mezo_eps", "dtype",
-               "warmup", "optimizer_config")
+               "warmup", "optimizer_config", "hf_dataset", "skip_bad_rows")
 
 
 class Checkpointer:
@@ -41,7 +41,7 @@ class Checkpointer:
         if self.group.rank == 0:
             try:
                 got = self._read(params)
-            except (SourceError, ConfigError) as e:
+            except Exception as e:  # any failure is announced to the group before it is raised, or they would hang
                 error = e
         if self.group.size == 1:
             if error:
@@ -62,7 +62,10 @@ class Checkpointer:
         got = load_resume(self.out)
         if got is None:
             return None
-        ckpt_params, _, state = got
+        ckpt_params, opt_state, state = got
+        if "engine" not in state:  # written before engines kept their own state: MeZO's counter was at the top
+            state["engine"] = {"mezo_calls": state.get("mezo_calls", 0)}
+            got = (ckpt_params, opt_state, state)
         now = self.settings()
         changed = [f"{k} {v!r} (now {now[k]!r})" for k, v in state["config"].items() if now.get(k) != v]
         if changed:
@@ -76,9 +79,11 @@ class Checkpointer:
         send = self.group.send_from_first
         flat = to_flat(params)
         params = from_flat({k: send(flat[k]) for k in sorted(flat)})  # the same order in every process
+        def send_exact(x):  # integers (the step count) travel as int64; floats as they are
+            return send(x.astype(mx.int64)).astype(x.dtype) if mx.issubdtype(x.dtype, mx.integer) else send(x)
+
         opt_state = {k: ({s: send(opt_state[k][s]) for s in sorted(opt_state[k])} if isinstance(opt_state[k], dict)
-                         else send(opt_state[k].astype(mx.int64)).astype(opt_state[k].dtype))
-                     for k in sorted(opt_state)}
+                         else send_exact(opt_state[k])) for k in sorted(opt_state)}
         nums = send(mx.array([state["step"], state["position"]] + [state["engine"].get(k, 0) for k in engine_keys]))
         nums = [int(x) for x in nums.tolist()]
         return params, opt_state, {"step": nums[0], "position": nums[1], "engine": dict(zip(engine_keys, nums[2:]))}

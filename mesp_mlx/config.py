@@ -43,8 +43,8 @@ class TrainConfig:
     num_layers: int = opt(-1, "adapt the last N blocks (-1: all)")
     max_seq_length: int = opt(256, "longer rows are truncated (with a count)")
     learning_rate: float = opt(1e-4, "learning rate")
-    optimizer: str = opt("adamw", "optimizer (mezo: applied to its SPSA estimate; sgd is MeZO's own update)",
-                         tuple(OPTIMIZERS))
+    optimizer: str = opt(None, "optimizer (default: adamw; for mezo sgd, MeZO's own update on its SPSA estimate, "
+                               "while adam/adamw give MeZO-Adam)", tuple(OPTIMIZERS))
     lr_schedule: str = opt("constant", "learning-rate schedule after the warmup", LR_SCHEDULES)
     warmup: int = opt(0, "steps of linear warmup from 0 to the learning rate")
     optimizer_config: dict = opt(None, "optimizer settings as YAML/JSON text or file (betas, eps, weight_decay, "
@@ -81,12 +81,27 @@ class TrainConfig:
                                  "test_split, text/prompt/completion/chat_feature, config), or a list of them")
 
     def validate(self):
+        for f in dataclasses.fields(self):  # recipes can give any YAML type: check them like the flags' parsers
+            v = getattr(self, f.name)
+            if v is None or f.type in (dict, list):
+                continue
+            if f.type is float and isinstance(v, int) and not isinstance(v, bool):
+                setattr(self, f.name, float(v))
+            elif not isinstance(v, f.type) or (f.type is int and isinstance(v, bool)):
+                raise ConfigError(f"{f.name} must be {f.type.__name__}, got {v!r}")
+        if self.optimizer is None:
+            self.optimizer = "sgd" if self.method == "mezo" else "adamw"
         checks = [(self.rank > 0, "rank must be > 0"), (self.learning_rate > 0, "learning_rate must be > 0"),
                   (self.batch_size > 0, "batch_size must be > 0"),
                   (self.iters > 0 or self.epochs > 0, "iters must be > 0"),
                   (self.max_seq_length > 1, "max_seq_length must be > 1"),
                   (self.grad_accumulation_steps > 0, "grad_accumulation_steps must be > 0"),
                   (self.warmup >= 0, "warmup must be >= 0"),
+                  (self.num_layers == -1 or self.num_layers > 0, "num_layers must be > 0 (or -1: all)"),
+                  (self.steps_per_report > 0, "steps_per_report must be > 0"),
+                  (self.steps_per_eval > 0, "steps_per_eval must be > 0"),
+                  (self.save_every > 0, "save_every must be > 0"), (self.mezo_eps > 0, "mezo_eps must be > 0"),
+                  (self.val_batches != 0, "val_batches must be > 0 (or -1: all)"),
                   (self.memory_budget is None or self.method == "mesp",
                    "--memory-budget plans MeSP's step; use it with --method mesp")]
         for f in dataclasses.fields(self):

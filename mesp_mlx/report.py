@@ -25,6 +25,13 @@ def rss_mb():
     return r / (1024 * 1024) if sys.platform == "darwin" else r / 1024
 
 
+def _iter(line):
+    try:
+        return json.loads(line)["iter"]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 class WandbTracker:
     """--report-to wandb: every metrics record also goes to a Weights & Biases run, offline unless WANDB_MODE says
     otherwise (`wandb sync` uploads it later). wandb is an optional package, never required."""
@@ -34,8 +41,8 @@ class WandbTracker:
             import wandb
         except ImportError:
             raise ConfigError("--report-to wandb needs the wandb package: pip install wandb") from None
-        os.environ.setdefault("WANDB_MODE", "offline")
-        self.run = wandb.init(project=project, config=config, dir=str(out))
+        self.run = wandb.init(project=project, config=config, dir=str(out),
+                              mode=os.environ.get("WANDB_MODE", "offline"))
 
     def log(self, rec):
         self.run.log({k: v for k, v in rec.items() if k != "iter"}, step=rec["iter"])
@@ -61,8 +68,11 @@ class Reporter:
     def forget_after(self, step):
         """Drops what a stopped run logged after the checkpoint it is resumed from."""
         if self.first and self.metrics_path.exists():
-            keep = [ln for ln in self.metrics_path.read_text().splitlines() if ln and json.loads(ln)["iter"] <= step]
-            self.metrics_path.write_text("".join(ln + "\n" for ln in keep))
+            keep = [ln for ln in self.metrics_path.read_text().splitlines() if _iter(ln) is not None
+                    and _iter(ln) <= step]  # a line cut short by a kill is dropped too
+            tmp = self.metrics_path.with_name(".metrics.jsonl.tmp")
+            tmp.write_text("".join(ln + "\n" for ln in keep))
+            os.replace(tmp, self.metrics_path)
 
     def __enter__(self):
         from tqdm import tqdm

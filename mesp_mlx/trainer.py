@@ -87,7 +87,7 @@ class Trainer:
         self.engine = make_engine(c.method, self.store, c.scale, **settings)
         # the update goes into the backward, block by block, whenever that is the same step (no accumulation)
         self.fused = c.fused_update and self.engine.fuses_update and c.grad_accumulation_steps == 1
-        per_epoch = math.ceil(len(self.data["train"]) / c.batch_size)
+        per_epoch = math.ceil(len(self.data["train"]) / (c.batch_size * self.group.size))
         self.steps = c.iters if c.epochs <= 0 else math.ceil(c.epochs * per_epoch / c.grad_accumulation_steps)
         self.lr = learning_rate_schedule(c.learning_rate, c.lr_schedule, c.warmup, self.steps)
         self.opt = OPTIMIZERS[c.optimizer](learning_rate=self.lr, **c.optimizer_config)
@@ -217,8 +217,7 @@ class Trainer:
         if not os.access(out, os.W_OK):
             raise ConfigError(f"{out}: adapter directory is not writable")
         first = self.group.rank == 0
-        tracker = make_tracker(c.report_to, c.project_name, dataclasses.asdict(c), out) if first and c.train else None
-        checkpointer, reporter = Checkpointer(out, c, self.group), Reporter(out, self.log, first, tracker)
+        checkpointer, reporter = Checkpointer(out, c, self.group), Reporter(out, self.log, first)
         if c.resume:
             self.resume(checkpointer, reporter)
         elif (out / RESUME_FILE).exists():
@@ -238,6 +237,8 @@ class Trainer:
             return self.params
         if c.sample_prompt and self.step_no == 0:
             self.log(f"Before: {c.sample_prompt!r} -> {self.sample(False)!r}")
+        if first and c.report_to != "none":  # after the resume: a refused resume leaves no tracker run behind
+            reporter.tracker = make_tracker(c.report_to, c.project_name, dataclasses.asdict(c), out)
         old_handlers = self._catch_signals()
         old_limit = mx.set_memory_limit(self.memory_limit) if self.memory_limit else None
         try:
@@ -266,23 +267,33 @@ class Trainer:
         with reporter:
             reporter.start(self.steps, self.step_no)
             while self.step_no < self.steps:
-                ts = time.perf_counter()
+                ts, lr = time.perf_counter(), self.current_lr()  # the rate this step applies
                 loss, tokens = self.step()
                 step = self.step_no = self.step_no + 1
                 if not math.isfinite(loss):
                     raise FloatingPointError(
                         f"loss became {loss} at step {step}; the last good checkpoint is in {checkpointer.out}. "
                         f"Continue from it with --resume and a lower --learning-rate (now {c.learning_rate:g})")
-                reporter.step(step, loss, tokens, time.perf_counter() - ts, self.current_lr(),
+                reporter.step(step, loss, tokens, time.perf_counter() - ts, lr,
                               report=step % c.steps_per_report == 0 or step == self.steps)
                 if step % c.steps_per_eval == 0 or step == self.steps:
                     tv = time.perf_counter()
                     val = self.evaluate()
                     if val is not None:
                         reporter.validation(step, val, time.perf_counter() - tv)
-                numbered = step % c.save_every == 0
-                if numbered or step == self.steps or self.stop_signal is not None:
+                numbered, stop = step % c.save_every == 0, self.stop_requested()
+                if numbered or step == self.steps or stop:
                     self.save(checkpointer, numbered)
                     reporter.saved(step)
                 if self.stop_signal is not None:
                     break
+
+    def stop_requested(self):
+        """Whether to stop after this step: in a group, when any process was signalled, so that all stop on the same
+        step (one process leaving alone would leave the others waiting in the next all-reduce)."""
+        stop = self.stop_signal is not None
+        if self.group.size > 1:
+            stop = self.group.sum(mx.array(int(stop))).item() > 0
+            if stop and self.stop_signal is None:
+                self.stop_signal = signal.SIGTERM
+        return stop

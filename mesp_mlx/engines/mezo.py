@@ -27,19 +27,22 @@ class MeZOEngine(StreamingEngine):
     def load_state(self, state):
         self.calls = state.get("mezo_calls", 0)
 
-    def _z(self, seed, params, block=None):
-        """The direction of `seed` (or only its part for `block`: the keys are drawn in the same order)."""
-        key = mx.random.key(seed)
-        out = {}
+    @staticmethod
+    def _keys(seed, params):
+        """{block: {path: (key of z_A, key of z_B)}}: the same chain of splits for every use of a seed."""
+        key, out = mx.random.key(seed), {}
         for i in sorted(params):
-            if block is None or i == block:
-                out[i] = {}
             for p in sorted(params[i]):
                 key, ka, kb = mx.random.split(key, 3)
-                if block is None or i == block:
-                    a, b = params[i][p]
-                    out[i][p] = (mx.random.normal(a.shape, key=ka), mx.random.normal(b.shape, key=kb))
+                out.setdefault(i, {})[p] = (ka, kb)
         return out
+
+    def _z(self, seed, params, keys=None, block=None):
+        """The direction of `seed`, or only its part for `block`."""
+        keys = keys or self._keys(seed, params)
+        return {i: {p: (mx.random.normal(params[i][p][0].shape, key=ka), mx.random.normal(params[i][p][1].shape,
+                                                                                         key=kb))
+                    for p, (ka, kb) in keys[i].items()} for i in keys if block is None or i == block}
 
     def _shift(self, params, seed, alpha):
         z = self._z(seed, params)
@@ -75,10 +78,11 @@ class MeZOEngine(StreamingEngine):
 
     def train_step(self, params, batch, update, reduce):
         proj, loss = self._projections(params, batch, reduce)
+        keys = {seed: self._keys(seed, params) for seed, _ in proj}
         for i in sorted(params, reverse=True):
             est = None
             for seed, c in proj:
-                z = self._z(seed, params, block=i)[i]
+                z = self._z(seed, params, keys[seed], block=i)[i]
                 term = {p: (c * za / len(proj), c * zb / len(proj)) for p, (za, zb) in z.items()}
                 est = term if est is None else {p: (est[p][0] + t[0], est[p][1] + t[1]) for p, t in term.items()}
             update(i, est)
