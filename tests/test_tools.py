@@ -50,7 +50,7 @@ def test_bench_memory_loss_check():
     cpu, gpu = "Device(cpu, 0)", "Device(gpu, 0)"
     row = lambda method, loss, device=cpu, **kw: dict(model="m", seq=256, rank=8, engine_kw="{}", method=method,
                                                       loss=loss, device=device, peak_mb=1.0, s_per_step=1.0, **kw)
-    rows = [row("mesp", 10.0), row("mebp", 10.0005), row("autodiff", 10.003), row("mezo", float("nan")),
+    rows = [row("mesp", 10.0), row("mebp", 10.005), row("autodiff", 10.02), row("mezo", float("nan")),  # 5e-4 ok, 2e-3 not
             row("mesp@quantized", 10.0 * (1 + 2e-4)),
             row("mlx-lm", 10.2, act_dtype="bfloat16", same_data=True),  # 2e-2: bf16 rounding (bound 3.1e-2)
             row("mlx-lm", 10.2, act_dtype="float32", same_data=True),  # the same gap in fp32 is a wrong answer
