@@ -22,13 +22,13 @@ def parser():
 def main(argv=None):
     from .blas import ensure_fast_blas
     ensure_fast_blas()
-    from .io import SourceError
+    from .errors import MespError
     from .io.adapter_formats import export_adapter
     a = parser().parse_args(argv)
     try:
         quantize = (a.q_group_size, a.q_bits) if a.quantize else None
         out, lines = export_adapter(a.adapter_path, a.format, a.out, a.model, a.dtype, quantize)
-    except (SourceError, ValueError) as e:  # mx.quantize's own errors (bad bits / group) are ValueErrors
+    except (MespError, ValueError) as e:  # mx.quantize's own errors (bad bits / group) are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..lora import LoRAConfig, from_flat, resolve_keys, to_flat
 from . import SourceError
-from .adapters import atomic_save_safetensors
+from .adapters import atomic_directory, atomic_save_safetensors
 from .gguf import NAMES as GGUF_TO_HF
 from .store import EMBED_FILE, STORE_MARK, layer_file
 
@@ -375,14 +375,17 @@ def export_adapter(adapter_dir, fmt="mlx-lm", out=None, model=None, dtype="float
     store = load_model(model)
     params, lora = read_adapter_dir(adapter_dir, store)
     out = Path(out) if out else adapter_dir / DEFAULT_OUT[fmt]
-    if fmt == "mlx-lm":
-        lines = [export_mlx_lm(adapter_dir, out, lora)]
-    elif fmt == "peft":
-        lines = [export_peft(params, lora, store, out)]
-    elif fmt == "gguf":
-        lines = [export_gguf(params, lora, store, out)]
-    else:
-        lines = [export_fused(params, lora, store, out, dtype, quantize)[0]]
+    if fmt == "gguf":  # one file, itself written beside its target and renamed
+        return out, [export_gguf(params, lora, store, out)]
+    if fmt == "mlx-lm" and out.resolve() == adapter_dir.resolve():
+        return out, [export_mlx_lm(adapter_dir, out, lora)]
+    with atomic_directory(out) as tmp:  # a folder appears whole or not at all
+        if fmt == "mlx-lm":
+            lines = [export_mlx_lm(adapter_dir, tmp, lora)]
+        elif fmt == "peft":
+            lines = [export_peft(params, lora, store, tmp)]
+        else:
+            lines = [export_fused(params, lora, store, tmp, dtype, quantize)[0]]
     return out, lines
 
 

@@ -2,6 +2,9 @@
 half-written adapter in place of a good one."""
 import json
 import os
+import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlx.core as mx
@@ -22,6 +25,31 @@ def atomic_save_safetensors(path, arrays, metadata=None):
         tmp.unlink(missing_ok=True)
         raise SourceError(f"{path}: could not write it ({getattr(e, 'strerror', None) or e}); "
                           "the previous file, if any, is intact") from None
+
+
+@contextmanager
+def atomic_directory(out):
+    """Yields a temporary directory beside `out`; when the block succeeds it replaces `out` (an interrupted or failed
+    export leaves the previous directory as it was, never a mix of old and new files)."""
+    out = Path(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as e:
+        raise SourceError(f"{out}: cannot create it ({e.strerror or e})") from None
+    try:
+        yield tmp
+        old = out.with_name(f".{out.name}.old-{os.getpid()}") if out.exists() else None
+        if old:
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    except (OSError, RuntimeError) as e:  # MLX reports a failed save (full disk) as a RuntimeError
+        raise SourceError(f"{out}: could not write it ({e.strerror or e}); the previous one, if any, is intact") \
+            from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_adapter(out_dir, params, lora_cfg, model_path, step=None):
