@@ -42,6 +42,8 @@ class TrainConfig:
     batch_size: int = opt(1, "rows per step (per process in data-parallel runs: the group's batch is W times it)")
     num_layers: int = opt(-1, "adapt the last N blocks (-1: all)")
     max_seq_length: int = opt(256, "longer rows are truncated (with a count)")
+    pack: bool = opt(False, "pack short rows together into rows of max_seq_length positions (attention and "
+                            "positions stay within each row: the same gradient, fewer and fuller batches)")
     learning_rate: float = opt(1e-4, "learning rate")
     optimizer: str = opt(None, "optimizer (default: adamw; for mezo sgd, MeZO's own update on its SPSA estimate, "
                                "while adam/adamw give MeZO-Adam)", tuple(OPTIMIZERS))

@@ -6,7 +6,10 @@ count in the loss. A directory without jsonl files is read as a source tree: eve
 chunked to max_seq_length, and a deterministic tenth of the files (at least one) is held out as the validation
 split. `python-stdlib:<package>` names a package folder of the running Python's standard library (real source
 every machine has, used by the "learn my code" recipe).
-Batches group rows of similar length (sorted, then chunked, then shuffled), right-padded.
+Batches group rows of similar length (sorted, then chunked, then shuffled), right-padded. With packing (--pack),
+short rows share a batch row of up to max_seq_length positions (first-fit over the epoch's shuffled order): each
+row keeps its own (input, target) pairs, so no target ever crosses rows, and `segments` tells the model which row
+each position belongs to (attention stays inside it, positions restart at its start).
 """
 import json
 import random
@@ -228,17 +231,56 @@ def load_datasets(tokenizer, data, max_seq_length, mask_prompt, skip_bad=False, 
     return out
 
 
-def epoch_groups(dataset, batch_size, seed, epoch):
-    """Length-grouped batches of example indices for one epoch, in a deterministic order given (seed, epoch)."""
-    order = sorted(range(len(dataset)), key=lambda i: len(dataset.examples[i][0]))
-    groups = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
-    random.Random(seed * 100_003 + epoch).shuffle(groups)
+def pack_rows(lengths, capacity):
+    """First-fit: indices into `lengths` (in the order given) -> bins, lists of indices whose lengths sum to at most
+    `capacity`; an item longer than that gets a bin of its own. Bins that cannot take the shortest item any more are
+    closed, so a pass costs about (items x bins still open)."""
+    bins, room, open_ = [], [], []
+    shortest = min(lengths, default=0)
+    for i, n in enumerate(lengths):
+        for j in open_:
+            if room[j] >= n:
+                bins[j].append(i)
+                room[j] -= n
+                break
+        else:
+            j = len(bins)
+            bins.append([i])
+            room.append(capacity - n)
+            open_.append(j)
+        if room[j] < shortest:
+            open_.remove(j)
+    return bins
+
+
+def epoch_groups(dataset, batch_size, seed, epoch, pack=0):
+    """Length-grouped batches for one epoch, in a deterministic order given (seed, epoch): lists of example indices,
+    or with pack = L > 0 lists of packed rows, each a list of example indices with at most L (input, target) pairs
+    in all (first-fit over the epoch's shuffled order of the examples)."""
+    rng = random.Random(seed * 100_003 + epoch)
+    pairs = lambda i: len(dataset.examples[i][0]) - 1
+    if pack:
+        order = list(range(len(dataset)))
+        rng.shuffle(order)
+        items = [[order[k] for k in b] for b in pack_rows([pairs(i) for i in order], pack)]
+        items.sort(key=lambda b: sum(pairs(i) for i in b))
+    else:
+        items = sorted(range(len(dataset)), key=pairs)
+    groups = [items[i: i + batch_size] for i in range(0, len(items), batch_size)]
+    rng.shuffle(groups)
     return groups
 
 
-def batches(dataset, batch_size, seed, epoch):
-    for g in epoch_groups(dataset, batch_size, seed, epoch):
-        yield collate([dataset.examples[i] for i in g])
+def make_batch(dataset, items, packed=False):
+    """A batch from epoch_groups' items: example indices, or (packed) lists of them."""
+    if packed:
+        return collate_packed([[dataset.examples[i] for i in b] for b in items])
+    return collate([dataset.examples[i] for i in items])
+
+
+def batches(dataset, batch_size, seed, epoch, pack=0):
+    for g in epoch_groups(dataset, batch_size, seed, epoch, pack):
+        yield make_batch(dataset, g, bool(pack))
 
 
 def collate(examples):
@@ -252,3 +294,24 @@ def collate(examples):
         inputs[r, :n], targets[r, :n] = ids[:-1], ids[1:]
         mask[r, max(start - 1, 0):n] = 1.0
     return mx.array(inputs), mx.array(targets), mx.array(mask)
+
+
+def collate_packed(rows):
+    """rows: lists of examples, each list one batch row -> (inputs, targets, mask, segments), right-padded to the
+    longest. Each example contributes its own (input, target) pairs and mask, as in `collate`; segments[r, t] is
+    the index of the example that position t of row r belongs to (padding: one more segment after the last)."""
+    t = max(sum(len(ids) - 1 for ids, _ in row) for row in rows)
+    inputs = np.zeros((len(rows), t), np.int32)
+    targets = np.zeros((len(rows), t), np.int32)
+    mask = np.zeros((len(rows), t), np.float32)
+    segments = np.zeros((len(rows), t), np.int32)
+    for r, row in enumerate(rows):
+        c = 0
+        for k, (ids, start) in enumerate(row):
+            n = len(ids) - 1
+            inputs[r, c:c + n], targets[r, c:c + n] = ids[:-1], ids[1:]
+            mask[r, c + max(start - 1, 0):c + n] = 1.0
+            segments[r, c:c + n] = k
+            c += n
+        segments[r, c:] = len(row)
+    return mx.array(inputs), mx.array(targets), mx.array(mask), mx.array(segments)

@@ -22,7 +22,7 @@ from .blas import blas_status
 from .checkpointer import Checkpointer
 from .config import OPTIMIZERS, TrainConfig, parse_bytes
 from .cursor import DataCursor
-from .data import batches, load_datasets
+from .data import batches, epoch_groups, load_datasets
 from .distributed import Group
 from .engines import make_engine
 from .errors import ConfigError
@@ -79,6 +79,8 @@ class Trainer:
         if c.memory_budget:
             self.memory_limit = parse_bytes(c.memory_budget)
             longest = max(len(ids) - 1 for ids, _ in self.data["train"].examples)
+            if c.pack:  # packed rows fill up to max_seq_length
+                longest = min(c.max_seq_length, sum(len(ids) - 1 for ids, _ in self.data["train"].examples))
             settings, peak = plan_for_budget(self.store, c.scale, c.batch_size, longest, self.params, c.optimizer,
                                              c.fused_update, self.memory_limit, self.compute)
             self.log(f"[mesp-mlx] memory budget {self.memory_limit / 1e6:.0f} MB: {settings}, predicted peak "
@@ -88,12 +90,16 @@ class Trainer:
         # the update goes into the backward, block by block, whenever that is the same step (no accumulation)
         self.fused = c.fused_update and self.engine.fuses_update and c.grad_accumulation_steps == 1
         per_epoch = math.ceil(len(self.data["train"]) / (c.batch_size * self.group.size))
+        self.pack = c.max_seq_length if c.pack else 0
+        if self.pack:  # batches of packed rows: as many as the first epoch packs into
+            per_epoch = len(epoch_groups(self.data["train"], c.batch_size * self.group.size, c.seed, 0, self.pack))
         self.steps = c.iters if c.epochs <= 0 else math.ceil(c.epochs * per_epoch / c.grad_accumulation_steps)
         self.lr = learning_rate_schedule(c.learning_rate, c.lr_schedule, c.warmup, self.steps)
         self.opt = OPTIMIZERS[c.optimizer](learning_rate=self.lr, **c.optimizer_config)
         self.opt.init(to_flat(self.params))
         self.step_no = 0
-        self.cursor = DataCursor(self.data["train"], c.batch_size, c.seed, self.group.rank, self.group.size)
+        self.cursor = DataCursor(self.data["train"], c.batch_size, c.seed, self.group.rank, self.group.size,
+                                 self.pack)
 
     def current_lr(self):
         return float(self.lr(mx.array(self.step_no)) if callable(self.lr) else self.lr)
@@ -105,7 +111,7 @@ class Trainer:
             return None
         max_batches = self.cfg.val_batches if max_batches is None else max_batches
         total, count = 0.0, 0.0
-        for k, batch in enumerate(batches(data, self.cfg.batch_size, 0, 0)):
+        for k, batch in enumerate(batches(data, self.cfg.batch_size, 0, 0, self.pack)):
             if 0 <= max_batches <= k:
                 break
             ntok = batch[2].sum().item()

@@ -7,7 +7,7 @@ import mlx.core as mx
 from ..lora import from_flat, to_flat
 from ..model import reference_loss
 from ..ops.linear import DEFAULT
-from .base import Engine
+from .base import Engine, segments_of
 
 
 class AutodiffEngine(Engine):
@@ -18,11 +18,13 @@ class AutodiffEngine(Engine):
         self.layers = [store.layer(i) for i in range(store.num_layers)]
 
     def loss(self, params, batch):
-        return reference_loss(self.store, *batch, params, self.scale, self.specs, self.layers)
+        return reference_loss(self.store, *batch[:3], params, self.scale, self.specs, self.layers,
+                              segments=segments_of(batch))
 
     def loss_and_grad(self, params, batch, on_block=None):
         def fn(flat):
-            return reference_loss(self.store, *batch, from_flat(flat), self.scale, self.specs, self.layers)
+            return reference_loss(self.store, *batch[:3], from_flat(flat), self.scale, self.specs, self.layers,
+                                  segments=segments_of(batch))
 
         loss, g = mx.value_and_grad(fn)(to_flat(params))
         mx.eval(loss, g)

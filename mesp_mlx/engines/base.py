@@ -9,8 +9,14 @@
         applies the optimizer to block i. First-order engines update each block inside the backward.
     fuses_update    whether train_step updates blocks during the backward (so whole gradients never exist)
     state() / load_state(state)    the engine's own resumable state (JSON-able)
-A batch is (inputs, targets, mask) of shape (B, T), mask 1.0 where a target token counts.
+A batch is (inputs, targets, mask) of shape (B, T), mask 1.0 where a target token counts; a batch of packed rows
+(--pack) has a 4th element, segments (B, T): which packed row each position belongs to.
 """
+
+
+def segments_of(batch):
+    """A packed batch's segment ids, or None for a plain batch."""
+    return batch[3] if len(batch) > 3 else None
 
 
 class Engine:

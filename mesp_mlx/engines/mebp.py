@@ -18,12 +18,12 @@ class MeBPEngine(StreamingEngine):
         mx.eval(loss, dx)
         return loss, dx
 
-    def block_backward(self, dy, x, w, lora, spec):
+    def block_backward(self, dy, x, w, lora, spec, segments=None, positions=None):
         paths = sorted(lora)
 
         def fn(x, *flat):
             pairs = {p: (flat[2 * j], flat[2 * j + 1]) for j, p in enumerate(paths)}
-            return block_forward(x, w, pairs, self.scale, spec)
+            return block_forward(x, w, pairs, self.scale, spec, segments=segments, positions=positions)
 
         primals = [x] + [t for p in paths for t in lora[p]]
         _, cots = mx.vjp(fn, primals, [dy])

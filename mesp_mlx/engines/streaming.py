@@ -3,11 +3,11 @@ keeps block checkpoints, the chunked head loss, and a backward that walks the bl
 block's gradients out as they exist (the fused update and the data-parallel all-reduce hook in there)."""
 import mlx.core as mx
 
-from ..ops.block import block_forward
+from ..ops.block import block_forward, packing
 from ..ops.linear import DEFAULT
 from ..ops.loss import cross_entropy_forward, cross_entropy_forward_backward
 from ..ops.rmsnorm import rmsnorm_backward, rmsnorm_forward
-from .base import Engine
+from .base import Engine, segments_of
 from .checkpoints import Checkpoints
 
 
@@ -20,14 +20,15 @@ class StreamingEngine(Engine):
         Checkpoints(checkpoints)  # an unknown place is refused here, not at the first step
         self.checkpoints, self.checkpoint_dtype = checkpoints, checkpoint_dtype
 
-    def forward(self, params, inputs, keep_from):
-        """Runs the blocks, keeping the inputs of blocks >= keep_from. Returns (final hidden, checkpoints)."""
+    def forward(self, params, inputs, keep_from, packed=None):
+        """Runs the blocks, keeping the inputs of blocks >= keep_from. Returns (final hidden, checkpoints).
+        packed: a packed batch's block arguments (ops.block.packing)."""
         x = self.store.embed(inputs, self.compute.dtype)
         checkpoints = Checkpoints(self.checkpoints, self.checkpoint_dtype)
         for i in range(self.store.num_layers):
             if i >= keep_from:
                 checkpoints[i] = x
-            x = block_forward(x, self.store.layer(i), params.get(i, {}), self.scale, self.specs[i])
+            x = block_forward(x, self.store.layer(i), params.get(i, {}), self.scale, self.specs[i], **(packed or {}))
             mx.eval(x)
         return x, checkpoints
 
@@ -45,20 +46,21 @@ class StreamingEngine(Engine):
         return loss, dx
 
     def loss(self, params, batch):
-        inputs, targets, mask = batch
-        x, _ = self.forward(params, inputs, keep_from=self.store.num_layers)
+        inputs, targets, mask = batch[:3]
+        x, _ = self.forward(params, inputs, keep_from=self.store.num_layers, packed=packing(segments_of(batch)))
         return self.head_loss(x, targets, mask, need_grad=False)[0]
 
     def loss_and_grad(self, params, batch, on_block=None):
-        inputs, targets, mask = batch
+        inputs, targets, mask = batch[:3]
+        packed = packing(segments_of(batch))
         lowest = min(params) if params else self.store.num_layers
-        x, checkpoints = self.forward(params, inputs, keep_from=lowest)
+        x, checkpoints = self.forward(params, inputs, keep_from=lowest, packed=packed)
         loss, dx = self.head_loss(x, targets, mask, need_grad=True)
         del x
         grads = {}
         for i in reversed(range(lowest, self.store.num_layers)):
             dx, g = self.block_backward(dx, checkpoints.pop(i), self.store.layer(i), params.get(i, {}),
-                                        self.specs[i])
+                                        self.specs[i], **packed)
             mx.eval(dx, g)
             if on_block is not None:
                 on_block(i, g)
@@ -66,6 +68,7 @@ class StreamingEngine(Engine):
                 grads[i] = g
         return loss, grads
 
-    def block_backward(self, dy, x, w, lora, spec):
-        """-> (dx, {path: (dA, dB)}) of one block, given its checkpoint x and its spec."""
+    def block_backward(self, dy, x, w, lora, spec, segments=None, positions=None):
+        """-> (dx, {path: (dA, dB)}) of one block, given its checkpoint x and its spec; segments, positions: a packed
+        batch's (ops.block.packing)."""
         raise NotImplementedError

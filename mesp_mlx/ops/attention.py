@@ -12,6 +12,10 @@ The mask is causal, and with a window W (Gemma 3's local layers, Mistral) query 
 Those keys get p = 0 and contribute nothing to any sum above, so a query block [i0, i1) reads only keys
 [max(0, i0 - W + 1), i1): with W << T each block's tiles are chunk x (chunk + W) instead of chunk x T, in the
 forward and in the backward alike.
+
+Packed rows (--pack) give each token a segment id (which packed row it belongs to): a query then also ignores
+keys of other segments (causal AND same segment), so rows packed together never see each other. A query always
+sees itself, so no row of p is empty (padding is a segment of its own).
 """
 import mlx.core as mx
 
@@ -33,8 +37,17 @@ def visible(i0, i1, k0, k1, window=None):
     return mask if window is None else mask & (qi - kj < window)
 
 
-def attention_forward(q, k, v, scale, chunk=256, sync=True, window=None):
-    """Returns (o, lse): o like q, lse (B, Hq, T) in fp32. sync: evaluate each query block as it is done."""
+def _visible(i0, i1, k0, window, segments):
+    """The mask of one query block's tiles: (tq, tk), or (B, 1, 1, tq, tk) with per-token segment ids."""
+    mask = visible(i0, i1, k0, i1, window)
+    if segments is None:
+        return mask
+    return mask & (segments[:, None, None, i0:i1, None] == segments[:, None, None, None, k0:i1])
+
+
+def attention_forward(q, k, v, scale, chunk=256, sync=True, window=None, segments=None):
+    """Returns (o, lse): o like q, lse (B, Hq, T) in fp32. sync: evaluate each query block as it is done.
+    segments: (B, T) ids of the packed row of each token, or None (one row per batch row)."""
     b, hq, t, d = q.shape
     hkv = k.shape[1]
     qg = _grouped(q, hkv)
@@ -44,7 +57,7 @@ def attention_forward(q, k, v, scale, chunk=256, sync=True, window=None):
         i1 = min(t, i0 + chunk)
         k0 = _first_key(i0, window)
         s = (qg[..., i0:i1, :] @ kk[..., k0:i1, :].swapaxes(-1, -2)) * scale
-        s = mx.where(visible(i0, i1, k0, i1, window), s, -mx.inf)
+        s = mx.where(_visible(i0, i1, k0, window, segments), s, -mx.inf)
         m = mx.max(s, axis=-1, keepdims=True)
         e = mx.exp(s - m)  # the only exp pass: exp is the costliest op on the CPU
         total = mx.sum(e, axis=-1, keepdims=True)
@@ -57,7 +70,7 @@ def attention_forward(q, k, v, scale, chunk=256, sync=True, window=None):
     return o.reshape(b, hq, t, d), lse.reshape(b, hq, t)
 
 
-def attention_backward(do, q, k, v, o, lse, scale, chunk=256, sync=True, window=None):
+def attention_backward(do, q, k, v, o, lse, scale, chunk=256, sync=True, window=None, segments=None):
     """Returns (dq, dk, dv)."""
     b, hq, t, d = q.shape
     hkv = k.shape[1]
@@ -73,7 +86,7 @@ def attention_backward(do, q, k, v, o, lse, scale, chunk=256, sync=True, window=
         k0 = _first_key(i0, window)
         qc, doc = qg[..., i0:i1, :], dog[..., i0:i1, :]
         s = (qc @ kk[..., k0:i1, :].swapaxes(-1, -2)) * scale
-        p = mx.where(visible(i0, i1, k0, i1, window), mx.exp(s - lseg[..., i0:i1, :]), 0.0)
+        p = mx.where(_visible(i0, i1, k0, window, segments), mx.exp(s - lseg[..., i0:i1, :]), 0.0)
         dp = doc @ vv[..., k0:i1, :].swapaxes(-1, -2)
         ds = p * (dp - delta[..., i0:i1, :]) * scale
         dqs.append(ds @ kk[..., k0:i1, :])

@@ -17,6 +17,8 @@ is 4d + (Hq + 2 Hkv) D + Hq + 2f floats [+ (Hq + Hkv) D with q/k norms, + d with
 T x T (attention recomputes its probabilities per query block); f(g)*u is recomputed, and with sandwich norms so is m
 (one more down-projection product per MLP token block, instead of keeping B*T*d). The block input x is the
 checkpoint and is owned by the caller.
+Packed rows (--pack) pass `segments` (B, T), the packed row of each token, and `positions` (B, T), each token's
+position in its row: attention then stays inside a row and RoPE restarts at each row's start (None: one row).
 """
 from dataclasses import dataclass
 from typing import Optional
@@ -28,7 +30,7 @@ from .linear import DEFAULT, Compute
 from .lora_linear import lora_linear_backward, lora_linear_forward
 from .mlp import gated_act_and_backward, gated_forward
 from .rmsnorm import rmsnorm_backward, rmsnorm_forward
-from .rope import Rope, rope_backward, rope_forward
+from .rope import Rope, rope_backward, rope_forward, segment_positions
 
 # the adaptable projections, in the two layouts (mlx-lm's module paths, so adapters interchange)
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -78,6 +80,11 @@ def _lora(lora, name):
     return lora.get(name, (None, None))
 
 
+def packing(segments):
+    """The block keyword arguments of a packed batch (its segment ids and per-token positions); {} unpacked."""
+    return {} if segments is None else dict(segments=segments, positions=segment_positions(segments))
+
+
 def _heads(x, n):
     b, t, _ = x.shape
     return x.reshape(b, t, n, -1).transpose(0, 2, 1, 3)
@@ -111,7 +118,7 @@ def _gate_up(z, proj, spec):
     return proj("mlp.gate_proj", z), proj("mlp.up_proj", z)
 
 
-def block_forward(x, w, lora, scale, spec: BlockSpec, save=False):
+def block_forward(x, w, lora, scale, spec: BlockSpec, save=False, segments=None, positions=None):
     """w: the block's frozen weights by module path; lora: {path: (A, B)} for the adapted projections."""
     norm = lambda inp, name: rmsnorm_forward(inp, w[name], spec.eps, spec.norm_offset)
     proj = lambda name, inp: lora_linear_forward(inp, w[name], *_lora(lora, name), scale, spec.compute)
@@ -121,15 +128,17 @@ def block_forward(x, w, lora, scale, spec: BlockSpec, save=False):
     if spec.qk_norm:
         q, k = norm(q, "self_attn.q_norm"), norm(k, "self_attn.k_norm")
     if spec.rope is not None:
-        q, k = rope_forward(q, spec.rope), rope_forward(k, spec.rope)
+        q, k = rope_forward(q, spec.rope, positions), rope_forward(k, spec.rope, positions)
     t = q.shape[2]
     if spec.sdpa and not save and (t <= spec.attn_chunk or mx.default_device() != mx.cpu):
         # MLX's CPU fallback materialises all T x T scores; past one query block the chunked form is used there
         mask = "causal" if spec.window is None or t <= spec.window else visible(0, t, 0, t, spec.window)
+        if segments is not None:  # packed rows: causal and within one row, a boolean mask per batch row
+            mask = visible(0, t, 0, t, spec.window) & (segments[:, None, :, None] == segments[:, None, None, :])
         o = mx.fast.scaled_dot_product_attention(q, k, v, scale=spec.attn_scale, mask=mask)
     else:
         o, lse = attention_forward(q, k, v, spec.attn_scale, spec.attn_chunk, spec.compute.sync_chunks,
-                                   spec.window)
+                                   spec.window, segments)
     o = _merge(o)
     r = proj("self_attn.o_proj", o)
     a = x + (norm(r, "post_attention_layernorm") if spec.sandwich else r)
@@ -150,7 +159,7 @@ def block_forward(x, w, lora, scale, spec: BlockSpec, save=False):
     return saved
 
 
-def block_backward(dy, x, saved, w, lora, scale, spec: BlockSpec):
+def block_backward(dy, x, saved, w, lora, scale, spec: BlockSpec, segments=None, positions=None):
     """Returns (dx, grads) with grads {path: (dA, dB)}. Consumes `saved`: each intermediate is dropped once used."""
     grads = {}
     norm_back = lambda d, inp, name: rmsnorm_backward(d, inp, w[name], spec.eps, spec.norm_offset)
@@ -192,10 +201,11 @@ def block_backward(dy, x, saved, w, lora, scale, spec: BlockSpec):
     do = _heads(back("self_attn.o_proj", dr, o), spec.n_heads)
     q, k, v = saved.pop("q"), saved.pop("k"), saved.pop("v")
     dq, dk, dv = attention_backward(do, q, k, v, _heads(o, spec.n_heads), saved.pop("lse"),
-                                    spec.attn_scale, spec.attn_chunk, spec.compute.sync_chunks, spec.window)
+                                    spec.attn_scale, spec.attn_chunk, spec.compute.sync_chunks, spec.window,
+                                    segments)
     del o, do, q, k, v, dr
     if spec.rope is not None:
-        dq, dk = rope_backward(dq, spec.rope), rope_backward(dk, spec.rope)
+        dq, dk = rope_backward(dq, spec.rope, positions), rope_backward(dk, spec.rope, positions)
     if spec.qk_norm:
         dq = norm_back(dq, saved.pop("q_pre"), "self_attn.q_norm")
         dk = norm_back(dk, saved.pop("k_pre"), "self_attn.k_norm")

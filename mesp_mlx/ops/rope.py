@@ -5,6 +5,8 @@ RoPE is a rotation by angle pos * scale / freq for each pair, so its backward is
 kernel with the frequencies negated, in the same layout. Leaving it out (as the reference MeSP code did) makes q/k
 gradients inexact. LongRoPE (Phi-3 / Phi-4-mini) also multiplies the rotated features by a constant `mscale` before
 rotating; a constant factor's backward is the same factor, applied after the inverse rotation.
+Packed rows (--pack) restart their positions at each row's first token: with per-token `positions` the angles are
+formed per token (the fused kernel takes one offset per call) and the backward is the same rotation negated.
 """
 import math
 from dataclasses import dataclass
@@ -61,10 +63,14 @@ def rope_spec(dims, base, traditional=False, scaling=None, max_position_embeddin
 def _rotate(x, rope: Rope, sign):
     """The rotation written out, for float64: MLX's fused kernel forms its angles in fp32 (~1e-7 relative), which
     would hide a wrong term in the fp64 exactness checks. Angle of pair j at position p: p * scale / freqs[j]."""
-    d, half = rope.dims, rope.dims // 2
     pos = mx.arange(x.shape[-2], dtype=x.dtype)[:, None] * rope.scale
     theta = sign * pos / rope.freqs.astype(x.dtype)[None, :]
-    c, s = mx.cos(theta), mx.sin(theta)
+    return _apply(x, mx.cos(theta), mx.sin(theta), rope)
+
+
+def _apply(x, c, s, rope: Rope):
+    """Rotates each pair of x's first rope.dims features by the angles whose cos / sin are c, s."""
+    d, half = rope.dims, rope.dims // 2
     xr = x[..., :d]
     if rope.traditional:  # interleaved pairs (x0, x1), (x2, x3), ...
         x1, x2 = xr[..., 0::2], xr[..., 1::2]
@@ -72,20 +78,44 @@ def _rotate(x, rope: Rope, sign):
     else:  # split halves (x_j, x_{j + d/2})
         x1, x2 = xr[..., :half], xr[..., half:]
         out = mx.concatenate([x1 * c - x2 * s, x1 * s + x2 * c], axis=-1)
+    out = out.astype(x.dtype)  # angles formed in a wider type than x's keep their precision up to here
     return out if d == x.shape[-1] else mx.concatenate([out, x[..., d:]], axis=-1)
 
 
-def rope_forward(x, rope: Rope):
+def segment_positions(segments):
+    """(B, T) segment ids, constant over each packed row -> (B, T) int32 positions counted from each row's start."""
+    t = segments.shape[-1]
+    idx = mx.broadcast_to(mx.arange(t, dtype=mx.int32), segments.shape)
+    starts = mx.concatenate([mx.ones(segments.shape[:-1] + (1,), mx.bool_),
+                             segments[..., 1:] != segments[..., :-1]], axis=-1)
+    return idx - mx.cummax(mx.where(starts, idx, 0), axis=-1)
+
+
+def _rotate_at(x, rope: Rope, sign, positions):
+    """The rotation at per-token positions (B, T): angle of pair j at token t is positions[b, t] * scale / freqs[j],
+    formed in fp32 (fp64 for fp64 inputs) as the fused kernel does; x is (B, H, T, D)."""
+    dt = mx.float64 if x.dtype == mx.float64 else mx.float32
+    pos = positions.astype(dt)[:, None, :, None] * rope.scale
+    theta = sign * pos / rope.freqs.astype(dt)
+    return _apply(x, mx.cos(theta), mx.sin(theta), rope)
+
+
+def rope_forward(x, rope: Rope, positions=None):
+    """positions: (B, T) per-token positions (packed rows), or None for 0..T-1 in every row."""
     if rope.mscale != 1.0:
         x = x.at[..., :rope.dims].multiply(rope.mscale)
+    if positions is not None:
+        return _rotate_at(x, rope, 1.0, positions)
     if x.dtype == mx.float64:
         return _rotate(x, rope, 1.0)
     return mx.fast.rope(x, rope.dims, traditional=rope.traditional, base=None, scale=rope.scale,
                         offset=0, freqs=rope.freqs)
 
 
-def rope_backward(dy, rope: Rope):
-    if dy.dtype == mx.float64:
+def rope_backward(dy, rope: Rope, positions=None):
+    if positions is not None:
+        dx = _rotate_at(dy, rope, -1.0, positions)
+    elif dy.dtype == mx.float64:
         dx = _rotate(dy, rope, -1.0)
     else:
         dx = mx.fast.rope(dy, rope.dims, traditional=rope.traditional, base=None, scale=rope.scale,
