@@ -16,7 +16,8 @@ from .lora import from_flat, to_flat
 # settings a checkpoint's numbers depend on: resuming with other values would not continue the same run
 RESUME_KEYS = ("model", "data", "method", "rank", "scale", "keys", "num_layers", "batch_size", "max_seq_length",
                "mask_prompt", "optimizer", "lr_schedule", "seed", "grad_accumulation_steps", "mezo_eps", "dtype",
-               "warmup", "optimizer_config", "hf_dataset", "skip_bad_rows", "pack")
+               "warmup", "optimizer_config", "hf_dataset", "skip_bad_rows", "lora_dropout",
+               "pack")
 
 
 class Checkpointer:

@@ -53,6 +53,7 @@ class TrainConfig:
                                        "...), flat or keyed by optimizer name as mlx-lm's optimizer_config")
     rank: int = opt(8, "LoRA rank")
     scale: float = opt(20.0, "LoRA scale: y = W x + scale * x A B (mlx-lm's convention)")
+    lora_dropout: float = opt(0.0, "dropout on the LoRA branch's input during training (mlx-lm's); exact backward")
     alpha: float = opt(None, "LoRA alpha; given, scale = alpha / rank (PEFT's convention)")
     keys: list = opt(None, "projections to adapt, full paths or short names (default: all seven)")
     mask_prompt: bool = opt(True, "only completion / final assistant tokens count in the loss")
@@ -99,6 +100,9 @@ class TrainConfig:
                   (self.max_seq_length > 1, "max_seq_length must be > 1"),
                   (self.grad_accumulation_steps > 0, "grad_accumulation_steps must be > 0"),
                   (self.warmup >= 0, "warmup must be >= 0"),
+                  (0 <= self.lora_dropout < 1, "lora_dropout must be in [0, 1)"),
+                  (self.lora_dropout == 0 or self.method != "mezo",
+                   "--lora-dropout needs a first-order method: MeZO's two perturbed losses must see the same model"),
                   (self.num_layers == -1 or self.num_layers > 0, "num_layers must be > 0 (or -1: all)"),
                   (self.steps_per_report > 0, "steps_per_report must be > 0"),
                   (self.steps_per_eval > 0, "steps_per_eval must be > 0"),

@@ -3,22 +3,22 @@ MLX autodiff differentiates (engines/autodiff.py). The training engines reuse th
 """
 import mlx.core as mx
 
-from .ops.block import block_forward, packing
+from .ops.block import block_dropout, block_forward, packing
 from .ops.linear import DEFAULT, accum_dtype, frozen_matmul
 from .ops.rmsnorm import rmsnorm_forward
 
 
-def hidden_states(store, ids, lora=None, scale=20.0, specs=None, layers=None, segments=None):
+def hidden_states(store, ids, lora=None, scale=20.0, specs=None, layers=None, dropout=None, segments=None):
     """Final hidden state (before the final norm). specs: one BlockSpec per block (`args.block_specs(compute)`);
-    `layers`: pre-loaded block weights (else streamed); segments: (B, T) packed-row ids of a packed batch (None:
-    one row per batch row)."""
+    `layers`: pre-loaded block weights (else streamed); dropout: a training step's LoRA dropout (p, seed);
+    segments: (B, T) packed-row ids of a packed batch (None: one row per batch row)."""
     specs = specs or store.args.block_specs()
     lora = lora or {}
     packed = packing(segments)
     x = store.embed(ids, specs[0].compute.dtype)
     for i in range(store.num_layers):
         w = layers[i] if layers is not None else store.layer(i)
-        x = block_forward(x, w, lora.get(i, {}), scale, specs[i], **packed)
+        x = block_forward(x, w, lora.get(i, {}), scale, specs[i], dropout=block_dropout(dropout, i), **packed)
         if layers is None:
             mx.eval(x)
     return x
@@ -43,9 +43,9 @@ def full_loss(store, x, targets, mask, compute=DEFAULT):
     return mx.sum(ce * mask) / mx.maximum(mx.sum(mask), 1.0)
 
 
-def reference_loss(store, ids, targets, mask, lora, scale, specs=None, layers=None, segments=None):
+def reference_loss(store, ids, targets, mask, lora, scale, specs=None, layers=None, dropout=None, segments=None):
     specs = specs or store.args.block_specs()
-    return full_loss(store, hidden_states(store, ids, lora, scale, specs, layers, segments), targets, mask,
+    return full_loss(store, hidden_states(store, ids, lora, scale, specs, layers, dropout, segments), targets, mask,
                      specs[0].compute)
 
 

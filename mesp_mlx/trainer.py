@@ -59,7 +59,7 @@ class Trainer:
             keys = resolve_keys(c.keys, "keys", self.store.args) if c.keys else self.store.args.projections()
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        self.lora_cfg = LoRAConfig(c.rank, c.scale, keys, c.num_layers)
+        self.lora_cfg = LoRAConfig(c.rank, c.scale, keys, c.num_layers, c.lora_dropout)
         self.tokenizer = self.store.tokenizer()
         self.data = load_datasets(self.tokenizer, c.data, c.max_seq_length, c.mask_prompt, c.skip_bad_rows,
                                   c.hf_dataset)
@@ -76,15 +76,18 @@ class Trainer:
         settings = dict(compute=self.compute, checkpoints=c.checkpoints)
         if c.method == "mezo":
             settings.update(eps=c.mezo_eps, seed=c.seed)
+        elif c.lora_dropout:
+            settings.update(lora_dropout=c.lora_dropout)
         if c.memory_budget:
             self.memory_limit = parse_bytes(c.memory_budget)
             longest = max(len(ids) - 1 for ids, _ in self.data["train"].examples)
             if c.pack:  # packed rows fill up to max_seq_length
                 longest = min(c.max_seq_length, sum(len(ids) - 1 for ids, _ in self.data["train"].examples))
-            settings, peak = plan_for_budget(self.store, c.scale, c.batch_size, longest, self.params, c.optimizer,
-                                             c.fused_update, self.memory_limit, self.compute)
-            self.log(f"[mesp-mlx] memory budget {self.memory_limit / 1e6:.0f} MB: {settings}, predicted peak "
+            planned, peak = plan_for_budget(self.store, c.scale, c.batch_size, longest, self.params, c.optimizer,
+                                            c.fused_update, self.memory_limit, self.compute)
+            self.log(f"[mesp-mlx] memory budget {self.memory_limit / 1e6:.0f} MB: {planned}, predicted peak "
                      f"{peak / 1e6:.0f} MB")
+            settings.update(planned)
             self.compute = settings["compute"]
         self.engine = make_engine(c.method, self.store, c.scale, **settings)
         # the update goes into the backward, block by block, whenever that is the same step (no accumulation)
@@ -147,6 +150,11 @@ class Trainer:
         mx.eval(flat, self.opt.state)
         self.params[i] = from_flat(flat)[i]
 
+    def dropout_seed(self, micro):
+        """The LoRA dropout masks of this step's micro-batch: a function of the run's seed and the step, so a resumed
+        run draws the masks the uninterrupted one would."""
+        return (self.cfg.seed * 1_000_003 + self.step_no) * 64 + micro
+
     def step(self):
         """One optimizer step (with gradient accumulation); returns (loss, tokens of the whole group)."""
         if self.fused or self.cfg.grad_accumulation_steps == 1 and not self.engine.fuses_update:
@@ -154,11 +162,11 @@ class Trainer:
             n, total = self.group.tokens(batch)
             step0 = self.opt.state["step"]
             loss = self.engine.train_step(self.params, batch, lambda i, g: self.update_block(i, g, step0),
-                                          lambda tree: self.group.mean(tree, n, total))
+                                          lambda tree: self.group.mean(tree, n, total), self.dropout_seed(0))
             self.opt.state["step"] = step0 + 1
             return self.group.mean(loss, n, total).item(), total.item()
         acc, loss_sum, tokens = None, 0.0, 0.0
-        for _ in range(self.cfg.grad_accumulation_steps):
+        for micro in range(self.cfg.grad_accumulation_steps):
             batch = self.cursor.next_batch()
             n, total = self.group.tokens(batch)
             grads = {}
@@ -167,7 +175,7 @@ class Trainer:
                 grads[i] = self.group.mean(g, n, total)
                 mx.eval(grads[i])
 
-            loss, _ = self.engine.loss_and_grad(self.params, batch, on_block=collect)
+            loss, _ = self.engine.loss_and_grad(self.params, batch, on_block=collect, seed=self.dropout_seed(micro))
             acc = grads if acc is None else tree_map(lambda a, b: a + b, acc, grads)
             loss_sum += self.group.mean(loss, n, total).item()
             tokens += total.item()

@@ -37,6 +37,19 @@ def test_lora_linear(path, bias):
         assert_close(g, r, n)
 
 
+def test_lora_linear_dropout():
+    """LoRA dropout's mask on the low-rank branch's input: dx, dA, dB against vjp of the forward with that mask."""
+    mx.random.seed(4)
+    w = quantized(48, 96)
+    x, a, b, dy = R(3, 7, 96), R(96, 5) * 0.1, R(5, 48) * 0.1, R(3, 7, 48)
+    keep = mx.random.bernoulli(0.7, x.shape).astype(mx.float32) / 0.7
+    ref = vjp(lambda x, a, b: lora_linear_forward(x, w, a, b, 2.5, keep=keep), [x, a, b], dy)
+    got = lora_linear_backward(dy, x, w, a, b, 2.5, keep=keep)
+    for g, r, n in zip(got, ref, "x A B".split()):
+        assert_close(g, r, n)
+    assert rel_err(got[1], lora_linear_backward(dy, x, w, a, b, 2.5)[1]) > 1e-2  # the mask matters
+
+
 def test_lora_linear_custom_function_and_module():
     mx.random.seed(2)
     w = quantized(32, 64)

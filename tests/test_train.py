@@ -337,3 +337,29 @@ def test_report_to_wandb_without_wandb_is_one_line(tmp_path, tiny_gguf, capsys):
     assert main(["--model", str(tiny_gguf), "--data", str(data), "--sample-prompt", "", "--iters", "1",
                  "--report-to", "wandb", "--adapter-path", str(tmp_path / "a")]) == 2
     assert "pip install wandb" in capsys.readouterr().err
+
+
+def test_lora_dropout_run_resumes_exactly_and_mlx_lm_reads_it(tmp_path, tiny_gguf):
+    """--lora-dropout trains (masks drawn from seed and step), resumes to the same losses, and is recorded where
+    mlx-lm reads it; mlx-lm's model in eval mode (no dropout) computes our adapted logits."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text("\n".join(json.dumps(r) for r in MORE))
+    common = ["--model", str(tiny_gguf), "--data", str(data), "--sample-prompt", "", "--rank", "4", "--batch-size",
+              "2", "--steps-per-report", "1", "--learning-rate", "1e-2", "--lora-dropout", "0.25"]
+    assert main(common + ["--iters", "5", "--adapter-path", str(tmp_path / "a")]) == 0
+    assert main(common + ["--iters", "3", "--adapter-path", str(tmp_path / "b")]) == 0
+    assert main(common + ["--iters", "5", "--adapter-path", str(tmp_path / "b"), "--resume"]) == 0
+    whole, resumed = train_losses(tmp_path / "a"), train_losses(tmp_path / "b")
+    assert len(resumed) == 5 and max(abs(x - y) for x, y in zip(whole, resumed)) <= 1e-6
+    assert main(common[:-2] + ["--iters", "5", "--adapter-path", str(tmp_path / "c")]) == 0
+    assert train_losses(tmp_path / "c")[1:] != whole[1:]  # the dropout changed the run
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert cfg["lora_parameters"]["dropout"] == 0.25
+    store = load_model(str(tiny_gguf))
+    params = from_flat(mx.load(str(tmp_path / "a" / "adapters.safetensors")))
+    ids = mx.array([[5, 17, 42, 99, 3]])
+    model = mlx_lm_model(store.path, tmp_path / "a")
+    model.eval()
+    assert rel_err(logits(store, ids, params, cfg["lora_parameters"]["scale"]), model(ids)) <= EXACT
+    assert main(common + ["--method", "mezo", "--iters", "1", "--adapter-path", str(tmp_path / "d")]) == 2

@@ -11,9 +11,9 @@ from .base import Engine, segments_of
 
 
 class AutodiffEngine(Engine):
-    def __init__(self, store, scale, compute=DEFAULT, checkpoints=None, checkpoint_dtype=None):
+    def __init__(self, store, scale, compute=DEFAULT, checkpoints=None, checkpoint_dtype=None, lora_dropout=0.0):
         # one resident graph: there are no block checkpoints to place
-        self.store, self.scale = store, scale
+        self.store, self.scale, self.lora_dropout = store, scale, lora_dropout
         self.specs = store.args.block_specs(compute)
         self.layers = [store.layer(i) for i in range(store.num_layers)]
 
@@ -21,10 +21,12 @@ class AutodiffEngine(Engine):
         return reference_loss(self.store, *batch[:3], params, self.scale, self.specs, self.layers,
                               segments=segments_of(batch))
 
-    def loss_and_grad(self, params, batch, on_block=None):
+    def loss_and_grad(self, params, batch, on_block=None, seed=None):
+        dropout = None if seed is None else (self.lora_dropout, seed)
+
         def fn(flat):
             return reference_loss(self.store, *batch[:3], from_flat(flat), self.scale, self.specs, self.layers,
-                                  segments=segments_of(batch))
+                                  dropout, segments=segments_of(batch))
 
         loss, g = mx.value_and_grad(fn)(to_flat(params))
         mx.eval(loss, g)

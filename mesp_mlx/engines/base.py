@@ -1,10 +1,11 @@
 """The interface every training engine implements, and the only thing the trainer knows about an engine.
 
     loss(params, batch) -> loss
-    loss_and_grad(params, batch, on_block=None) -> (loss, grads)
+    loss_and_grad(params, batch, on_block=None, seed=None) -> (loss, grads)
         grads shaped like params ({block: {path: (dA, dB)}}); with on_block, on_block(i, grads_i) is called for each
-        block as its gradients exist and the returned grads are empty
-    train_step(params, batch, update, reduce) -> loss
+        block as its gradients exist and the returned grads are empty; seed: the step's LoRA dropout masks (an
+        engine built with lora_dropout > 0 applies them; None: no dropout)
+    train_step(params, batch, update, reduce, seed=None) -> loss
         one optimizer step: reduce(tree) is the data-parallel mean (identity in one process) and update(i, grads_i)
         applies the optimizer to block i. First-order engines update each block inside the backward.
     fuses_update    whether train_step updates blocks during the backward (so whole gradients never exist)
@@ -25,12 +26,12 @@ class Engine:
     def loss(self, params, batch):
         raise NotImplementedError
 
-    def loss_and_grad(self, params, batch, on_block=None):
+    def loss_and_grad(self, params, batch, on_block=None, seed=None):
         raise NotImplementedError
 
-    def train_step(self, params, batch, update, reduce):
+    def train_step(self, params, batch, update, reduce, seed=None):
         """Each block's (reduced) gradients go to update() as soon as they exist, then are dropped."""
-        loss, _ = self.loss_and_grad(params, batch, on_block=lambda i, g: update(i, reduce(g)))
+        loss, _ = self.loss_and_grad(params, batch, on_block=lambda i, g: update(i, reduce(g)), seed=seed)
         return loss
 
     def state(self):

@@ -18,12 +18,13 @@ class MeBPEngine(StreamingEngine):
         mx.eval(loss, dx)
         return loss, dx
 
-    def block_backward(self, dy, x, w, lora, spec, segments=None, positions=None):
+    def block_backward(self, dy, x, w, lora, spec, dropout=None, segments=None, positions=None):
         paths = sorted(lora)
 
         def fn(x, *flat):
             pairs = {p: (flat[2 * j], flat[2 * j + 1]) for j, p in enumerate(paths)}
-            return block_forward(x, w, pairs, self.scale, spec, segments=segments, positions=positions)
+            return block_forward(x, w, pairs, self.scale, spec, dropout=dropout, segments=segments,
+                                 positions=positions)
 
         primals = [x] + [t for p in paths for t in lora[p]]
         _, cots = mx.vjp(fn, primals, [dy])

@@ -63,10 +63,12 @@ class MeSPEngine(StreamingEngine):
     def _shares_dequant(self):
         return self.compute.share_dequant and self.compute.path == "dequantize"
 
-    def block_backward(self, dy, x, w, lora, spec, segments=None, positions=None):
+    def block_backward(self, dy, x, w, lora, spec, dropout=None, segments=None, positions=None):
         if self._shares_dequant():
             w = {k: prepared(v, self.compute) if isinstance(v, Frozen) else v for k, v in w.items()}
-        saved = block_forward(x, w, lora, self.scale, spec, save=True, segments=segments, positions=positions)
+        saved = block_forward(x, w, lora, self.scale, spec, save=True, dropout=dropout, segments=segments,
+                              positions=positions)
         if self.compute.sync_chunks:  # the recompute's temporaries are gone before the backward starts
             mx.eval(saved)
-        return block_backward(dy, x, saved, w, lora, self.scale, spec, segments=segments, positions=positions)
+        return block_backward(dy, x, saved, w, lora, self.scale, spec, dropout=dropout, segments=segments,
+                              positions=positions)

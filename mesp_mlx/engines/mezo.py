@@ -63,7 +63,7 @@ class MeZOEngine(StreamingEngine):
             losses.append((lp.item() + lm.item()) / 2)
         return out, sum(losses) / len(losses)
 
-    def loss_and_grad(self, params, batch, on_block=None):
+    def loss_and_grad(self, params, batch, on_block=None, seed=None):  # no LoRA dropout: both losses must match
         proj, loss = self._projections(params, batch)
         grads = None
         for seed, c in proj:
@@ -76,7 +76,7 @@ class MeZOEngine(StreamingEngine):
                 on_block(i, grads.pop(i))
         return mx.array(loss), grads if on_block is None else {}
 
-    def train_step(self, params, batch, update, reduce):
+    def train_step(self, params, batch, update, reduce, seed=None):
         proj, loss = self._projections(params, batch, reduce)
         keys = {seed: self._keys(seed, params) for seed, _ in proj}
         for i in sorted(params, reverse=True):

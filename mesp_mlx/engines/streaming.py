@@ -3,7 +3,7 @@ keeps block checkpoints, the chunked head loss, and a backward that walks the bl
 block's gradients out as they exist (the fused update and the data-parallel all-reduce hook in there)."""
 import mlx.core as mx
 
-from ..ops.block import block_forward, packing
+from ..ops.block import block_dropout, block_forward, packing
 from ..ops.linear import DEFAULT
 from ..ops.loss import cross_entropy_forward, cross_entropy_forward_backward
 from ..ops.rmsnorm import rmsnorm_backward, rmsnorm_forward
@@ -14,13 +14,13 @@ from .checkpoints import Checkpoints
 class StreamingEngine(Engine):
     fuses_update = True
 
-    def __init__(self, store, scale, compute=DEFAULT, checkpoints="memory", checkpoint_dtype=None):
-        self.store, self.scale, self.compute = store, scale, compute
+    def __init__(self, store, scale, compute=DEFAULT, checkpoints="memory", checkpoint_dtype=None, lora_dropout=0.0):
+        self.store, self.scale, self.compute, self.lora_dropout = store, scale, compute, lora_dropout
         self.specs = store.args.block_specs(compute)  # one per block: windows and rope differ by layer
         Checkpoints(checkpoints)  # an unknown place is refused here, not at the first step
         self.checkpoints, self.checkpoint_dtype = checkpoints, checkpoint_dtype
 
-    def forward(self, params, inputs, keep_from, packed=None):
+    def forward(self, params, inputs, keep_from, dropout=None, packed=None):
         """Runs the blocks, keeping the inputs of blocks >= keep_from. Returns (final hidden, checkpoints).
         packed: a packed batch's block arguments (ops.block.packing)."""
         x = self.store.embed(inputs, self.compute.dtype)
@@ -28,7 +28,8 @@ class StreamingEngine(Engine):
         for i in range(self.store.num_layers):
             if i >= keep_from:
                 checkpoints[i] = x
-            x = block_forward(x, self.store.layer(i), params.get(i, {}), self.scale, self.specs[i], **(packed or {}))
+            x = block_forward(x, self.store.layer(i), params.get(i, {}), self.scale, self.specs[i],
+                              dropout=block_dropout(dropout, i), **(packed or {}))
             mx.eval(x)
         return x, checkpoints
 
@@ -50,17 +51,18 @@ class StreamingEngine(Engine):
         x, _ = self.forward(params, inputs, keep_from=self.store.num_layers, packed=packing(segments_of(batch)))
         return self.head_loss(x, targets, mask, need_grad=False)[0]
 
-    def loss_and_grad(self, params, batch, on_block=None):
+    def loss_and_grad(self, params, batch, on_block=None, seed=None):
         inputs, targets, mask = batch[:3]
         packed = packing(segments_of(batch))
+        dropout = None if seed is None else (self.lora_dropout, seed)
         lowest = min(params) if params else self.store.num_layers
-        x, checkpoints = self.forward(params, inputs, keep_from=lowest, packed=packed)
+        x, checkpoints = self.forward(params, inputs, keep_from=lowest, dropout=dropout, packed=packed)
         loss, dx = self.head_loss(x, targets, mask, need_grad=True)
         del x
         grads = {}
         for i in reversed(range(lowest, self.store.num_layers)):
             dx, g = self.block_backward(dx, checkpoints.pop(i), self.store.layer(i), params.get(i, {}),
-                                        self.specs[i], **packed)
+                                        self.specs[i], block_dropout(dropout, i), **packed)
             mx.eval(dx, g)
             if on_block is not None:
                 on_block(i, g)
@@ -68,7 +70,7 @@ class StreamingEngine(Engine):
                 grads[i] = g
         return loss, grads
 
-    def block_backward(self, dy, x, w, lora, spec, segments=None, positions=None):
-        """-> (dx, {path: (dA, dB)}) of one block, given its checkpoint x and its spec; segments, positions: a packed
-        batch's (ops.block.packing)."""
+    def block_backward(self, dy, x, w, lora, spec, dropout=None, segments=None, positions=None):
+        """-> (dx, {path: (dA, dB)}) of one block, given its checkpoint x, its spec and its dropout (p, seed);
+        segments, positions: a packed batch's (ops.block.packing)."""
         raise NotImplementedError

@@ -80,6 +80,29 @@ def _lora(lora, name):
     return lora.get(name, (None, None))
 
 
+def block_dropout(dropout, i):
+    """A step's LoRA dropout (p, seed) -> block i's own (p, seed), or None without dropout."""
+    return None if dropout is None or not dropout[0] else (dropout[0], dropout[1] * 4096 + i)
+
+
+def _dropout_masks(dropout, lora, batch, length):
+    """keep(name, inp, t0) -> the LoRA dropout mask of projection `name` on its input rows t0.. (None: no dropout).
+    dropout = (p, seed): each projection's mask is drawn from its own key over the whole (B, T, in) input and
+    sliced, so the forward, the recompute and the backward, chunked by tokens or not, see the very same mask."""
+    if dropout is None or not dropout[0]:
+        return lambda name, inp, t0=0: None
+    p, seed = dropout
+    names = PROJECTIONS + FUSED_PROJECTIONS
+
+    def keep(name, inp, t0=0):
+        if name not in lora:
+            return None
+        key = mx.random.key(seed * 64 + names.index(name))
+        mask = mx.random.bernoulli(1 - p, (batch, length, inp.shape[-1]), key=key)[:, t0:t0 + inp.shape[1]]
+        return mask.astype(inp.dtype) / (1 - p)
+    return keep
+
+
 def packing(segments):
     """The block keyword arguments of a packed batch (its segment ids and per-token positions); {} unpacked."""
     return {} if segments is None else dict(segments=segments, positions=segment_positions(segments))
@@ -118,10 +141,13 @@ def _gate_up(z, proj, spec):
     return proj("mlp.gate_proj", z), proj("mlp.up_proj", z)
 
 
-def block_forward(x, w, lora, scale, spec: BlockSpec, save=False, segments=None, positions=None):
-    """w: the block's frozen weights by module path; lora: {path: (A, B)} for the adapted projections."""
+def block_forward(x, w, lora, scale, spec: BlockSpec, save=False, dropout=None, segments=None, positions=None):
+    """w: the block's frozen weights by module path; lora: {path: (A, B)} for the adapted projections;
+    dropout: (p, seed) of the LoRA dropout (training only), or None."""
     norm = lambda inp, name: rmsnorm_forward(inp, w[name], spec.eps, spec.norm_offset)
-    proj = lambda name, inp: lora_linear_forward(inp, w[name], *_lora(lora, name), scale, spec.compute)
+    keep = _dropout_masks(dropout, lora, x.shape[0], x.shape[1])
+    proj = lambda name, inp, t0=0: lora_linear_forward(inp, w[name], *_lora(lora, name), scale, spec.compute,
+                                                       keep(name, inp, t0))
     z1 = norm(x, "input_layernorm")
     q, k, v = _qkv(z1, proj, spec)
     q_pre, k_pre = q, k
@@ -145,8 +171,8 @@ def block_forward(x, w, lora, scale, spec: BlockSpec, save=False, segments=None,
     z2 = norm(a, spec.mlp_norm)
     if not save:
         def mlp(t0, t1):
-            g, u = _gate_up(z2[:, t0:t1], proj, spec)
-            m = proj("mlp.down_proj", gated_forward(spec.activation, g, u))
+            g, u = _gate_up(z2[:, t0:t1], lambda name, inp: proj(name, inp, t0), spec)
+            m = proj("mlp.down_proj", gated_forward(spec.activation, g, u), t0)
             return norm(m, "post_feedforward_layernorm") if spec.sandwich else m
         return a + _by_tokens(mlp, a.shape[1], spec.mlp_chunk)
     g, u = _gate_up(z2, proj, spec)
@@ -159,13 +185,15 @@ def block_forward(x, w, lora, scale, spec: BlockSpec, save=False, segments=None,
     return saved
 
 
-def block_backward(dy, x, saved, w, lora, scale, spec: BlockSpec, segments=None, positions=None):
+def block_backward(dy, x, saved, w, lora, scale, spec: BlockSpec, dropout=None, segments=None, positions=None):
     """Returns (dx, grads) with grads {path: (dA, dB)}. Consumes `saved`: each intermediate is dropped once used."""
     grads = {}
     norm_back = lambda d, inp, name: rmsnorm_backward(d, inp, w[name], spec.eps, spec.norm_offset)
+    keep = _dropout_masks(dropout, lora, x.shape[0], x.shape[1])
 
-    def back(name, d_out, inp):
-        dx, da, db = lora_linear_backward(d_out, inp, w[name], *_lora(lora, name), scale, spec.compute)
+    def back(name, d_out, inp, t0=0):
+        dx, da, db = lora_linear_backward(d_out, inp, w[name], *_lora(lora, name), scale, spec.compute,
+                                          keep=keep(name, inp, t0))
         if da is not None:  # summed over the token blocks that call it
             grads[name] = (da, db) if name not in grads else (grads[name][0] + da, grads[name][1] + db)
         return dx
@@ -178,13 +206,14 @@ def block_backward(dy, x, saved, w, lora, scale, spec: BlockSpec, segments=None,
         act, gate_backward = gated_act_and_backward(spec.activation, gc, uc)
         dm = dyc
         if spec.sandwich:  # dm = N_post_ff'(m)^T dy, with m = down(act) recomputed
-            m = lora_linear_forward(act, w["mlp.down_proj"], *_lora(lora, "mlp.down_proj"), scale, spec.compute)
+            m = lora_linear_forward(act, w["mlp.down_proj"], *_lora(lora, "mlp.down_proj"), scale, spec.compute,
+                                    keep("mlp.down_proj", act, t0))
             dm = norm_back(dyc, m, "post_feedforward_layernorm")
-        dg, du = gate_backward(back("mlp.down_proj", dm, act))
+        dg, du = gate_backward(back("mlp.down_proj", dm, act, t0))
         if spec.fused:
-            dz2 = back("mlp.gate_up_proj", mx.concatenate([dg, du], axis=-1), zc)
+            dz2 = back("mlp.gate_up_proj", mx.concatenate([dg, du], axis=-1), zc, t0)
         else:
-            dz2 = back("mlp.gate_proj", dg, zc) + back("mlp.up_proj", du, zc)
+            dz2 = back("mlp.gate_proj", dg, zc, t0) + back("mlp.up_proj", du, zc, t0)
         out = dyc + norm_back(dz2, a[:, t0:t1], spec.mlp_norm)
         if spec.compute.sync_chunks:
             mx.eval(out, grads)

@@ -12,25 +12,30 @@ import mlx.nn as nn
 from .linear import DEFAULT, Frozen, frozen_matmul, frozen_matmul_t
 
 
-def lora_linear_forward(x, w: Frozen, a, b, scale, compute=DEFAULT):
+def lora_linear_forward(x, w: Frozen, a, b, scale, compute=DEFAULT, keep=None):
+    """keep: LoRA dropout on the low-rank branch's input (mlx-lm's), as a mask already divided by 1 - p."""
     y = frozen_matmul(x, w, compute)
     if a is None:
         return y
-    return y + scale * ((x @ a) @ b)
+    xd = x if keep is None else x * keep
+    return y + scale * ((xd @ a) @ b)
 
 
-def lora_linear_backward(dy, x, w: Frozen, a, b, scale, compute=DEFAULT, need_dx=True):
-    """Returns (dx, dA, dB); dA and dB are None when the layer has no LoRA, dx when need_dx is False."""
+def lora_linear_backward(dy, x, w: Frozen, a, b, scale, compute=DEFAULT, need_dx=True, keep=None):
+    """Returns (dx, dA, dB); dA and dB are None when the layer has no LoRA, dx when need_dx is False.
+    With dropout (keep = M / (1 - p)): xd = x keep, h = xd A, dA = xd^T dh, and dx's low-rank term is (dh A^T) keep."""
     dx = frozen_matmul_t(dy, w, compute) if need_dx else None
     if a is None:
         return dx, None, None
-    x2, g2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+    xd = x if keep is None else x * keep
+    x2, g2 = xd.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
     h = x2 @ a
     db = scale * (h.T @ g2)  # the scale goes on the r-sized products, not on the T x out gradient
     dh = scale * (g2 @ b.T)
     da = x2.T @ dh
     if need_dx:
-        dx = dx + (dh @ a.T).reshape(x.shape)
+        dx_low = (dh @ a.T).reshape(x.shape)
+        dx = dx + (dx_low if keep is None else dx_low * keep)
     return dx, da, db
 
 
