@@ -18,7 +18,10 @@ PLANS = [
     (dict(share_dequant=False, attn_chunk=128, mlp_chunk=512, vocab_chunk=2048, token_chunk=256), "memory"),
     (dict(share_dequant=False, attn_chunk=64, mlp_chunk=256, vocab_chunk=1024, token_chunk=128), "memory"),
     (dict(share_dequant=False, attn_chunk=64, mlp_chunk=256, vocab_chunk=1024, token_chunk=128), "disk"),
-    (dict(share_dequant=False, attn_chunk=32, mlp_chunk=128, vocab_chunk=512, token_chunk=64), "disk"),
+    (dict(share_dequant=False, attn_chunk=64, mlp_chunk=256, vocab_chunk=1024, token_chunk=128, recompute_mlp=True),
+     "disk"),
+    (dict(share_dequant=False, attn_chunk=32, mlp_chunk=128, vocab_chunk=512, token_chunk=64, recompute_mlp=True),
+     "disk"),
 ]
 MARGIN = 1.25
 MOMENTS = {"sgd": 0, "adam": 2, "adamw": 2}

@@ -8,7 +8,8 @@ checks it against MLX's measured peak.
                                                       half with 16-bit checkpoints, ~0 with checkpoints on disk
     then the larger of two phases:
     block phase   one block's quantized weights (+ its dense copy when share_dequant, else one matrix at a time)
-                  + saved B*T*(4d + (Hq + 2Hkv)D + Hq + 2f)*s (what block_backward keeps, ops/block.py;
+                  + saved B*T*(4d + (Hq + 2Hkv)D + Hq + 2f)*s (what block_backward keeps, ops/block.py; no 2f
+                    with recompute_mlp;
                     + (Hq + Hkv)D with q/k norms, + d with Gemma's sandwich norms)
                   + attention tiles 5 * B*Hq*chunk*K*s (scores, masked, probabilities, dp, ds of a query block;
                     K = T keys, or chunk + window - 1 when every layer attends over a sliding window)
@@ -42,7 +43,8 @@ class MeSPEngine(StreamingEngine):
         lowest = min(params) if params else a.num_hidden_layers
         shapes = a.projection_shapes().values()
         dense = [i * o * s for i, o in shapes]
-        saved = (4 * d + (hq + 2 * hkv) * hd + hq + 2 * f + ((hq + hkv) * hd if a.qk_norm else 0)
+        saved = (4 * d + (hq + 2 * hkv) * hd + hq + (0 if c.recompute_mlp else 2 * f)
+                 + ((hq + hkv) * hd if a.qk_norm else 0)
                  + (d if a.sandwich_norms else 0))
         chunk = min(c.attn_chunk, seq_len)
         keys = max(seq_len if s.window is None else min(seq_len, chunk + s.window - 1) for s in self.specs)

@@ -13,7 +13,8 @@ naming and pre_feedforward_layernorm in Gemma's, where post_attention_layernorm 
 `block_forward(..., save=True)` also returns what the backward needs, hand-picked: z1, z2 (inputs of the LoRA
 projections), the roped q and k, v, the attention output o and its per-query lse, the residual a, and the MLP's
 g and u; with q/k norms the pre-norm q and k; with sandwich norms r (the post-attention norm's input). Per token that
-is 4d + (Hq + 2 Hkv) D + Hq + 2f floats [+ (Hq + Hkv) D with q/k norms, + d with sandwich norms]; nothing of size
+is 4d + (Hq + 2 Hkv) D + Hq + 2f floats [+ (Hq + Hkv) D with q/k norms, + d with sandwich norms; - 2f with
+Compute.recompute_mlp, which redoes g and u per token block in the backward]; nothing of size
 T x T (attention recomputes its probabilities per query block); f(g)*u is recomputed, and with sandwich norms so is m
 (one more down-projection product per MLP token block, instead of keeping B*T*d). The block input x is the
 checkpoint and is owned by the caller.
@@ -175,9 +176,11 @@ def block_forward(x, w, lora, scale, spec: BlockSpec, save=False, dropout=None, 
             m = proj("mlp.down_proj", gated_forward(spec.activation, g, u), t0)
             return norm(m, "post_feedforward_layernorm") if spec.sandwich else m
         return a + _by_tokens(mlp, a.shape[1], spec.mlp_chunk)
-    g, u = _gate_up(z2, proj, spec)
-    # the backward never needs y: the recompute stops before the down projection
-    saved = dict(z1=z1, q=q, k=k, v=v, o=o, lse=lse, a=a, z2=z2, g=g, u=u)
+    # the backward never needs y: the recompute stops before the down projection (and, with recompute_mlp, before
+    # the gate and up projections, which the backward redoes one token block at a time)
+    saved = dict(z1=z1, q=q, k=k, v=v, o=o, lse=lse, a=a, z2=z2)
+    if not spec.compute.recompute_mlp:
+        saved["g"], saved["u"] = _gate_up(z2, proj, spec)
     if spec.qk_norm:
         saved.update(q_pre=q_pre, k_pre=k_pre)
     if spec.sandwich:
@@ -199,15 +202,20 @@ def block_backward(dy, x, saved, w, lora, scale, spec: BlockSpec, dropout=None, 
         return dx
 
     # MLP, one block of tokens at a time (its T x f temporaries are the largest of the block)
-    g, u, z2, a = saved.pop("g"), saved.pop("u"), saved.pop("z2"), saved.pop("a")
+    g, u, z2, a = saved.pop("g", None), saved.pop("u", None), saved.pop("z2"), saved.pop("a")
+    proj = lambda name, inp, t0: lora_linear_forward(inp, w[name], *_lora(lora, name), scale, spec.compute,
+                                                     keep(name, inp, t0))
 
     def mlp_backward(t0, t1):
-        gc, uc, zc, dyc = g[:, t0:t1], u[:, t0:t1], z2[:, t0:t1], dy[:, t0:t1]
+        zc, dyc = z2[:, t0:t1], dy[:, t0:t1]
+        if g is None:  # recompute_mlp: this token block's gate and up outputs, from the saved input
+            gc, uc = _gate_up(zc, lambda name, inp: proj(name, inp, t0), spec)
+        else:
+            gc, uc = g[:, t0:t1], u[:, t0:t1]
         act, gate_backward = gated_act_and_backward(spec.activation, gc, uc)
         dm = dyc
         if spec.sandwich:  # dm = N_post_ff'(m)^T dy, with m = down(act) recomputed
-            m = lora_linear_forward(act, w["mlp.down_proj"], *_lora(lora, "mlp.down_proj"), scale, spec.compute,
-                                    keep("mlp.down_proj", act, t0))
+            m = proj("mlp.down_proj", act, t0)
             dm = norm_back(dyc, m, "post_feedforward_layernorm")
         dg, du = gate_backward(back("mlp.down_proj", dm, act, t0))
         if spec.fused:

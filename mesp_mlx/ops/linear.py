@@ -26,6 +26,9 @@ class Compute:
         mlp_chunk      tokens per MLP block: bounds its T x f temporaries
         token_chunk, vocab_chunk   tiles of the chunked loss: never B*T*V logits
         share_dequant  on the dequantize path, dequantize each block weight once for its recompute and backward
+        recompute_mlp  keep only the MLP's input and recompute its gate/up outputs one token block at a time in the
+                       backward (two more products per block; 2 B*T*f fewer saved floats, the largest saved item
+                       at long T): the memory planner's lean plans turn it on
         sync           where a block waits for its work: "chunk" evaluates every attention query block and MLP
                        token block as it goes (one chunk's temporaries alive at a time); "block" builds the block's
                        forward or backward as one graph and evaluates it once (each evaluation is a host sync that
@@ -39,6 +42,7 @@ class Compute:
     vocab_chunk: int = 4096
     share_dequant: bool = True
     sync: str = "auto"
+    recompute_mlp: bool = False
 
     def __post_init__(self):
         if isinstance(self.dtype, str):
