@@ -122,7 +122,10 @@ GGUF_GEMMA3 = {"post_attention_layernorm": "post_attention_norm", "pre_feedforwa
 GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
               "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
               "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
-              "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+              "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+              # Phi-3's fused projections, kept fused: q, k, v rows; gate rows, then up rows (llama.cpp's layout)
+              "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"}
+GGUF_PERMUTED = ("llama", "smollm3")  # q/k rows permuted by llama.cpp's converter (its Llama converter's subclasses)
 
 
 def tiny_bpe(vocab_size):
@@ -142,8 +145,11 @@ def tiny_bpe(vocab_size):
 
 
 def write_tiny_gguf(path, arch, qtype="Q8_0", seed=0, drop_tensor=None, bad_type_tensor=None, **overrides):
-    """The tiny model of `arch` as a GGUF file as llama.cpp's converter writes it: Llama (and Mistral) q/k rows
-    permuted, Gemma 3 as arch gemma3 with its norms stored as 1 + w."""
+    """The tiny model of `arch` as a GGUF file as llama.cpp's converter writes it: Llama (and Mistral) and SmolLM3 q/k
+    rows permuted, Gemma 3 as arch gemma3 with its norms stored as 1 + w, Phi-3 with its fused projections as they
+    are, its rotated features per head as rope.dimension_count and LongRoPE's factors as the tensors
+    rope_factors_long / rope_factors_short (with the attention factor as metadata). SmolLM3's no_rope_layers are not
+    written (llama.cpp has no key for them; it fixes every fourth layer)."""
     import gguf
     import numpy as np
     config = dict(TINY[arch], vocab_size=300, **overrides)
@@ -165,6 +171,21 @@ def write_tiny_gguf(path, arch, qtype="Q8_0", seed=0, drop_tensor=None, bad_type
     if "head_dim" in config:
         w.add_key_length(config["head_dim"])
         w.add_value_length(config["head_dim"])
+    heads = config["num_attention_heads"]
+    if garch == "smollm3":  # llama.cpp's Llama converter: the head size
+        w.add_rope_dimension_count(config.get("head_dim") or config["hidden_size"] // heads)
+    if garch == "phi3":
+        import math
+        w.add_rope_dimension_count(int(config.get("partial_rotary_factor", 1.0) * config["hidden_size"]) // heads)
+        orig = config["original_max_position_embeddings"]
+        w.add_rope_scaling_orig_ctx_len(orig)
+        w.add_sliding_window(config.get("sliding_window") or 0)
+        scaling = config.get("rope_scaling")
+        if scaling:
+            ratio = config["max_position_embeddings"] / orig
+            w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(ratio) / math.log(orig)) if ratio > 1 else 1.0)
+            for which in ("long", "short"):
+                w.add_tensor(f"rope_factors_{which}.weight", np.array(scaling[f"{which}_factor"], np.float32))
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("gpt2")
     w.add_token_list(tokens)
@@ -189,7 +210,7 @@ def write_tiny_gguf(path, arch, qtype="Q8_0", seed=0, drop_tensor=None, bad_type
             gname = f"blk.{parts[2]}.{(GGUF_GEMMA3 if gemma else {}).get(module) or GGUF_NAMES[module]}.{parts[-1]}"
         if gemma and parts[-2].endswith("norm"):
             arr = arr + 1.0
-        if garch == "llama" and parts[-1] == "weight" and parts[-2] in ("q_proj", "k_proj"):
+        if garch in GGUF_PERMUTED and parts[-1] == "weight" and parts[-2] in ("q_proj", "k_proj"):
             n = nh if parts[-2] == "q_proj" else nkv
             arr = arr.reshape(n, 2, arr.shape[0] // n // 2, *arr.shape[1:]).swapaxes(1, 2).reshape(arr.shape)
         if gname == drop_tensor:

@@ -29,7 +29,16 @@ def ids_of(vocab, t, seed=0):
     ("gemma3_text", dict(sliding_window_pattern=6, num_hidden_layers=6, query_pre_attn_scalar=16,
                          rope_scaling=None), {}),
     # llama.cpp writes Mistral as a llama GGUF (q/k rows permuted), without a window
-    ("mistral", dict(sliding_window=None, layer_types=None), {})])
+    ("mistral", dict(sliding_window=None, layer_types=None), {}),
+    # Phi-3.5-mini-like: LongRoPE (factors as tensors), RoPE on 12 of 16 features, untied head
+    ("phi3", {}, {}),
+    # Phi-4-mini-like: the same with a tied head
+    ("phi3", dict(tie_word_embeddings=True), {}),
+    # Phi-3-mini-4k-like: no scaling, every feature rotated, a sliding window (ignored by mlx-lm's Phi-3 and ours)
+    ("phi3", dict(rope_scaling=None, partial_rotary_factor=1.0, max_position_embeddings=64, sliding_window=2047), {}),
+    # SmolLM3: q/k rows permuted as for Llama; the file does not record no_rope_layers, llama.cpp's fixed interval
+    # (every fourth layer without RoPE) is what the original's list says
+    ("smollm3", dict(num_hidden_layers=4, no_rope_layers=[1, 1, 1, 0]), {})])
 def test_gguf_matches_original(tmp_path, arch, overrides, original):
     f = tmp_path / "m.gguf"
     write_tiny_gguf(f, arch, "F32", **overrides)
@@ -43,6 +52,20 @@ def test_gguf_matches_original(tmp_path, arch, overrides, original):
     if arch == "gemma3_text":  # the store holds w, not llama.cpp's 1 + w
         w = mx.load(str(orig / "model.safetensors"))["model.layers.0.post_feedforward_layernorm.weight"]
         assert rel_err(store.layer(0)["post_feedforward_layernorm"], w) < 1e-6
+    w = mx.load(str(orig / "model.safetensors"))
+    if arch == "phi3":  # fused projections stored as they are (no permutation), LongRoPE factors in the config
+        for module in ("self_attn.qkv_proj", "mlp.gate_up_proj"):
+            assert mx.array_equal(store.layer(1)[module].weight, w[f"model.layers.1.{module}.weight"])
+        want = dict(TINY["phi3"], **overrides)
+        assert not store.args.rope_traditional and store.args.partial_rotary_factor == want["partial_rotary_factor"]
+        assert store.args.original_max_position_embeddings == want["original_max_position_embeddings"]
+        assert store.config.get("rope_scaling") == (want["rope_scaling"] and dict(want["rope_scaling"]))
+        stored = [k for f in store.path.glob("*.safetensors") for k in mx.load(str(f))]
+        assert not any("rope_factors" in k for k in stored)
+    if arch == "smollm3":  # q/k rows permuted (read with the traditional rope); layer 4 without RoPE
+        assert store.args.rope_traditional
+        assert [spec.rope is not None for spec in store.args.block_specs()] == [True, True, True, False]
+        assert not mx.array_equal(store.layer(0)["self_attn.q_proj"].weight, w["model.layers.0.self_attn.q_proj.weight"])
 
 
 def test_gemma3_quantized_gguf(tmp_path):
@@ -51,6 +74,23 @@ def test_gemma3_quantized_gguf(tmp_path):
                     hidden_size=64, rope_scaling=None)
     store = load_model(str(f))
     assert store.args.model_type == "gemma3_text" and store.layer(0)["mlp.up_proj"].quantized
+    ids = ids_of(300, 9)
+    assert rel_err(logits(store, ids), mlx_lm_model(store.path)(ids)) < EXACT
+
+
+# Q8_0 needs rows of whole 32-blocks: Phi-3's MLP width 96 (down_proj's rows are 80 long otherwise)
+QUANTIZED_GGUF = {"phi3": dict(intermediate_size=96), "smollm3": dict(num_hidden_layers=4, no_rope_layers=None)}
+
+
+@pytest.mark.parametrize("arch", sorted(QUANTIZED_GGUF))
+def test_quantized_gguf(tmp_path, arch):
+    """Q8_0 files of the fused (Phi-3) and permuted NoPE (SmolLM3) families: repacked exactly, read as mlx-lm reads
+    our store."""
+    f = tmp_path / "m.gguf"
+    write_tiny_gguf(f, arch, "Q8_0", **QUANTIZED_GGUF[arch])
+    store = load_model(str(f))
+    module = "mlp.gate_up_proj" if arch == "phi3" else "mlp.up_proj"
+    assert store.args.model_type == arch and store.layer(0)[module].quantized
     ids = ids_of(300, 9)
     assert rel_err(logits(store, ids), mlx_lm_model(store.path)(ids)) < EXACT
 
@@ -120,15 +160,20 @@ def write_data(d):
     return d
 
 
-@pytest.mark.parametrize("arch", NEW)
-def test_cli_adapter_loads_in_mlx_lm(tmp_path, tiny_gguf, arch):
-    """One training run per family; mlx_lm.load(..., adapter_path=...) takes the adapter as its own (same module
-    names and shapes, Phi-3's fused ones included) and gives our logits (fp32 base on both sides, as in test_train)."""
+@pytest.mark.parametrize("arch,from_gguf", [(a, a == "gemma3_text") for a in NEW] +
+                         [(a, True) for a in sorted(QUANTIZED_GGUF)])
+def test_cli_adapter_loads_in_mlx_lm(tmp_path, tiny_gguf, arch, from_gguf):
+    """One training run per family (and from a GGUF for Gemma 3, Phi-3 and SmolLM3); mlx_lm.load(...,
+    adapter_path=...) takes the adapter as its own (same module names and shapes, Phi-3's fused ones included) and
+    gives our logits (fp32 base on both sides, as in test_train)."""
     from mesp_mlx.train import main
     if arch == "gemma3_text":  # from a GGUF, as most people get Gemma 3
         model = tmp_path / "g.gguf"
         write_tiny_gguf(model, arch, "Q8_0", sliding_window_pattern=6, num_hidden_layers=6, query_pre_attn_scalar=16,
                         hidden_size=64)
+    elif from_gguf:  # a Q8_0 file with its own tokenizer
+        model = tmp_path / "m.gguf"
+        write_tiny_gguf(model, arch, "Q8_0", **QUANTIZED_GGUF[arch])
     else:  # a Hugging Face directory, with the tiny GGUF's tokenizer
         model = write_tiny(tmp_path / arch, arch, vocab_size=300)
         tok = load_model(str(tiny_gguf)).path
@@ -174,3 +219,22 @@ def test_refusals(tmp_path):
                                                            "full_attention"]), "layer_types")]:
         d = write_tiny(tmp_path / f"{arch}-{words}", arch, **bad)
         assert words in error(d), (arch, bad)
+
+
+def test_gguf_architecture_refusal(tmp_path):
+    """A GGUF of an architecture we do not read is refused in one line that names those we do."""
+    import gguf
+    import numpy as np
+    f = tmp_path / "phi2.gguf"
+    w = gguf.GGUFWriter(str(f), "phi2")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((8, 4), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(SourceError) as e:
+        load_model(str(f))
+    msg = str(e.value)
+    assert "\n" not in msg and "'phi2'" in msg
+    assert all(name in msg for name in ("llama", "qwen2", "qwen3", "gemma3", "phi3", "smollm3"))
