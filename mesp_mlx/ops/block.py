@@ -174,7 +174,11 @@ def block_forward(x, w, lora, scale, spec: BlockSpec, save=False, dropout=None, 
         def mlp(t0, t1):
             g, u = _gate_up(z2[:, t0:t1], lambda name, inp: proj(name, inp, t0), spec)
             m = proj("mlp.down_proj", gated_forward(spec.activation, g, u), t0)
-            return norm(m, "post_feedforward_layernorm") if spec.sandwich else m
+            m = norm(m, "post_feedforward_layernorm") if spec.sandwich else m
+            if spec.compute.sync_chunks and a.shape[1] > spec.mlp_chunk:
+                # one token block's T x f temporaries and dequantized MLP weights alive at a time, as in the backward
+                mx.eval(m)
+            return m
         return a + _by_tokens(mlp, a.shape[1], spec.mlp_chunk)
     # the backward never needs y: the recompute stops before the down projection (and, with recompute_mlp, before
     # the gate and up projections, which the backward redoes one token block at a time)
