@@ -363,3 +363,35 @@ def test_lora_dropout_run_resumes_exactly_and_mlx_lm_reads_it(tmp_path, tiny_ggu
     model.eval()
     assert rel_err(logits(store, ids, params, cfg["lora_parameters"]["scale"]), model(ids)) <= EXACT
     assert main(common + ["--method", "mezo", "--iters", "1", "--adapter-path", str(tmp_path / "d")]) == 2
+
+
+def test_two_processes_resume_exactly(tmp_path, tiny_gguf):
+    """A data-parallel run stopped after 3 steps and resumed to 5 (rank 0 reads the checkpoint and sends parameters,
+    AdamW moments, step count and data position to the other process) logs the losses of an uninterrupted run."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    bin_dir = Path(sys.executable).parent
+    launch, entry = bin_dir / "mlx.launch", bin_dir / "mesp-train"
+    if not launch.exists() or not entry.exists():
+        pytest.skip("mlx.launch or the mesp-train entry point is not installed")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text("\n".join(json.dumps(r) for r in MORE[:8]))
+    env = dict(os.environ, MESP_MLX_NO_BLAS_PRELOAD="1")
+    common = [str(launch), "-n", "2", "--python", sys.executable, str(entry), "--model", str(tiny_gguf), "--data",
+              str(data), "--sample-prompt", "", "--rank", "4", "--steps-per-report", "1", "--learning-rate", "1e-2",
+              "--batch-size", "2"]
+
+    def run(*flags):
+        r = subprocess.run(common + list(flags), env=env, capture_output=True, text=True, timeout=300)
+        assert "Traceback" not in r.stderr, r.stderr[-2000:]  # mlx.launch exits 0 even when a rank fails
+        return r
+
+    run("--iters", "5", "--adapter-path", str(tmp_path / "a"))
+    run("--iters", "3", "--adapter-path", str(tmp_path / "b"))
+    assert "resumed" in run("--iters", "5", "--adapter-path", str(tmp_path / "b"), "--resume").stdout
+    whole, resumed = train_losses(tmp_path / "a"), train_losses(tmp_path / "b")
+    assert len(whole) == len(resumed) == 5 and max(abs(x - y) for x, y in zip(whole, resumed)) <= 1e-6, (whole,
+                                                                                                        resumed)
