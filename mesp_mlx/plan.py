@@ -32,9 +32,11 @@ def resident_bytes(params, optimizer):
 
 
 def engine_settings(compute, plan):
-    """The engine keyword arguments of a plan, on top of the run's compute configuration (dtype, matmul path)."""
+    """The engine keyword arguments of a plan, on top of the run's compute configuration (dtype, matmul path).
+    A budget evaluates chunk by chunk on every device: the memory model's bounds on the attention tiles and MLP
+    temporaries hold only then (a GPU's default, one evaluation per block, trades them for fewer host syncs)."""
     fields, checkpoints = plan
-    return dict(compute=dataclasses.replace(compute, **fields), checkpoints=checkpoints)
+    return dict(compute=dataclasses.replace(compute, sync="chunk", **fields), checkpoints=checkpoints)
 
 
 def predicted_peak(store, scale, batch_size, seq_len, params, optimizer, fused, settings):
