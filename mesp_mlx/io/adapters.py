@@ -35,6 +35,9 @@ def atomic_directory(out):
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would stay on the folder the user gets
     except OSError as e:
         raise SourceError(f"{out}: cannot create it ({e.strerror or e})") from None
     try:
