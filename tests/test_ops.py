@@ -176,6 +176,27 @@ def test_cross_entropy(tchunk, vchunk, quant):
     assert_close(fused_dh, ref_dh)
 
 
+def assert_block_backward(w, lora, spec, t, d):
+    """The block's structured backward (dx and every LoRA gradient) against vjp of its forward, batch 2, length t;
+    returns what the recompute saved (keys only are inspected: the backward consumes the arrays)."""
+    x, dy = R(2, t, d), R(2, t, d)
+    paths = sorted(lora)
+
+    def fn(x, *flat):
+        return block_forward(x, w, {p: (flat[2 * j], flat[2 * j + 1]) for j, p in enumerate(paths)}, 2.0, spec)
+
+    ref = vjp(fn, [x] + [a for p in paths for a in lora[p]], dy)
+    saved = block_forward(x, w, lora, 2.0, spec, save=True)
+    keys = dict.fromkeys(saved)
+    dx, grads = block_backward(dy, x, saved, w, lora, 2.0, spec)
+    assert_close(dx, ref[0], "dx")
+    assert set(grads) == set(paths)
+    for j, p in enumerate(paths):
+        assert_close(grads[p][0], ref[1 + 2 * j], p + ".lora_a")
+        assert_close(grads[p][1], ref[2 + 2 * j], p + ".lora_b")
+    return keys
+
+
 @pytest.mark.parametrize("qk_norm,bias,hq,hkv", [(False, False, 4, 4), (False, True, 6, 2), (True, False, 7, 1)])  # GQA 1, 3, 7
 def test_block(qk_norm, bias, hq, hkv):
     mx.random.seed(3)
@@ -190,20 +211,7 @@ def test_block(qk_norm, bias, hq, hkv):
     shapes = {"self_attn.q_proj": (d, hq * hd), "self_attn.v_proj": (d, hkv * hd), "self_attn.k_proj": (d, hkv * hd),
               "self_attn.o_proj": (hq * hd, d), "mlp.up_proj": (d, f), "mlp.down_proj": (f, d)}
     lora = {p: (R(i, 3) * 0.1, R(3, o) * 0.1) for p, (i, o) in shapes.items()}  # gate left without LoRA
-    x, dy = R(2, t, d), R(2, t, d)
-    paths = sorted(lora)
-
-    def fn(x, *flat):
-        return block_forward(x, w, {p: (flat[2 * j], flat[2 * j + 1]) for j, p in enumerate(paths)}, 2.0, spec)
-
-    ref = vjp(fn, [x] + [a for p in paths for a in lora[p]], dy)
-    saved = block_forward(x, w, lora, 2.0, spec, save=True)
-    dx, grads = block_backward(dy, x, saved, w, lora, 2.0, spec)
-    assert_close(dx, ref[0], "dx")
-    assert set(grads) == set(paths)
-    for j, p in enumerate(paths):
-        assert_close(grads[p][0], ref[1 + 2 * j], p + ".lora_a")
-        assert_close(grads[p][1], ref[2 + 2 * j], p + ".lora_b")
+    assert_block_backward(w, lora, spec, t, d)
 
 
 def block_weights(spec, d, f, bias=False):
@@ -249,18 +257,5 @@ def test_block_variants(variant, chunk):
                   {"self_attn.q_proj": (d, hq * hd), "self_attn.k_proj": (d, hkv * hd),
                    "self_attn.v_proj": (d, hkv * hd), "mlp.up_proj": (d, f)})
     lora = {p: (R(i, 3) * 0.1, R(3, o) * 0.1) for p, (i, o) in shapes.items()}
-    x, dy = R(2, t, d), R(2, t, d)
-    paths = sorted(lora)
-
-    def fn(x, *flat):
-        return block_forward(x, w, {p: (flat[2 * j], flat[2 * j + 1]) for j, p in enumerate(paths)}, 2.0, spec)
-
-    ref = vjp(fn, [x] + [a for p in paths for a in lora[p]], dy)
-    saved = block_forward(x, w, lora, 2.0, spec, save=True)
+    saved = assert_block_backward(w, lora, spec, t, d)
     assert ("r" in saved) == spec.sandwich
-    dx, grads = block_backward(dy, x, saved, w, lora, 2.0, spec)
-    assert_close(dx, ref[0], "dx")
-    assert set(grads) == set(paths)
-    for j, p in enumerate(paths):
-        assert_close(grads[p][0], ref[1 + 2 * j], p + ".lora_a")
-        assert_close(grads[p][1], ref[2 + 2 * j], p + ".lora_b")

@@ -248,12 +248,8 @@ def test_memory_budget_run_stays_under_it(tmp_path, tiny_gguf, capsys):
     assert main(common + ["--memory-budget", "50MB", "--method", "mebp"]) == 2
 
 
-@pytest.mark.parametrize("method", ["mesp", "mezo"])
-def test_two_processes_equal_one_with_twice_the_batch(tmp_path, tiny_gguf, method):
-    """Data-parallel over mx.distributed (ring backend on loopback, started by mlx.launch): two processes with batch
-    2 log the same losses and write the same adapter as one process with batch 4."""
-    import os
-    import subprocess
+def two_process_setup(tmp_path):
+    """(mlx.launch, the mesp-train entry point, a data folder of 8 rows) for the loopback data-parallel tests."""
     import sys
     from pathlib import Path
     bin_dir = Path(sys.executable).parent
@@ -263,6 +259,17 @@ def test_two_processes_equal_one_with_twice_the_batch(tmp_path, tiny_gguf, metho
     data = tmp_path / "data"
     data.mkdir()
     (data / "train.jsonl").write_text("\n".join(json.dumps(r) for r in MORE[:8]))
+    return launch, entry, data
+
+
+@pytest.mark.parametrize("method", ["mesp", "mezo"])
+def test_two_processes_equal_one_with_twice_the_batch(tmp_path, tiny_gguf, method):
+    """Data-parallel over mx.distributed (ring backend on loopback, started by mlx.launch): two processes with batch
+    2 log the same losses and write the same adapter as one process with batch 4."""
+    import os
+    import subprocess
+    import sys
+    launch, entry, data = two_process_setup(tmp_path)
     # SGD: AdamW divides by sqrt(v), which turns 1e-7 differences in near-zero gradients into visible ones
     common = ["--model", str(tiny_gguf), "--data", str(data), "--sample-prompt", "", "--rank", "4", "--iters", "5",
               "--steps-per-report", "1", "--optimizer", "sgd", "--method", method,
@@ -371,14 +378,7 @@ def test_two_processes_resume_exactly(tmp_path, tiny_gguf):
     import os
     import subprocess
     import sys
-    from pathlib import Path
-    bin_dir = Path(sys.executable).parent
-    launch, entry = bin_dir / "mlx.launch", bin_dir / "mesp-train"
-    if not launch.exists() or not entry.exists():
-        pytest.skip("mlx.launch or the mesp-train entry point is not installed")
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "train.jsonl").write_text("\n".join(json.dumps(r) for r in MORE[:8]))
+    launch, entry, data = two_process_setup(tmp_path)
     env = dict(os.environ, MESP_MLX_NO_BLAS_PRELOAD="1")
     common = [str(launch), "-n", "2", "--python", sys.executable, str(entry), "--model", str(tiny_gguf), "--data",
               str(data), "--sample-prompt", "", "--rank", "4", "--steps-per-report", "1", "--learning-rate", "1e-2",
