@@ -77,6 +77,19 @@ def save_adapter(out_dir, params, lora_cfg, model_path, step=None):
 RESUME_FILE = "resume.safetensors"
 
 
+def split_float64(arrays):
+    """MLX writes no F64 safetensors (float64 runs keep float64 optimizer state): each such array is stored as the
+    uint32 words of its bits, its shape kept in the metadata, which `join_float64` turns back bit for bit."""
+    shapes = {k: list(v.shape) for k, v in arrays.items() if v.dtype == mx.float64}
+    words = {k: arrays[k].reshape(-1).view(mx.uint32) for k in shapes}
+    return dict(arrays, **words), ({"float64": json.dumps(shapes)} if shapes else {})
+
+
+def join_float64(arrays, meta):
+    shapes = json.loads(meta.get("float64", "{}"))
+    return dict(arrays, **{k: arrays[k].view(mx.float64).reshape(shape) for k, shape in shapes.items()})
+
+
 def save_resume(out_dir, params, opt_state, state):
     """Everything `--resume` needs in one file, replaced atomically: the LoRA parameters ("params/<name>"), the
     optimizer state ("opt/<key>" or "opt/<param name>/<slot>") and `state` (JSON: step, data position, RNG, config)."""
@@ -86,7 +99,8 @@ def save_resume(out_dir, params, opt_state, state):
             arrays.update({f"opt/{k}/{slot}": a for slot, a in v.items()})
         else:
             arrays[f"opt/{k}"] = v
-    atomic_save_safetensors(Path(out_dir) / RESUME_FILE, arrays, {"state": json.dumps(state)})
+    arrays, meta = split_float64(arrays)
+    atomic_save_safetensors(Path(out_dir) / RESUME_FILE, arrays, {"state": json.dumps(state), **meta})
 
 
 def load_resume(out_dir):
@@ -97,6 +111,7 @@ def load_resume(out_dir):
     try:
         arrays, meta = mx.load(str(path), return_metadata=True)
         state = json.loads(meta["state"])
+        arrays = join_float64(arrays, meta)
     except Exception as e:
         raise SourceError(f"{path}: not a readable checkpoint ({e}); remove it to start over") from None
     params = from_flat({k[len("params/"):]: v for k, v in arrays.items() if k.startswith("params/")})
