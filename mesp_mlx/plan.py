@@ -1,12 +1,19 @@
 """--memory-budget: choose the engine's chunk sizes and checkpoint placement so a step fits, from the engine's
 memory model (engines/mesp.py), or refuse before any work with the nearest setting that would fit.
 
-Plans are tried from the fastest to the leanest; the first that fits wins. Resident state is counted too: the
-LoRA parameters, the optimizer's moments (2 per parameter for Adam/AdamW) and the store's small arrays. The model
-is within ~1.3x of measured peaks either way (benchmarks), so a plan must fit with a 1.25x margin.
+The budget bounds the process, not MLX's allocator alone: what the process holds before the first step (its resident
+set: interpreter, libraries, tokenizer, data, the weight files read so far) is measured and the step is planned in
+the rest, MLX's share, which also becomes MLX's memory and cache limit. Plans are tried from the fastest to the
+leanest; the first that fits wins. Resident state is counted too: the LoRA parameters, the optimizer's moments
+(2 per parameter for Adam/AdamW) and the store's small arrays. The model is within ~1.3x of measured peaks either
+way (benchmarks), so a plan must fit with a 1.25x margin.
 """
 import dataclasses
+import resource
+import sys
+from pathlib import Path
 
+from .config import parse_bytes
 from .engines.mesp import MeSPEngine
 from .errors import ConfigError
 from .lora import num_params
@@ -44,8 +51,9 @@ def predicted_peak(store, scale, batch_size, seq_len, params, optimizer, fused, 
     return MARGIN * (resident_bytes(params, optimizer) + engine.memory_model(batch_size, seq_len, params, fused)["peak"])
 
 
-def plan_for_budget(store, scale, batch_size, seq_len, params, optimizer, fused, budget, compute):
-    """-> (engine kwargs, predicted peak bytes); ConfigError naming the nearest feasible setting when none fits."""
+def plan_for_budget(store, scale, batch_size, seq_len, params, optimizer, fused, budget, compute, held=0):
+    """-> (engine kwargs, predicted peak bytes) of a step in `budget` bytes; ConfigError naming the nearest feasible
+    setting when none fits. held: bytes the process holds besides (counted in the advice)."""
     peak_of = lambda plan, t=seq_len: predicted_peak(store, scale, batch_size, t, params, optimizer, fused,
                                                      engine_settings(compute, plan))
     for plan in PLANS:
@@ -58,6 +66,39 @@ def plan_for_budget(store, scale, batch_size, seq_len, params, optimizer, fused,
         fit //= 2
     hint = (f"--max-seq-length {fit} fits in it" if fit > 16 and fit < seq_len
             else "a smaller --rank or fewer --num-layers is needed")
-    raise ConfigError(f"a step at batch {batch_size} x {seq_len} tokens needs at least {leanest / 1e6:.0f} MB; "
-                      f"the budget is {budget / 1e6:.0f} MB. Raise --memory-budget to {leanest / 1e6 * 1.05:.0f}MB, "
-                      f"or: {hint}")
+    held_note = f" beside the {held / 1e6:.0f} MB the process holds before it" if held else ""
+    raise ConfigError(f"a step at batch {batch_size} x {seq_len} tokens needs at least {leanest / 1e6:.0f} MB"
+                      f"{held_note}; the budget is {(budget + held) / 1e6:.0f} MB. Raise --memory-budget to "
+                      f"{(leanest * 1.05 + held) / 1e6:.0f}MB, or: {hint}")
+
+
+def resident_now():
+    """Bytes this process holds now (its resident set); where only the peak is known (macOS), the peak, which is
+    never less."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def plan_run(config, store, params, examples, log):
+    """--memory-budget for a run: -> (engine settings, MLX's share in bytes). The process's resident set now is the
+    fixed part; a budget it already fills (or nearly: no plan fits the rest) is refused before any work."""
+    budget, held = parse_bytes(config.memory_budget), resident_now()
+    longest = max(len(ids) - 1 for ids, _ in examples)
+    if config.pack:  # packed rows fill up to max_seq_length
+        longest = min(config.max_seq_length, sum(len(ids) - 1 for ids, _ in examples))
+    if held >= budget:
+        raise ConfigError(f"--memory-budget {budget / 1e6:.0f} MB: the process already holds {held / 1e6:.0f} MB "
+                          "before the first step (interpreter, libraries, tokenizer, data, weights read so far); "
+                          "raise the budget")
+    settings, peak = plan_for_budget(store, config.scale, config.batch_size, longest, params, config.optimizer,
+                                     config.fused_update, budget - held, config.compute(), held)
+    log(f"[mesp-mlx] memory budget {budget / 1e6:.0f} MB: the process holds {held / 1e6:.0f} MB before the first "
+        f"step, MLX's share is {(budget - held) / 1e6:.0f} MB; plan {settings}, predicted MLX peak "
+        f"{peak / 1e6:.0f} MB")
+    return settings, budget - held

@@ -9,29 +9,28 @@ resumable state through `Engine.state()`. Its parts each have one job: `DataCurs
 import dataclasses
 import json
 import math
-import os
 import signal
 import threading
 import time
-from pathlib import Path
 
 import mlx.core as mx
 import mlx.optimizers as optim
 
 from .blas import blas_status
 from .checkpointer import Checkpointer
-from .config import OPTIMIZERS, TrainConfig, parse_bytes
+from .config import OPTIMIZERS, TrainConfig
 from .cursor import DataCursor
 from .data import batches, epoch_groups, load_datasets
 from .distributed import Group
 from .engines import make_engine
 from .errors import ConfigError
 from .io.adapter_formats import load_adapter_weights
-from .io.adapters import RESUME_FILE
+from .io.adapters import RESUME_FILE, hold_folder
 from .io.sources import load_model
 from .lora import LoRAConfig, from_flat, init_lora, num_params, resolve_keys, to_flat, tree_map
 from .model import generate
-from .plan import plan_for_budget
+from .ops.keys import purpose_key
+from .plan import plan_run
 from .report import Reporter, make_tracker
 
 
@@ -72,24 +71,11 @@ class Trainer:
         if c.resume_adapter_file:
             expected = {k: tuple(v.shape) for k, v in to_flat(self.params).items()}
             self.params = load_adapter_weights(c.resume_adapter_file, expected, c.scale, store=self.store)
-        self.compute = c.compute()
-        settings = dict(compute=self.compute, checkpoints=c.checkpoints)
-        if c.method == "mezo":
-            settings.update(eps=c.mezo_eps, seed=c.seed)
-        elif c.lora_dropout:
-            settings.update(lora_dropout=c.lora_dropout)
+        settings = dict(compute=c.compute(), checkpoints=c.checkpoints)
         if c.memory_budget:
-            self.memory_limit = parse_bytes(c.memory_budget)
-            longest = max(len(ids) - 1 for ids, _ in self.data["train"].examples)
-            if c.pack:  # packed rows fill up to max_seq_length
-                longest = min(c.max_seq_length, sum(len(ids) - 1 for ids, _ in self.data["train"].examples))
-            planned, peak = plan_for_budget(self.store, c.scale, c.batch_size, longest, self.params, c.optimizer,
-                                            c.fused_update, self.memory_limit, self.compute)
-            self.log(f"[mesp-mlx] memory budget {self.memory_limit / 1e6:.0f} MB: {planned}, predicted peak "
-                     f"{peak / 1e6:.0f} MB")
-            settings.update(planned)
-            self.compute = settings["compute"]
-        self.engine = make_engine(c.method, self.store, c.scale, **settings)
+            settings, self.memory_limit = plan_run(c, self.store, self.params, self.data["train"].examples, self.log)
+        self.compute = settings["compute"]
+        self.engine = make_engine(c.method, self.store, c.scale, config=c, **settings)
         # the update goes into the backward, block by block, whenever that is the same step (no accumulation)
         self.fused = c.fused_update and self.engine.fuses_update and c.grad_accumulation_steps == 1
         per_epoch = math.ceil(len(self.data["train"]) / (c.batch_size * self.group.size))
@@ -150,10 +136,10 @@ class Trainer:
         mx.eval(flat, self.opt.state)
         self.params[i] = from_flat(flat)[i]
 
-    def dropout_seed(self, micro):
-        """The LoRA dropout masks of this step's micro-batch: a function of the run's seed and the step, so a resumed
-        run draws the masks the uninterrupted one would."""
-        return (self.cfg.seed * 1_000_003 + self.step_no) * 64 + micro
+    def dropout_key(self, micro):
+        """The LoRA dropout masks of this step's micro-batch: the run's seed folded with the step and the micro-batch,
+        so a resumed run draws the masks the uninterrupted one would."""
+        return purpose_key(self.cfg.seed, "dropout", self.step_no, micro)
 
     def step(self):
         """One optimizer step (with gradient accumulation); returns (loss, tokens of the whole group)."""
@@ -162,7 +148,7 @@ class Trainer:
             n, total = self.group.tokens(batch)
             step0 = self.opt.state["step"]
             loss = self.engine.train_step(self.params, batch, lambda i, g: self.update_block(i, g, step0),
-                                          lambda tree: self.group.mean(tree, n, total), self.dropout_seed(0))
+                                          lambda tree: self.group.mean(tree, n, total), self.dropout_key(0))
             self.opt.state["step"] = step0 + 1
             return self.group.mean(loss, n, total).item(), total.item()
         acc, loss_sum, tokens = None, 0.0, 0.0
@@ -175,7 +161,7 @@ class Trainer:
                 grads[i] = self.group.mean(g, n, total)
                 mx.eval(grads[i])
 
-            loss, _ = self.engine.loss_and_grad(self.params, batch, on_block=collect, seed=self.dropout_seed(micro))
+            loss, _ = self.engine.loss_and_grad(self.params, batch, on_block=collect, seed=self.dropout_key(micro))
             acc = grads if acc is None else tree_map(lambda a, b: a + b, acc, grads)
             loss_sum += self.group.mean(loss, n, total).item()
             tokens += total.item()
@@ -221,15 +207,13 @@ class Trainer:
         return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def run(self):
+        """Trains (or evaluates) holding the adapter folder: a second run into it is refused while this one lives."""
+        with hold_folder(self.cfg.adapter_path, lock=self.group.rank == 0) as out:
+            return self._run(out)
+
+    def _run(self, out):
         c = self.cfg
         self.log(f"[mesp-mlx] {blas_status()}; device {mx.default_device()}")
-        out = Path(c.adapter_path)
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ConfigError(f"{out}: cannot create the adapter directory ({e.strerror})") from None
-        if not os.access(out, os.W_OK):
-            raise ConfigError(f"{out}: adapter directory is not writable")
         first = self.group.rank == 0
         checkpointer, reporter = Checkpointer(out, c, self.group), Reporter(out, self.log, first)
         if c.resume:
@@ -254,14 +238,16 @@ class Trainer:
         if first and c.report_to != "none":  # after the resume: a refused resume leaves no tracker run behind
             reporter.tracker = make_tracker(c.report_to, c.project_name, dataclasses.asdict(c), out)
         old_handlers = self._catch_signals()
-        old_limit = mx.set_memory_limit(self.memory_limit) if self.memory_limit else None
+        # MLX's share of the budget bounds what it allocates and what it keeps cached (both are resident)
+        limits = (mx.set_memory_limit(self.memory_limit), mx.set_cache_limit(self.memory_limit)) \
+            if self.memory_limit else None
         try:
             self.train_loop(checkpointer, reporter)
         finally:
             for sig, h in old_handlers.items():
                 signal.signal(sig, h)
-            if old_limit is not None:
-                mx.set_memory_limit(old_limit)
+            if limits:
+                mx.set_memory_limit(limits[0]), mx.set_cache_limit(limits[1])
         if self.stop_signal is not None:
             self.log(f"[mesp-mlx] stopped at step {self.step_no} of {self.steps}; checkpoint in {checkpointer.path}."
                      f" Continue with the same command and --resume")

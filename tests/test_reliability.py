@@ -214,7 +214,7 @@ def test_fuzz_model_and_adapter_readers(good_files, tmp_path_factory, kind, cut,
     try:
         if kind == "gguf":
             from mesp_mlx.io.gguf import config_from_gguf, open_gguf
-            config_from_gguf(open_gguf(f))
+            config_from_gguf(open_gguf(f), f)
         else:
             load_adapter_weights(f, {})
     except SourceError as e:

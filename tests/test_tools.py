@@ -41,7 +41,7 @@ def test_bench_memory(tiny_gguf, tmp_path):
         assert r["loss_ok"] and r["device"] == res["device"]["device"] and r["evals_per_step"] >= 1, r
     assert all(rows[m]["loss_rel_diff"] <= rows[m]["loss_tol"] for m in ("mebp", "mezo", "autodiff", "mlx-lm"))
     assert rows["mlx-lm"]["same_data"] is True
-    assert "mezo" in rows and rows["mezo"]["loss_step"] == rows["mezo"]["loss_step"]  # reported, not checked
+    assert math.isfinite(rows["mezo"]["loss_step"])  # reported, not compared (its step perturbs the loss)
 
 
 def test_bench_memory_loss_check():
@@ -124,4 +124,4 @@ def test_bench_convergence(tiny_gguf, tmp_path):
                                   "--methods", "mesp", "mezo", "mlx-lm", "--png", str(tmp_path / "c.png")])
     assert set(res) == {"mesp", "mezo", "mlx-lm"}
     assert all(len(r["train"]) == 2 and r["val"] for r in res.values())
-    assert res["mesp"]["train"][-1][2] < res["mesp"]["train"][0][2] + 0.5
+    assert res["mesp"]["train"][-1][2] < res["mesp"]["train"][0][2]  # a first-order method descends

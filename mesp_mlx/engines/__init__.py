@@ -10,9 +10,12 @@ ENGINES = {"mesp": MeSPEngine, "mebp": MeBPEngine, "mezo": MeZOEngine, "autodiff
 __all__ = ["ENGINES", "Engine", "make_engine"]
 
 
-def make_engine(method, store, scale, **kw):
+def make_engine(method, store, scale, config=None, **kw):
     """kw: compute (ops.linear.Compute), checkpoints and checkpoint_dtype for streaming engines, and each engine's
-    own settings (mezo: eps, n_samples, seed)."""
+    own settings (mezo: eps, n_samples, seed); config: a run's settings, from which the engine takes those its class
+    declares (`Engine.settings`), so the caller never names them."""
     if method not in ENGINES:
         raise ValueError(f"method must be one of {', '.join(ENGINES)}, got {method!r}")
-    return ENGINES[method](store, scale, **kw)
+    cls = ENGINES[method]
+    own = {k: getattr(config, f) for k, f in cls.settings.items()} if config is not None else {}
+    return cls(store, scale, **own, **kw)

@@ -9,6 +9,7 @@
         one optimizer step: reduce(tree) is the data-parallel mean (identity in one process) and update(i, grads_i)
         applies the optimizer to block i. First-order engines update each block inside the backward.
     fuses_update    whether train_step updates blocks during the backward (so whole gradients never exist)
+    settings        {keyword argument: run setting (TrainConfig field)}: what the engine takes from a run's config
     state() / load_state(state)    the engine's own resumable state (JSON-able)
 A batch is (inputs, targets, mask) of shape (B, T), mask 1.0 where a target token counts; a batch of packed rows
 (--pack) has a 4th element, segments (B, T): which packed row each position belongs to.
@@ -22,6 +23,7 @@ def segments_of(batch):
 
 class Engine:
     fuses_update = False
+    settings = {"lora_dropout": "lora_dropout"}
 
     def loss(self, params, batch):
         raise NotImplementedError

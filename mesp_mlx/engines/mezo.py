@@ -1,19 +1,21 @@
 """MeZO (Malladi et al. 2023, arXiv 2305.17333): zeroth-order SPSA on the LoRA parameters.
 
-Per step and per sample j of n: a seed s_j; theta += eps z, loss l+; theta -= 2 eps z, loss l-; theta += eps z
-(restored); the projected gradient c_j = (l+ - l-) / (2 eps); the estimate g = mean_j c_j z_j, with z regenerated
-from s_j every time, never stored. Forward passes stream the base like the other engines. A training step hands the
+Per step and per sample j of n: a key s_j (the run's seed folded with MeZO's purpose and the count of draws);
+theta += eps z, loss l+; theta -= 2 eps z, loss l-; theta += eps z (restored); the projected gradient
+c_j = (l+ - l-) / (2 eps); the estimate g = mean_j c_j z_j, with z regenerated from s_j every time, never stored. Forward passes stream the base like the other engines. A training step hands the
 estimate to the optimizer one block at a time (SGD gives MeZO's update theta -= lr g; Adam gives MeZO-Adam), so
 at most one block of z exists at once. In a data-parallel group the processes share seeds and average only the
 scalars c_j. `loss_and_grad` materialises the whole estimate (for gradient comparisons).
 """
 import mlx.core as mx
 
+from ..ops.keys import purpose_key
 from .streaming import StreamingEngine
 
 
 class MeZOEngine(StreamingEngine):
     fuses_update = False  # no backward to fuse into; its update is per block anyway
+    settings = {"eps": "mezo_eps", "seed": "seed"}
 
     def __init__(self, store, scale, eps=1e-2, n_samples=1, seed=0, **kw):
         super().__init__(store, scale, **kw)
@@ -28,9 +30,9 @@ class MeZOEngine(StreamingEngine):
         self.calls = state.get("mezo_calls", 0)
 
     @staticmethod
-    def _keys(seed, params):
-        """{block: {path: (key of z_A, key of z_B)}}: the same chain of splits for every use of a seed."""
-        key, out = mx.random.key(seed), {}
+    def _keys(key, params):
+        """{block: {path: (key of z_A, key of z_B)}}: the same chain of splits for every use of a key."""
+        out = {}
         for i in sorted(params):
             for p in sorted(params[i]):
                 key, ka, kb = mx.random.split(key, 3)
@@ -55,7 +57,7 @@ class MeZOEngine(StreamingEngine):
         """[(seed, c)] for n fresh seeds (c reduced over the group), and the mean of the two-sided losses."""
         out, losses = [], []
         for _ in range(self.n_samples):
-            seed = self.seed * 1_000_003 + self.calls
+            seed = purpose_key(self.seed, "mezo", self.calls)
             self.calls += 1
             lp = self.loss(self._shift(params, seed, self.eps), batch)
             lm = self.loss(self._shift(params, seed, -self.eps), batch)
@@ -78,11 +80,11 @@ class MeZOEngine(StreamingEngine):
 
     def train_step(self, params, batch, update, reduce, seed=None):
         proj, loss = self._projections(params, batch, reduce)
-        keys = {seed: self._keys(seed, params) for seed, _ in proj}
+        keys = [self._keys(seed, params) for seed, _ in proj]
         for i in sorted(params, reverse=True):
             est = None
-            for seed, c in proj:
-                z = self._z(seed, params, keys[seed], block=i)[i]
+            for (seed, c), k in zip(proj, keys):
+                z = self._z(seed, params, k, block=i)[i]
                 term = {p: (c * za / len(proj), c * zb / len(proj)) for p, (za, zb) in z.items()}
                 est = term if est is None else {p: (est[p][0] + t[0], est[p][1] + t[1]) for p, t in term.items()}
             update(i, est)

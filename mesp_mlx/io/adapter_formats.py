@@ -20,7 +20,7 @@ import numpy as np
 
 from ..lora import LoRAConfig, from_flat, resolve_keys, to_flat
 from . import SourceError
-from .adapters import atomic_directory, atomic_save_safetensors
+from .adapters import atomic_directory, atomic_save_safetensors, hold_folder
 from .gguf import NAMES as GGUF_TO_HF
 from .store import EMBED_FILE, STORE_MARK, layer_file
 
@@ -375,6 +375,12 @@ def export_adapter(adapter_dir, fmt="mlx-lm", out=None, model=None, dtype="float
     store = load_model(model)
     params, lora = read_adapter_dir(adapter_dir, store)
     out = Path(out) if out else adapter_dir / DEFAULT_OUT[fmt]
+    inside = adapter_dir.resolve() in (out.resolve(), *out.resolve().parents)
+    with hold_folder(adapter_dir, lock=inside):  # writing into a folder a run holds is refused, as a second run is
+        return _export(params, lora, store, adapter_dir, fmt, out, dtype, quantize)
+
+
+def _export(params, lora, store, adapter_dir, fmt, out, dtype, quantize):
     if fmt == "gguf":  # one file, itself written beside its target and renamed
         return out, [export_gguf(params, lora, store, out)]
     if fmt == "mlx-lm" and out.resolve() == adapter_dir.resolve():

@@ -1,5 +1,7 @@
 """Adapters in exactly mlx-lm's format, written atomically (temporary file, then rename): a crash never leaves a
-half-written adapter in place of a good one."""
+half-written adapter in place of a good one; and an adapter folder held by one writing process at a time."""
+import errno
+import fcntl
 import json
 import os
 import shutil
@@ -75,6 +77,40 @@ def save_adapter(out_dir, params, lora_cfg, model_path, step=None):
 
 
 RESUME_FILE = "resume.safetensors"
+LOCK_FILE = ".mesp-lock"
+
+
+@contextmanager
+def hold_folder(out, lock=True):
+    """Creates the adapter folder and holds it for this process while the block runs: an exclusive `flock` on a file
+    in it, which the OS drops when the process ends however it ends (SIGKILL too), so a killed holder never blocks the
+    next run. The holder writes its pid there, for the refusal a second writer gets. lock=False: create and check
+    only (the other processes of a data-parallel group, whose first process holds the folder)."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SourceError(f"{out}: cannot create the adapter directory ({e.strerror})") from None
+    if not os.access(out, os.W_OK):
+        raise SourceError(f"{out}: adapter directory is not writable")
+    if not lock:
+        yield out
+        return
+    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise SourceError(f"{out / LOCK_FILE}: cannot lock it ({e.strerror})") from None
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise SourceError(f"{out}: in use by another run (pid {holder}); wait for it to finish or use another "
+                              "--adapter-path") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield out
+    finally:
+        os.close(fd)  # closing the last descriptor releases the lock
 
 
 def split_float64(arrays):

@@ -27,6 +27,7 @@ from typing import Optional
 import mlx.core as mx
 
 from .attention import attention_backward, attention_forward, visible
+from .keys import fold
 from .linear import DEFAULT, Compute
 from .lora_linear import lora_linear_backward, lora_linear_forward
 from .mlp import gated_act_and_backward, gated_forward
@@ -82,24 +83,23 @@ def _lora(lora, name):
 
 
 def block_dropout(dropout, i):
-    """A step's LoRA dropout (p, seed) -> block i's own (p, seed), or None without dropout."""
-    return None if dropout is None or not dropout[0] else (dropout[0], dropout[1] * 4096 + i)
+    """A step's LoRA dropout (p, key) -> block i's own (p, key), or None without dropout (an int seed is a key)."""
+    return None if dropout is None or not dropout[0] else (dropout[0], fold(dropout[1], i))
 
 
 def _dropout_masks(dropout, lora, batch, length):
     """keep(name, inp, t0) -> the LoRA dropout mask of projection `name` on its input rows t0.. (None: no dropout).
-    dropout = (p, seed): each projection's mask is drawn from its own key over the whole (B, T, in) input and
+    dropout = (p, key): each projection's mask is drawn from its own key over the whole (B, T, in) input and
     sliced, so the forward, the recompute and the backward, chunked by tokens or not, see the very same mask."""
     if dropout is None or not dropout[0]:
         return lambda name, inp, t0=0: None
-    p, seed = dropout
+    p, key = dropout
     names = PROJECTIONS + FUSED_PROJECTIONS
 
     def keep(name, inp, t0=0):
         if name not in lora:
             return None
-        key = mx.random.key(seed * 64 + names.index(name))
-        mask = mx.random.bernoulli(1 - p, (batch, length, inp.shape[-1]), key=key)[:, t0:t0 + inp.shape[1]]
+        mask = mx.random.bernoulli(1 - p, (batch, length, inp.shape[-1]), key=fold(key, names.index(name)))[:, t0:t0 + inp.shape[1]]
         return mask.astype(inp.dtype) / (1 - p)
     return keep
 
