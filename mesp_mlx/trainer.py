@@ -44,6 +44,23 @@ def learning_rate_schedule(lr, kind, warmup, steps):
     return optim.join_schedules([optim.linear_schedule(0.0, lr, warmup), rest], [warmup])
 
 
+def catch_signals(trainer):
+    """Ctrl-C / SIGTERM: finish the step, save, stop. A second one stops at once (the last checkpoint stays).
+    -> the handlers replaced, to put back."""
+    trainer.stop_signal = None
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def handler(signum, frame):
+        if trainer.stop_signal is not None:
+            raise KeyboardInterrupt
+        trainer.stop_signal = signum
+        trainer.log(f"\n[mesp-mlx] {signal.Signals(signum).name}: stopping after this step and saving "
+                    "(again to stop now)")
+
+    return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+
+
 class Trainer:
     def __init__(self, config: TrainConfig, log=print):
         c = self.cfg = config
@@ -191,21 +208,6 @@ class Trainer:
         reporter.forget_after(self.step_no)
         self.log(f"[mesp-mlx] resumed from {checkpointer.path} at step {self.step_no}")
 
-    def _catch_signals(self):
-        """Ctrl-C / SIGTERM: finish the step, save, stop. A second one stops at once (the last checkpoint stays)."""
-        self.stop_signal = None
-        if threading.current_thread() is not threading.main_thread():
-            return {}
-
-        def handler(signum, frame):
-            if self.stop_signal is not None:
-                raise KeyboardInterrupt
-            self.stop_signal = signum
-            self.log(f"\n[mesp-mlx] {signal.Signals(signum).name}: stopping after this step and saving "
-                     "(again to stop now)")
-
-        return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-
     def run(self):
         """Trains (or evaluates) holding the adapter folder: a second run into it is refused while this one lives."""
         with hold_folder(self.cfg.adapter_path, lock=self.group.rank == 0) as out:
@@ -237,7 +239,7 @@ class Trainer:
             self.log(f"Before: {c.sample_prompt!r} -> {self.sample(False)!r}")
         if first and c.report_to != "none":  # after the resume: a refused resume leaves no tracker run behind
             reporter.tracker = make_tracker(c.report_to, c.project_name, dataclasses.asdict(c), out)
-        old_handlers = self._catch_signals()
+        old_handlers = catch_signals(self)
         # MLX's share of the budget bounds what it allocates and what it keeps cached (both are resident)
         limits = (mx.set_memory_limit(self.memory_limit), mx.set_cache_limit(self.memory_limit)) \
             if self.memory_limit else None

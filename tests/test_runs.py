@@ -57,3 +57,71 @@ def test_every_dtype_trains_saves_resumes_and_exports(tmp_path, tiny_gguf, dtype
     for fmt in ("peft", "gguf"):
         out, _ = export_adapter(tmp_path / "b", fmt)
         assert out.exists()
+
+
+def test_dropout_keys_never_repeat_across_steps_and_micro_batches(tmp_path, tiny_gguf):
+    """The old seeds, (seed * 1_000_003 + step) * 64 + micro, made step s's micro-batch 64 draw the masks of step
+    s+1's micro-batch 0 once --grad-accumulation-steps exceeded 64. Folded keys: every (step, micro, block,
+    projection) draws its own mask, and the same one again when asked again (resume)."""
+    from mesp_mlx.config import config_from_args
+    from mesp_mlx.ops.block import _dropout_masks, block_dropout
+    from mesp_mlx.trainer import Trainer
+    cfg = config_from_args(["--model", str(tiny_gguf), "--data", str(write_rows(tmp_path / "data")),
+                            "--sample-prompt", "", "--lora-dropout", "0.5", "--grad-accumulation-steps", "65"])
+    t = Trainer(cfg, log=lambda *a: None)
+    keys = {}
+    for step in range(3):
+        t.step_no = step
+        for micro in range(65):
+            keys[(step, micro)] = tuple(t.dropout_key(micro).tolist())
+    assert len(set(keys.values())) == len(keys)
+    t.step_no = 1
+    assert tuple(t.dropout_key(0).tolist()) == keys[(1, 0)]
+    x = mx.zeros((1, 16, 64))
+    lora = {"self_attn.q_proj": None, "self_attn.k_proj": None}
+
+    def mask(step, micro, block, name):
+        t.step_no = step
+        return _dropout_masks(block_dropout((0.5, t.dropout_key(micro)), block), lora, 1, 16)(name, x)
+
+    first = mask(0, 64, 0, "self_attn.q_proj")
+    others = [mask(1, 0, 0, "self_attn.q_proj"), mask(0, 63, 0, "self_attn.q_proj"), mask(0, 64, 1, "self_attn.q_proj"),
+              mask(0, 64, 0, "self_attn.k_proj")]
+    assert all(not mx.array_equal(first, m).item() for m in others)
+    assert mx.array_equal(first, mask(0, 64, 0, "self_attn.q_proj")).item()
+
+
+def test_one_run_per_adapter_folder_and_a_killed_holder_never_blocks(tmp_path, tiny_gguf):
+    """Two real processes: while a run trains into a folder, a second run, a resume and an export into it are refused
+    in one line naming the holder's pid; after the holder is killed with SIGKILL the next --resume runs."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    out = tmp_path / "out"
+    common = [sys.executable, "-m", "mesp_mlx.train", "--model", str(tiny_gguf), "--data",
+              str(write_rows(tmp_path / "data")), "--sample-prompt", "", "--rank", "4", "--steps-per-report", "1",
+              "--steps-per-eval", "1000", "--save-every", "1", "--adapter-path", str(out)]
+    env = dict(os.environ, MESP_MLX_NO_BLAS_PRELOAD="1")
+    holder = subprocess.Popen(common + ["--iters", "100000"], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (out / "resume.safetensors").exists():
+            time.sleep(0.05)
+        assert holder.poll() is None
+        export = [sys.executable, "-m", "mesp_mlx.export", "--adapter-path", str(out), "--format", "peft"]
+        for argv in (common + ["--iters", "3"], common + ["--iters", "3", "--resume"], export):
+            second = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+            err = [line for line in second.stderr.splitlines() if line.startswith("error:")]
+            assert second.returncode == 2 and len(err) == 1 and f"pid {holder.pid}" in err[0], second.stderr
+            assert "Traceback" not in second.stderr
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    steps = load_resume(out)[2]["step"]
+    done = subprocess.run(common + ["--iters", str(steps + 2), "--resume"], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert len(train_losses(out)) == steps + 2
