@@ -40,7 +40,7 @@ def test_gradients_equal_autodiff(tiny_dir, method, prompt_mask):
 
 
 def test_partial_layers_and_keys(tmp_path):
-    from conftest import write_tiny
+    from builders import write_tiny
     store = load_model(str(write_tiny(tmp_path / "m", "qwen2", num_hidden_layers=3)))
     cfg = LoRAConfig(rank=2, num_layers=1, keys=("self_attn.v_proj", "mlp.down_proj"))
     params = perturbed_lora(store, cfg)
@@ -66,7 +66,7 @@ def sgd_losses(store, method, steps=20):
 
 
 def test_mesp_and_mebp_train_identically(tmp_path):
-    from conftest import write_tiny
+    from builders import write_tiny
     store = load_model(str(write_tiny(tmp_path / "m", "llama")))
     a, b = sgd_losses(store, "mesp"), sgd_losses(store, "mebp")
     assert a[-1] < a[0]  # it learns
@@ -74,7 +74,7 @@ def test_mesp_and_mebp_train_identically(tmp_path):
 
 
 def test_mezo_estimate_approaches_gradient(tmp_path):
-    from conftest import write_tiny
+    from builders import write_tiny
     store = load_model(str(write_tiny(tmp_path / "m", "llama")))
     params = perturbed_lora(store, LoRAConfig(rank=2, keys=("self_attn.q_proj", "self_attn.v_proj")))
     batch = padded_batch(store.args.vocab_size, False)
@@ -96,7 +96,7 @@ def test_mezo_estimate_approaches_gradient(tmp_path):
 
 
 def test_mezo_step_descends(tmp_path):
-    from conftest import write_tiny
+    from builders import write_tiny
     store = load_model(str(write_tiny(tmp_path / "m", "llama")))
     params = init_lora(store.args, LoRAConfig(rank=2), seed=0)
     eng = make_engine("mezo", store, 20.0, eps=1e-3, seed=1)
@@ -175,7 +175,7 @@ def test_memory_follows_the_model(tmp_path):
     """A small but not trivial llama (d 256, f 768, vocab 8192, T 256), with 2 and 8 layers: the measured extra peak
     of a MeSP step sits under the engine's memory model (within 2x: the model is conservative at short T), grows
     with depth only by the checkpoints and gradients of the added layers, and is well below full autodiff's."""
-    from conftest import write_tiny
+    from builders import write_tiny
     seq = 256
     extra, model = {}, {}
     for n in (2, 8):
@@ -214,7 +214,7 @@ def test_checkpoint_placement(tiny_dir):
 
 
 def test_memory_budget_plans_or_refuses(tmp_path):
-    from conftest import write_tiny
+    from builders import write_tiny
     from mesp_mlx.config import ConfigError, parse_bytes
     from mesp_mlx.plan import PLANS, engine_settings, plan_for_budget
     store = load_model(str(write_tiny(tmp_path / "m", "llama", hidden_size=256, intermediate_size=768,

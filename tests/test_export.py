@@ -15,7 +15,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from conftest import write_tiny, write_tiny_gguf
+from builders import write_tiny, write_tiny_gguf
 from mesp_mlx.io import SourceError
 from mesp_mlx.io.adapter_formats import export_adapter
 from mesp_mlx.io.adapter_formats import load_adapter_weights
@@ -38,7 +38,7 @@ def rel(a, b):
 
 
 def llamacpp_permute(arr, n):
-    """llama.cpp's converter on axis 0, as conftest.write_tiny_gguf applies it (written out again here on purpose)."""
+    """llama.cpp's converter on axis 0, as builders.write_tiny_gguf applies it (written out again here on purpose)."""
     return arr.reshape(n, 2, arr.shape[0] // n // 2, *arr.shape[1:]).swapaxes(1, 2).reshape(arr.shape)
 
 

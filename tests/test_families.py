@@ -1,6 +1,6 @@
 """The families beyond Llama / Qwen: Gemma 3 (text, and the language model of a multimodal checkpoint), Mistral,
 SmolLM3, Phi-3 / Phi-4-mini. Logits and gradients on the tiny models of every family are in test_models.py and
-test_engines.py (conftest.TINY); here: GGUF sources, sliding windows that bind, fp64 exactness, the CLI's adapter
+test_engines.py (builders.TINY); here: GGUF sources, sliding windows that bind, fp64 exactness, the CLI's adapter
 in mlx-lm, and the one-line refusals."""
 import json
 import shutil
@@ -8,7 +8,7 @@ import shutil
 import mlx.core as mx
 import pytest
 
-from conftest import TINY, tiny_weights, write_tiny, write_tiny_gguf
+from builders import TINY, tiny_weights, write_tiny, write_tiny_gguf
 from helpers import EXACT, mlx_lm_model, rel_err
 from mesp_mlx.engines import make_engine
 from mesp_mlx.io import SourceError

@@ -6,7 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from conftest import write_tiny, write_tiny_gguf
+from builders import write_tiny, write_tiny_gguf
 from helpers import EXACT, mlx_lm_model, rel_err
 from mesp_mlx.io import SourceError
 from mesp_mlx.io.sources import load_model, smollm2_gguf

@@ -173,7 +173,7 @@ def test_packed_gradient_equals_padded(tmp_path, arch):
     """The rows as one packed batch (two packed rows, one of them with padding, segments across query blocks)
     and as a padded batch of four: the same token-weighted loss and the same gradient. The reference is the
     autodiff engine on the padded batch; a packed batch whose segments are dropped must not match it."""
-    from conftest import write_tiny
+    from builders import write_tiny
     store = load_model(str(write_tiny(tmp_path / arch, arch)))
     params = perturbed_lora(store, LoRAConfig(rank=4))
     ex = rows(store.args.vocab_size)

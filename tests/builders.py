@@ -1,0 +1,201 @@
+"""Builders the tests share: tiny random models of each architecture, written by the tests themselves in mlx-lm
+format or as GGUF files the way llama.cpp's converter writes them. Tests import them from here (`from builders
+import write_tiny`); conftest.py only turns some into fixtures."""
+import json
+
+import mlx.core as mx
+import numpy as np
+
+TINY = {
+    "llama": dict(model_type="llama", hidden_size=64, num_hidden_layers=2, intermediate_size=96,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=211, rms_norm_eps=1e-5,
+                  rope_theta=10000.0, tie_word_embeddings=True, max_position_embeddings=512),
+    "qwen2": dict(model_type="qwen2", hidden_size=64, num_hidden_layers=3, intermediate_size=160,
+                  num_attention_heads=8, num_key_value_heads=2, vocab_size=173, rms_norm_eps=1e-6,
+                  rope_theta=1000000.0, tie_word_embeddings=False, max_position_embeddings=512),
+    "qwen3": dict(model_type="qwen3", hidden_size=64, num_hidden_layers=2, intermediate_size=128,
+                  num_attention_heads=6, num_key_value_heads=2, head_dim=16, vocab_size=157, rms_norm_eps=1e-6,
+                  rope_theta=1000000.0, tie_word_embeddings=True, max_position_embeddings=512),
+    # layers 0, 1 local over 5 keys (rope base 10000), layer 2 global (base 1e6, linear scaling); d = 48 so that
+    # sqrt(d) is not a bf16 number; query_pre_attn_scalar != head_dim != d / heads
+    "gemma3_text": dict(model_type="gemma3_text", hidden_size=48, num_hidden_layers=3, intermediate_size=96,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=190,
+                        rms_norm_eps=1e-6, rope_theta=1000000.0, rope_local_base_freq=10000.0,
+                        rope_scaling={"rope_type": "linear", "factor": 2.0}, query_pre_attn_scalar=24,
+                        sliding_window=5, sliding_window_pattern=3, max_position_embeddings=512,
+                        hidden_activation="gelu_pytorch_tanh"),
+    # layers 0 and 2 over a window of 6 keys (named per layer: mlx-lm's Llama reads layer_types, not
+    # sliding_window alone, and needs one full layer), untied head
+    "mistral": dict(model_type="mistral", hidden_size=64, num_hidden_layers=3, intermediate_size=96,
+                    num_attention_heads=4, num_key_value_heads=2, vocab_size=181, rms_norm_eps=1e-5,
+                    rope_theta=1000000.0, tie_word_embeddings=False, max_position_embeddings=512, sliding_window=6,
+                    layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+    "smollm3": dict(model_type="smollm3", hidden_size=64, num_hidden_layers=3, intermediate_size=96,
+                    num_attention_heads=4, num_key_value_heads=2, vocab_size=167, rms_norm_eps=1e-6,
+                    rope_theta=5000000.0, tie_word_embeddings=True, max_position_embeddings=512,
+                    no_rope_layers=[1, 0, 1]),
+    # fused projections, RoPE on 12 of 16 features, LongRoPE with its attention factor (max / original = 4)
+    "phi3": dict(model_type="phi3", hidden_size=64, num_hidden_layers=2, intermediate_size=80,
+                 num_attention_heads=4, num_key_value_heads=2, vocab_size=163, rms_norm_eps=1e-5,
+                 rope_theta=10000.0, tie_word_embeddings=False, max_position_embeddings=256,
+                 original_max_position_embeddings=64, partial_rotary_factor=0.75,
+                 rope_scaling={"type": "longrope", "long_factor": [1.0, 1.5, 2.0, 3.0, 5.0, 8.0],
+                               "short_factor": [1.0] * 6}),
+}
+
+
+def tiny_weights(config, seed=0):
+    rng = np.random.default_rng(seed)
+    d, f, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    hd = config.get("head_dim") or d // config["num_attention_heads"]
+    hq, hkv = config["num_attention_heads"] * hd, config["num_key_value_heads"] * hd
+    w = lambda *s: mx.array(rng.normal(0, 0.08, s).astype(np.float32))
+    out = {"model.embed_tokens.weight": w(v, d), "model.norm.weight": mx.array(1 + 0.1 * rng.normal(size=d)
+                                                                                .astype(np.float32))}
+    if not config.get("tie_word_embeddings", True):
+        out["lm_head.weight"] = w(v, d)
+    kind = config["model_type"]
+    gemma = kind.startswith("gemma")
+    norm = (lambda n: w(n)) if gemma else (lambda n: 1 + w(n))  # Gemma stores multiplier - 1
+    if gemma:
+        out["model.norm.weight"] = norm(d)
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        if kind == "phi3":  # fused: q, k, v rows in one matrix; gate, up rows in another
+            out.update({p + "self_attn.qkv_proj.weight": w(hq + 2 * hkv, d),
+                        p + "mlp.gate_up_proj.weight": w(2 * f, d)})
+        else:
+            out.update({p + "self_attn.q_proj.weight": w(hq, d), p + "self_attn.k_proj.weight": w(hkv, d),
+                        p + "self_attn.v_proj.weight": w(hkv, d), p + "mlp.gate_proj.weight": w(f, d),
+                        p + "mlp.up_proj.weight": w(f, d)})
+        out.update({p + "self_attn.o_proj.weight": w(d, hq), p + "mlp.down_proj.weight": w(d, f),
+                    p + "input_layernorm.weight": norm(d), p + "post_attention_layernorm.weight": norm(d)})
+        if gemma:
+            out.update({p + "pre_feedforward_layernorm.weight": norm(d), p + "post_feedforward_layernorm.weight":
+                        norm(d), p + "self_attn.q_norm.weight": norm(hd), p + "self_attn.k_norm.weight": norm(hd)})
+        if config["model_type"] == "qwen2":
+            out.update({p + "self_attn.q_proj.bias": w(hq), p + "self_attn.k_proj.bias": w(hkv),
+                        p + "self_attn.v_proj.bias": w(hkv)})
+        if config["model_type"] == "qwen3":
+            out.update({p + "self_attn.q_norm.weight": 1 + w(hd), p + "self_attn.k_norm.weight": 1 + w(hd)})
+    return out
+
+
+def write_tiny(path, arch, seed=0, **overrides):
+    config = dict(TINY[arch], **overrides)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config))
+    mx.save_safetensors(str(path / "model.safetensors"), tiny_weights(config, seed))
+    return path
+
+
+GGUF_GEMMA3 = {"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
+               "post_feedforward_layernorm": "post_ffw_norm"}
+GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+              "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+              "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+              "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+              # Phi-3's fused projections, kept fused: q, k, v rows; gate rows, then up rows (llama.cpp's layout)
+              "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"}
+GGUF_PERMUTED = ("llama", "smollm3")  # q/k rows permuted by llama.cpp's converter (its Llama converter's subclasses)
+
+
+def tiny_bpe(vocab_size):
+    """A real byte-level BPE trained on a few lines, with three special tokens: (tokens, merges)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>",
+                                                                         "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog " * 20, "def main(): return 0\n" * 20],
+                            trainer)
+    vocab = tok.get_vocab()
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    merges = [" ".join(m) for m in json.loads(tok.to_str())["model"]["merges"]]
+    return tokens, merges
+
+
+def write_tiny_gguf(path, arch, qtype="Q8_0", seed=0, drop_tensor=None, bad_type_tensor=None, **overrides):
+    """The tiny model of `arch` as a GGUF file as llama.cpp's converter writes it: Llama (and Mistral) and SmolLM3 q/k
+    rows permuted, Gemma 3 as arch gemma3 with its norms stored as 1 + w, Phi-3 with its fused projections as they
+    are, its rotated features per head as rope.dimension_count and LongRoPE's factors as the tensors
+    rope_factors_long / rope_factors_short (with the attention factor as metadata). SmolLM3's no_rope_layers are not
+    written (llama.cpp has no key for them; it fixes every fourth layer)."""
+    import gguf
+    import numpy as np
+    config = dict(TINY[arch], vocab_size=300, **overrides)
+    tokens, merges = tiny_bpe(300)
+    weights = {k: np.array(v) for k, v in tiny_weights(config, seed).items()}
+    gemma = arch == "gemma3_text"
+    garch = {"gemma3_text": "gemma3", "mistral": "llama"}.get(arch, arch)
+    w = gguf.GGUFWriter(str(path), garch)
+    if gemma:
+        w.add_sliding_window(config["sliding_window"])
+    w.add_block_count(config["num_hidden_layers"])
+    w.add_context_length(config["max_position_embeddings"])
+    w.add_embedding_length(config["hidden_size"])
+    w.add_feed_forward_length(config["intermediate_size"])
+    w.add_head_count(config["num_attention_heads"])
+    w.add_head_count_kv(config["num_key_value_heads"])
+    w.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    w.add_rope_freq_base(config["rope_theta"])
+    if "head_dim" in config:
+        w.add_key_length(config["head_dim"])
+        w.add_value_length(config["head_dim"])
+    heads = config["num_attention_heads"]
+    if garch == "smollm3":  # llama.cpp's Llama converter: the head size
+        w.add_rope_dimension_count(config.get("head_dim") or config["hidden_size"] // heads)
+    if garch == "phi3":
+        import math
+        w.add_rope_dimension_count(int(config.get("partial_rotary_factor", 1.0) * config["hidden_size"]) // heads)
+        orig = config["original_max_position_embeddings"]
+        w.add_rope_scaling_orig_ctx_len(orig)
+        w.add_sliding_window(config.get("sliding_window") or 0)
+        scaling = config.get("rope_scaling")
+        if scaling:
+            ratio = config["max_position_embeddings"] / orig
+            w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(ratio) / math.log(orig)) if ratio > 1 else 1.0)
+            for which in ("long", "short"):
+                w.add_tensor(f"rope_factors_{which}.weight", np.array(scaling[f"{which}_factor"], np.float32))
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t.startswith("<|") else 1 for t in tokens])
+    w.add_token_merges(merges)
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(2)
+    w.add_chat_template("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    qt = getattr(gguf.GGMLQuantizationType, qtype)
+    nh, nkv = config["num_attention_heads"], config["num_key_value_heads"]
+    for name, arr in weights.items():
+        parts = name.split(".")
+        if parts[0] == "lm_head":
+            gname = "output." + parts[-1]
+        elif parts[1] == "embed_tokens":
+            gname = "token_embd.weight"
+        elif parts[1] == "norm":
+            gname = "output_norm.weight"
+        else:
+            module = '.'.join(parts[3:-1])
+            gname = f"blk.{parts[2]}.{(GGUF_GEMMA3 if gemma else {}).get(module) or GGUF_NAMES[module]}.{parts[-1]}"
+        if gemma and parts[-2].endswith("norm"):
+            arr = arr + 1.0
+        if garch in GGUF_PERMUTED and parts[-1] == "weight" and parts[-2] in ("q_proj", "k_proj"):
+            n = nh if parts[-2] == "q_proj" else nkv
+            arr = arr.reshape(n, 2, arr.shape[0] // n // 2, *arr.shape[1:]).swapaxes(1, 2).reshape(arr.shape)
+        if gname == drop_tensor:
+            continue
+        if gname == bad_type_tensor:
+            w.add_tensor(gname, np.zeros((arr.shape[0], arr.shape[1] // 32 * gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_1][1]), np.uint8),
+                         raw_dtype=gguf.GGMLQuantizationType.Q8_1)
+        elif arr.ndim == 2:
+            w.add_tensor(gname, gguf.quants.quantize(arr.astype(np.float32), qt), raw_dtype=qt)
+        else:
+            w.add_tensor(gname, arr.astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return config, weights
