@@ -80,7 +80,7 @@ BAD_CONFIG = {
     "too many layers": (["--num-layers", "99"], "larger than the model"),
     "rank 0": (["--rank", "0"], "rank must be > 0"),
     "negative learning rate": (["--learning-rate", "-1"], "learning_rate must be > 0"),
-    "budget that cannot fit": (["--memory-budget", "10KB"], "needs at least"),
+    "budget that cannot fit": (["--memory-budget", "10KB"], "already holds"),
     "budget that is not a size": (["--memory-budget", "lots"], "expected a size"),
     "unknown dtype": (["--dtype", "float8"], "dtype must be"),
 }

@@ -235,17 +235,31 @@ def test_source_tree_holds_out_files(tmp_path, tiny_gguf):
     assert out["train"] and out["valid"]
 
 
-def test_memory_budget_run_stays_under_it(tmp_path, tiny_gguf, capsys):
+def test_memory_budget_bounds_the_process(tmp_path, tiny_gguf, capsys):
+    """The budget is the process's: what it holds before the first step is measured, MLX's share planned from the
+    rest (both reported), and a budget the fixed part alone fills is refused before any work."""
+    import subprocess
+    import sys
+    from mesp_mlx.plan import resident_now
     data = write_data(tmp_path / "data", "text")
     common = ["--model", str(tiny_gguf), "--data", str(data), "--sample-prompt", "", "--rank", "4", "--iters", "2",
               "--steps-per-report", "1", "--adapter-path", str(tmp_path / "a")]
     assert main(common + ["--memory-budget", "1KB"]) == 2
-    assert "needs at least" in capsys.readouterr().err
-    assert main(common + ["--memory-budget", "50MB"]) == 0
+    assert "already holds" in capsys.readouterr().err and not (tmp_path / "a").exists()
+    assert main(common + ["--memory-budget", f"{resident_now() + 50_000_000}B"]) == 0
+    log = capsys.readouterr().out
+    assert "the process holds" in log and "MLX's share" in log
     peaks = [r["peak_memory_gb"] for r in map(json.loads, (tmp_path / "a" / "metrics.jsonl").read_text().splitlines())
              if "peak_memory_gb" in r]
     assert peaks and max(peaks) * 1e9 <= 50e6
     assert main(common + ["--memory-budget", "50MB", "--method", "mebp"]) == 2
+    # a fresh process (the suite's own resident set is not a run's): its peak RSS stays within the budget
+    run = subprocess.run([sys.executable, "-m", "mesp_mlx.train"] + common[:-1] + [str(tmp_path / "b"),
+                         "--memory-budget", "300MB"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    rss = [r["rss_peak_mb"] for r in map(json.loads, (tmp_path / "b" / "metrics.jsonl").read_text().splitlines())
+           if "rss_peak_mb" in r]
+    assert rss and max(rss) * 2 ** 20 <= 300e6, rss
 
 
 def two_process_setup(tmp_path):
