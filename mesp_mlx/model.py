@@ -4,7 +4,7 @@ MLX autodiff differentiates (engines/autodiff.py). The training engines reuse th
 import mlx.core as mx
 
 from .ops.block import block_dropout, block_forward, packing
-from .ops.linear import DEFAULT, accum_dtype, frozen_matmul
+from .ops.linear import DEFAULT, accum_dtype, frozen_matmul, prepared
 from .ops.rmsnorm import rmsnorm_forward
 
 
@@ -50,7 +50,8 @@ def reference_loss(store, ids, targets, mask, lora, scale, specs=None, layers=No
 
 
 def generate(store, tokenizer, prompt, max_tokens=32, lora=None, scale=20.0, chat=True, compute=DEFAULT):
-    """Greedy decoding (no KV cache: each step recomputes the prefix, fine for short answers)."""
+    """Greedy decoding (no KV cache: each step recomputes the prefix, fine for short answers). Blocks are streamed
+    and the head read in vocabulary chunks, as in training, so a sample stays within a run's memory budget."""
     if chat and getattr(tokenizer, "chat_template", None):
         ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                             tokenize=True)
@@ -60,15 +61,28 @@ def generate(store, tokenizer, prompt, max_tokens=32, lora=None, scale=20.0, cha
         ids = tokenizer.encode(prompt)
     ids, out = list(ids), []
     specs = store.args.block_specs(compute)
-    layers = [store.layer(i) for i in range(store.num_layers)]
     for _ in range(max_tokens):
-        z = logits(store, mx.array([ids]), lora, scale, specs, layers)[0, -1]
-        nxt = int(mx.argmax(z).item())
+        nxt = next_token(store, mx.array([ids]), lora, scale, specs)
         if nxt == tokenizer.eos_token_id or nxt in _stop_ids(tokenizer):
             break
         ids.append(nxt)
         out.append(nxt)
     return tokenizer.decode(out)
+
+
+def next_token(store, ids, lora, scale, specs):
+    """The greedy next token after ids (1, T): the last position's logits a vocabulary chunk at a time (the first
+    of equal maxima wins, as argmax's)."""
+    a, compute = store.args, specs[0].compute
+    x = hidden_states(store, ids, lora, scale, specs)[:, -1]
+    h = rmsnorm_forward(x, store.final_norm(), a.rms_norm_eps, a.norm_offset)
+    head, best, arg = store.head_rows(), -float("inf"), 0
+    for v0 in range(0, head.out_dims, compute.vocab_chunk):
+        z = frozen_matmul(h, prepared(head.rows(v0, min(v0 + compute.vocab_chunk, head.out_dims)), compute), compute)
+        k = int(mx.argmax(z[0]).item())
+        if z[0, k].item() > best:
+            best, arg = z[0, k].item(), v0 + k
+    return arg
 
 
 def _stop_ids(tokenizer):

@@ -11,12 +11,16 @@ way (benchmarks), so a plan must fit with a 1.25x margin.
 import dataclasses
 import resource
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+
+import mlx.core as mx
 
 from .config import parse_bytes
 from .engines.mesp import MeSPEngine
 from .errors import ConfigError
 from .lora import num_params
+from .plots import chart_library
 
 # fastest first; each later plan trades speed for memory: (Compute fields, checkpoint placement)
 PLANS = [
@@ -86,8 +90,9 @@ def resident_now():
 
 
 def plan_run(config, store, params, examples, log):
-    """--memory-budget for a run: -> (engine settings, MLX's share in bytes). The process's resident set now is the
+    """--memory-budget for a run: -> (engine settings, (MLX's share, what of it may stay cached) in bytes). The process's resident set now is the
     fixed part; a budget it already fills (or nearly: no plan fits the rest) is refused before any work."""
+    chart_library()  # drawn at the end of the run: part of the fixed footprint
     budget, held = parse_bytes(config.memory_budget), resident_now()
     longest = max(len(ids) - 1 for ids, _ in examples)
     if config.pack:  # packed rows fill up to max_seq_length
@@ -101,4 +106,19 @@ def plan_run(config, store, params, examples, log):
     log(f"[mesp-mlx] memory budget {budget / 1e6:.0f} MB: the process holds {held / 1e6:.0f} MB before the first "
         f"step, MLX's share is {(budget - held) / 1e6:.0f} MB; plan {settings}, predicted MLX peak "
         f"{peak / 1e6:.0f} MB")
-    return settings, budget - held
+    return settings, (budget - held, budget - held - peak)
+
+
+@contextmanager
+def mlx_limits(limits):
+    """limits: (MLX's share, its cache's share) from `plan_run`, or None. MLX allocates within the first and keeps
+    at most the second cached (freed buffers it keeps are resident too); the old limits come back afterwards."""
+    if not limits:
+        yield
+        return
+    old = mx.set_memory_limit(int(limits[0])), mx.set_cache_limit(int(max(limits[1], 0)))
+    try:
+        yield
+    finally:
+        mx.set_memory_limit(old[0])
+        mx.set_cache_limit(old[1])

@@ -2,13 +2,22 @@
 import json
 
 
-def plot_metrics(metrics_path, png_path):
-    """Returns the PNG's path, or None when there is nothing to draw or matplotlib is missing."""
+def chart_library():
+    """matplotlib's pyplot on a file backend, or None when it is missing. A memory budget loads it before it measures
+    what the process holds, so that the chart drawn at the end is inside the budget."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def plot_metrics(metrics_path, png_path):
+    """Returns the PNG's path, or None when there is nothing to draw or matplotlib is missing."""
+    plt = chart_library()
+    if plt is None:
         return None
     try:
         rows = [json.loads(line) for line in open(metrics_path) if line.strip()]

@@ -30,7 +30,7 @@ from .io.sources import load_model
 from .lora import LoRAConfig, from_flat, init_lora, num_params, resolve_keys, to_flat, tree_map
 from .model import generate
 from .ops.keys import purpose_key
-from .plan import plan_run
+from .plan import mlx_limits, plan_run
 from .report import Reporter, make_tracker
 
 
@@ -210,7 +210,7 @@ class Trainer:
 
     def run(self):
         """Trains (or evaluates) holding the adapter folder: a second run into it is refused while this one lives."""
-        with hold_folder(self.cfg.adapter_path, lock=self.group.rank == 0) as out:
+        with hold_folder(self.cfg.adapter_path, lock=self.group.rank == 0) as out, mlx_limits(self.memory_limit):
             return self._run(out)
 
     def _run(self, out):
@@ -240,16 +240,11 @@ class Trainer:
         if first and c.report_to != "none":  # after the resume: a refused resume leaves no tracker run behind
             reporter.tracker = make_tracker(c.report_to, c.project_name, dataclasses.asdict(c), out)
         old_handlers = catch_signals(self)
-        # MLX's share of the budget bounds what it allocates and what it keeps cached (both are resident)
-        limits = (mx.set_memory_limit(self.memory_limit), mx.set_cache_limit(self.memory_limit)) \
-            if self.memory_limit else None
         try:
             self.train_loop(checkpointer, reporter)
         finally:
             for sig, h in old_handlers.items():
                 signal.signal(sig, h)
-            if limits:
-                mx.set_memory_limit(limits[0]), mx.set_cache_limit(limits[1])
         if self.stop_signal is not None:
             self.log(f"[mesp-mlx] stopped at step {self.step_no} of {self.steps}; checkpoint in {checkpointer.path}."
                      f" Continue with the same command and --resume")
