@@ -3,6 +3,7 @@ MLX autodiff differentiates (engines/autodiff.py). The training engines reuse th
 """
 import mlx.core as mx
 
+from .models import stop_ids
 from .ops.block import block_dropout, block_forward, packing
 from .ops.linear import DEFAULT, accum_dtype, frozen_matmul
 from .ops.rmsnorm import rmsnorm_forward
@@ -59,22 +60,15 @@ def generate(store, tokenizer, prompt, max_tokens=32, lora=None, scale=20.0, cha
     else:
         ids = tokenizer.encode(prompt)
     ids, out = list(ids), []
+    stops = stop_ids(tokenizer, store.args.model_type)  # the ids a fused export's generation_config lists
     specs = store.args.block_specs(compute)
     layers = [store.layer(i) for i in range(store.num_layers)]
     for _ in range(max_tokens):
         z = logits(store, mx.array([ids]), lora, scale, specs, layers)[0, -1]
         nxt = int(mx.argmax(z).item())
-        if nxt == tokenizer.eos_token_id or nxt in _stop_ids(tokenizer):
+        if nxt in stops:
             break
         ids.append(nxt)
         out.append(nxt)
     return tokenizer.decode(out)
 
-
-def _stop_ids(tokenizer):
-    ids = set()
-    for t in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>"):
-        i = tokenizer.convert_tokens_to_ids(t)
-        if isinstance(i, int) and i != tokenizer.unk_token_id:
-            ids.add(i)
-    return ids

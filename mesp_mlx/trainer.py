@@ -26,7 +26,7 @@ from .data import batches, epoch_groups, load_datasets
 from .distributed import Group
 from .engines import make_engine
 from .errors import ConfigError
-from .io.adapter_formats import load_adapter_weights
+from .io.formats import load_adapter_weights
 from .io.adapters import RESUME_FILE
 from .io.sources import load_model
 from .lora import LoRAConfig, from_flat, init_lora, num_params, resolve_keys, to_flat, tree_map
