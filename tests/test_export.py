@@ -4,9 +4,8 @@ References are written from each format's own formula on that format's own base 
 (the `gguf` package, `safetensors.numpy`, mlx-lm's loader). Tolerance: fp32 on the CPU. The compared quantities are the
 same sums taken in a different order (x W^T + s (x A) B against x (W + s (A B)^T)^T, or a rope on permuted rows), so
 they agree to a few ulp times sqrt(K) for K <= 160 terms: far below the 1e-5 bound on max |a - b| / max |b| used here.
-Not tested here: llama.cpp itself (llama-cpp-python ships only a source distribution, a long C++ build on two
-cores; the prebuilt CPU library in llama-cpp-cffi 0.4.42 has the LoRA API but needs a newer libstdc++ than Debian 12's:
-undefined symbol __cxa_call_terminate) and `peft` (it needs torch, which this project does not install).
+llama.cpp itself, every family and both sources: tests/test_conformance.py. Not tested: `peft` itself (it needs
+torch, which this project does not install); its formula is.
 """
 import json
 from pathlib import Path

@@ -80,8 +80,8 @@ def norm_shift(reader, path=None):
 
 def config_from_gguf(reader, path):
     family = file_family(reader, path)
-    arch = family.llamacpp_arch
-    g = lambda k, d=None: field(reader, f"{arch}.{k}", d)
+    meta = _Meta(reader, family.llamacpp_arch)
+    g = meta.get
     tokens = field(reader, "tokenizer.ggml.tokens") or []
     names = {t.name for t in reader.tensors}
     heads = g("attention.head_count")
@@ -105,7 +105,7 @@ def config_from_gguf(reader, path):
         config["head_dim"] = g("attention.key_length")
     if family.gguf_config is not None:
         try:
-            config.update(family.gguf_config(_Meta(reader, arch), config))
+            config.update(family.gguf_config(meta, config))
         except ValueError as e:
             raise SourceError(f"{path}: {e}") from None
     if None in config.values():
