@@ -11,9 +11,9 @@ tool that reads it.
   convert_hf_to_gguf.py read (checked without transformers).
 
 The tiny models are the suite's, with the settings llama.cpp fixes rather than reads (Gemma 3: five sliding layers in
-six, 1/sqrt(head_dim) scores, and six layers, which mlx-lm's Gemma 3 needs; SmolLM3: every fourth layer without RoPE; Mistral: no window, as llama.cpp's `llama`
-has none), so that the directory, the GGUF and llama.cpp describe one model; Gemma's d = 64 makes sqrt(d) a bf16
-number (llama.cpp scales embeddings in fp32, mlx-lm in bf16).
+six, 1/sqrt(head_dim) scores, and six layers, which mlx-lm's Gemma 3 needs; SmolLM3: every fourth layer without
+RoPE; Mistral: no window, as llama.cpp's `llama` has none), so that the directory, the GGUF and llama.cpp describe
+one model; Gemma's d = 64 makes sqrt(d) a bf16 number (llama.cpp scales embeddings in fp32, mlx-lm in bf16).
 
 Tolerances. Ours and the readers compute in fp32 on the CPU, the same sums in another order: EXACT (helpers.py) for
 logits. The effect in llama.cpp is a difference of two runs of ~1e-6 relative error each, measured on effects that are
@@ -31,7 +31,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from conftest import write_tiny_gguf
+from conftest import write_tiny, write_tiny_gguf
 from helpers import EXACT, mlx_lm_model, rel_err
 from mesp_mlx.io.adapters import save_adapter
 from mesp_mlx.io.formats import FORMATS, export_adapter, load_adapter_weights
@@ -228,6 +228,16 @@ def test_fused_folder_every_reader_takes(case, arch, source):
     model, tokenizer = load(str(out))
     assert sorted(tokenizer.eos_token_ids) == stops  # mlx-lm stops where we do
     assert rel_err(model(mx.array([IDS]))[0], mx.array(ours(c))) <= EXACT
+
+
+def test_peft_names_the_hub_id_of_a_downloaded_base(tmp_path):
+    """A base downloaded from the hub (its snapshot folder in the hub's cache layout) is named by its id."""
+    snapshot = write_tiny(tmp_path / "hub" / "models--org--tiny-llama" / "snapshots" / "0123abc", "llama")
+    store = load_model(str(snapshot), quantize=None)
+    save_adapter(tmp_path / "ad", random_params(store, 1), LORA, store.path)
+    out, _ = export_adapter(tmp_path / "ad", "peft", tmp_path / "peft")
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "org/tiny-llama"
+    assert 'from_pretrained("org/tiny-llama")' in (out / "README.md").read_text()
 
 
 def test_formats_table_feeds_the_cli():

@@ -223,7 +223,7 @@ def test_fused_llama_from_gguf_equals_adapted(llama):
     # re-quantized: the error it reports is the one mlx-lm's model shows on the same probe tokens
     from mesp_mlx.io.formats import fused
     q_out = llama["root"] / "fused-q4"
-    msg, err = fused.export(ad, params, LORA, store, q_out, "float32", quantize=(64, 4), probe_tokens=16)
+    msg, err = fused.write(params, LORA, store, q_out, "float32", quantize=(64, 4), probe_tokens=16)
     model, _ = mlx_lm_load(Path(q_out))
     probe = mx.array([[(7 + 31 * k) % store.args.vocab_size for k in range(16)]])
     ref = np.array(logits(store, probe, params, LORA.scale))

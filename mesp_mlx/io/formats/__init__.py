@@ -1,5 +1,6 @@
-"""An adapter in the formats other tools read, and back: one module per format, each a writer (`export`) and, where
-the format is an adapter, a reader (`read`), listed once in FORMATS (the CLI's --format choices come from it).
+"""An adapter in the formats other tools read, and back: one module per format, each a writer (`export`, which
+returns the line to show the user) and, where the format is an adapter, a reader, listed once in FORMATS (the CLI's
+--format choices come from it).
 
 Conventions. Our parameters are mlx-lm's: lora_a (in, r), lora_b (r, out), y = W x + scale * x A B, kept in the
 weight store's row order. PEFT and llama.cpp both store A as (r, in) and B as (out, r) and apply alpha / r, so they
@@ -44,7 +45,7 @@ def export_adapter(adapter_dir, fmt="mlx-lm", out=None, model=None, dtype="float
     else:
         with atomic_directory(out) as tmp:  # a folder appears whole or not at all
             line = writer.export(adapter_dir, params, lora, store, tmp, **options)
-    return out, [line[0] if isinstance(line, tuple) else line]
+    return out, [line]
 
 
 def read_foreign(path, store):

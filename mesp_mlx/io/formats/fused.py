@@ -35,7 +35,11 @@ def token_ids(store):
     return bos, sorted(stops | ({eos} if eos is not None else set())), eos
 
 
-def export(adapter_dir, params, lora, store, out, dtype="float16", quantize=None, probe_tokens=16, **_):
+def export(adapter_dir, params, lora, store, out, dtype="float16", quantize=None, **_):
+    return write(params, lora, store, out, dtype, quantize)[0]
+
+
+def write(params, lora, store, out, dtype="float16", quantize=None, probe_tokens=16):
     """Returns (message, max |logit error| relative to max |logit|) measured against the adapted model on
     `probe_tokens` token ids."""
     from ...model import logits
