@@ -240,6 +240,30 @@ def test_peft_names_the_hub_id_of_a_downloaded_base(tmp_path):
     assert 'from_pretrained("org/tiny-llama")' in (out / "README.md").read_text()
 
 
+def test_every_family_record_is_whole():
+    """Every registered family names every projection a LoRA adapts in llama.cpp's naming (a missing one was Phi-3's
+    KeyError), a llama.cpp architecture that reads its GGUFs back as a family, and a transformers class."""
+    from conftest import TINY
+    from mesp_mlx.models import ARCHITECTURES, GGUF_ARCHITECTURES, model_args
+    assert sorted(TINY) == sorted(FAMILIES)  # the matrix covers every family the suite builds
+    for kind in ARCHITECTURES:
+        fam = family(kind)
+        args = model_args(TINY.get(kind) or TINY[fam.model_type])
+        assert set(args.projections()) <= set(fam.hf_to_gguf()), kind
+        assert fam.llamacpp_arch in GGUF_ARCHITECTURES and fam.hf_architecture.endswith("ForCausalLM"), kind
+
+
+def test_gguf_lora_for_another_architecture_is_refused(case):
+    """As llama.cpp refuses it: one line naming both architectures."""
+    from mesp_mlx.io import SourceError
+    gemma, llama = case("gemma3_text", "gguf"), case("llama", "hf")
+    out = gemma["root"] / "lora-gguf.gguf"
+    export_adapter(gemma["adapter"], "gguf", out)
+    with pytest.raises(SourceError, match="a LoRA for a gemma3 model, not for this llama model") as e:
+        load_adapter_weights(out, expected_shapes(llama["params"]), store=llama["store"])
+    assert "\n" not in str(e.value)
+
+
 def test_formats_table_feeds_the_cli():
     from mesp_mlx.export import parser
     fmt = next(a for a in parser()._actions if a.dest == "format")
