@@ -3,6 +3,7 @@ MLX autodiff differentiates (engines/autodiff.py). The training engines reuse th
 """
 import mlx.core as mx
 
+from .models import stop_ids
 from .ops.block import block_dropout, block_forward, packing
 from .ops.linear import DEFAULT, accum_dtype, frozen_matmul, prepared
 from .ops.rmsnorm import rmsnorm_forward
@@ -60,10 +61,11 @@ def generate(store, tokenizer, prompt, max_tokens=32, lora=None, scale=20.0, cha
     else:
         ids = tokenizer.encode(prompt)
     ids, out = list(ids), []
+    stops = stop_ids(tokenizer, store.args.model_type)  # the ids a fused export's generation_config lists
     specs = store.args.block_specs(compute)
     for _ in range(max_tokens):
         nxt = next_token(store, mx.array([ids]), lora, scale, specs)
-        if nxt == tokenizer.eos_token_id or nxt in _stop_ids(tokenizer):
+        if nxt in stops:
             break
         ids.append(nxt)
         out.append(nxt)
@@ -83,12 +85,3 @@ def next_token(store, ids, lora, scale, specs):
         if z[0, k].item() > best:
             best, arg = z[0, k].item(), v0 + k
     return arg
-
-
-def _stop_ids(tokenizer):
-    ids = set()
-    for t in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>"):
-        i = tokenizer.convert_tokens_to_ids(t)
-        if isinstance(i, int) and i != tokenizer.unk_token_id:
-            ids.add(i)
-    return ids

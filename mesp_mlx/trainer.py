@@ -24,7 +24,7 @@ from .data import batches, epoch_groups, load_datasets
 from .distributed import Group
 from .engines import make_engine
 from .errors import ConfigError
-from .io.adapter_formats import load_adapter_weights
+from .io.formats import FORMATS, load_adapter_weights
 from .io.adapters import RESUME_FILE, hold_folder
 from .io.sources import load_model
 from .lora import LoRAConfig, from_flat, init_lora, num_params, resolve_keys, to_flat, tree_map
@@ -252,10 +252,11 @@ class Trainer:
         self.test()
         if c.sample_prompt:
             self.log(f"After:  {c.sample_prompt!r} -> {self.sample(True)!r}")
+        formats = "|".join(f for f in FORMATS if f != "mlx-lm")
         self.log(f"Use it with mlx-lm:\n  mlx_lm.generate --model {self.store.path} --adapter-path {out} "
                  f"--prompt {json.dumps(c.sample_prompt or 'Hello')}\n"
                  f"Export it (GGUF LoRA for llama.cpp / Ollama / LM Studio, PEFT, or merged):\n"
-                 f"  python -m mesp_mlx.export --adapter-path {out} --format gguf|peft|fused")
+                 f"  python -m mesp_mlx.export --adapter-path {out} --format {formats}")
         return self.params
 
     def train_loop(self, checkpointer, reporter):

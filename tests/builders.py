@@ -100,13 +100,15 @@ GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_
 GGUF_PERMUTED = ("llama", "smollm3")  # q/k rows permuted by llama.cpp's converter (its Llama converter's subclasses)
 
 
-def tiny_bpe(vocab_size):
-    """A real byte-level BPE trained on a few lines, with three special tokens: (tokens, merges)."""
+CHATML = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+
+def tiny_bpe(vocab_size, specials=CHATML):
+    """A real byte-level BPE trained on a few lines, with special tokens first (ids 0, 1, ...): (tokens, merges)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>",
-                                                                         "<|im_end|>"],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(["the quick brown fox jumps over the lazy dog " * 20, "def main(): return 0\n" * 20],
                             trainer)
@@ -116,16 +118,19 @@ def tiny_bpe(vocab_size):
     return tokens, merges
 
 
-def write_tiny_gguf(path, arch, qtype="Q8_0", seed=0, drop_tensor=None, bad_type_tensor=None, **overrides):
+def write_tiny_gguf(path, arch, qtype="Q8_0", seed=0, drop_tensor=None, bad_type_tensor=None, pre="gpt2",
+                    specials=CHATML, bos=0, eos=2, **overrides):
     """The tiny model of `arch` as a GGUF file as llama.cpp's converter writes it: Llama (and Mistral) and SmolLM3 q/k
     rows permuted, Gemma 3 as arch gemma3 with its norms stored as 1 + w, Phi-3 with its fused projections as they
     are, its rotated features per head as rope.dimension_count and LongRoPE's factors as the tensors
     rope_factors_long / rope_factors_short (with the attention factor as metadata). SmolLM3's no_rope_layers are not
-    written (llama.cpp has no key for them; it fixes every fourth layer)."""
+    written (llama.cpp has no key for them; it fixes every fourth layer). llama.cpp itself refuses the pre-tokenizer
+    "gpt2" on such a vocabulary and takes pre="default"; `specials` are the first tokens (type 3), bos / eos their
+    ids."""
     import gguf
     import numpy as np
     config = dict(TINY[arch], vocab_size=300, **overrides)
-    tokens, merges = tiny_bpe(300)
+    tokens, merges = tiny_bpe(300, specials)
     weights = {k: np.array(v) for k, v in tiny_weights(config, seed).items()}
     gemma = arch == "gemma3_text"
     garch = {"gemma3_text": "gemma3", "mistral": "llama"}.get(arch, arch)
@@ -159,12 +164,12 @@ def write_tiny_gguf(path, arch, qtype="Q8_0", seed=0, drop_tensor=None, bad_type
             for which in ("long", "short"):
                 w.add_tensor(f"rope_factors_{which}.weight", np.array(scaling[f"{which}_factor"], np.float32))
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("gpt2")
+    w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
-    w.add_token_types([3 if t.startswith("<|") else 1 for t in tokens])
+    w.add_token_types([3 if t in specials else 1 for t in tokens])
     w.add_token_merges(merges)
-    w.add_bos_token_id(0)
-    w.add_eos_token_id(2)
+    w.add_bos_token_id(bos)
+    w.add_eos_token_id(eos)
     w.add_chat_template("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     qt = getattr(gguf.GGMLQuantizationType, qtype)

@@ -4,9 +4,8 @@ References are written from each format's own formula on that format's own base 
 (the `gguf` package, `safetensors.numpy`, mlx-lm's loader). Tolerance: fp32 on the CPU. The compared quantities are the
 same sums taken in a different order (x W^T + s (x A) B against x (W + s (A B)^T)^T, or a rope on permuted rows), so
 they agree to a few ulp times sqrt(K) for K <= 160 terms: far below the 1e-5 bound on max |a - b| / max |b| used here.
-Not tested here: llama.cpp itself (llama-cpp-python ships only a source distribution, a long C++ build on two
-cores; the prebuilt CPU library in llama-cpp-cffi 0.4.42 has the LoRA API but needs a newer libstdc++ than Debian 12's:
-undefined symbol __cxa_call_terminate) and `peft` (it needs torch, which this project does not install).
+llama.cpp itself, every family and both sources: tests/test_conformance.py. Not tested: `peft` itself (it needs
+torch, which this project does not install); its formula is.
 """
 import json
 from pathlib import Path
@@ -17,8 +16,8 @@ import pytest
 
 from builders import write_tiny, write_tiny_gguf
 from mesp_mlx.io import SourceError
-from mesp_mlx.io.adapter_formats import export_adapter
-from mesp_mlx.io.adapter_formats import load_adapter_weights
+from mesp_mlx.io.formats import export_adapter
+from mesp_mlx.io.formats import load_adapter_weights
 from mesp_mlx.io.adapters import save_adapter
 from mesp_mlx.io.sources import load_model
 from mesp_mlx.lora import LoRAConfig, init_lora, to_flat
@@ -151,7 +150,10 @@ def test_peft_tensors_follow_peft_formula(llama):
     export_adapter(ad, "peft", out)
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "CAUSAL_LM" and cfg["r"] == LORA.rank
-    assert cfg["lora_alpha"] == LORA.scale * LORA.rank and cfg["base_model_name_or_path"].endswith("l.gguf")
+    assert cfg["lora_alpha"] == LORA.scale * LORA.rank
+    # what transformers can load: the GGUF's directory, the file named in the README (`gguf_file=`)
+    assert cfg["base_model_name_or_path"] == str(llama["gguf_file"].parent)
+    assert 'gguf_file="l.gguf"' in (out / "README.md").read_text()
     assert sorted(cfg["target_modules"]) == sorted(p.split(".")[-1] for p in GGUF)
     tensors = load_file(str(out / "adapter_model.safetensors"))
     hf = llama["hf_weights"]
@@ -219,9 +221,9 @@ def test_fused_llama_from_gguf_equals_adapted(llama):
     assert "max |logit error|" in lines[0]
 
     # re-quantized: the error it reports is the one mlx-lm's model shows on the same probe tokens
-    from mesp_mlx.io.adapter_formats import export_fused
+    from mesp_mlx.io.formats import fused
     q_out = llama["root"] / "fused-q4"
-    msg, err = export_fused(params, LORA, store, q_out, "float32", quantize=(64, 4), probe_tokens=16)
+    msg, err = fused.write(params, LORA, store, q_out, "float32", quantize=(64, 4), probe_tokens=16)
     model, _ = mlx_lm_load(Path(q_out))
     probe = mx.array([[(7 + 31 * k) % store.args.vocab_size for k in range(16)]])
     ref = np.array(logits(store, probe, params, LORA.scale))

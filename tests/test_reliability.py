@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from mesp_mlx.data import DataError, load_split
 from mesp_mlx.io import SourceError
-from mesp_mlx.io.adapter_formats import load_adapter_weights
+from mesp_mlx.io.formats import load_adapter_weights
 from mesp_mlx.io.adapters import load_resume
 from mesp_mlx.io.sources import load_model
 from mesp_mlx.train import main

@@ -121,7 +121,7 @@ def convert_hf_dir(path, out, quantize=(64, 4)):
         config = json.loads(config_file.read_text())
     except json.JSONDecodeError as e:
         raise SourceError(f"{config_file}: not valid JSON ({e})") from None
-    from ..models import model_args, text_model
+    from ..models import family, model_args, text_model
     config, rename = text_model(config)  # a multimodal checkpoint's language model (Gemma 3), stored on its own
     args = model_args(config, where=str(config_file))
     files = sorted(glob.glob(str(path / "*.safetensors")))
@@ -134,6 +134,9 @@ def convert_hf_dir(path, out, quantize=(64, 4)):
         except Exception as e:
             raise SourceError(f"{f}: not a readable safetensors file ({e})") from None
     weights = {rename(k): v for k, v in weights.items() if "rotary_emb.inv_freq" not in k and rename(k)}
+    if family(args.model_type).head_from_weights:  # the checkpoint, not its config, says whether the head is tied
+        config = dict(config, tie_word_embeddings="lm_head.weight" not in weights)
+        args = model_args(config, where=str(config_file))
     if args.tie_word_embeddings:
         weights.pop("lm_head.weight", None)
     pre = config.get("quantization")

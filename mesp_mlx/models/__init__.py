@@ -1,14 +1,35 @@
-"""Architecture registry: model_type -> the file that reads its config."""
+"""Architecture registry: one file per family, each with its config reader (`model_args`) and its `FAMILY` record;
+model_type or llama.cpp architecture -> that file. Adding a family is one file here plus its tests."""
 from . import gemma3, llama, mistral, phi3, qwen2, qwen3, smollm3
 from ..errors import SourceError
-from .base import ModelArgs
+from .base import Family, ModelArgs
 
-ARCHITECTURES = {"llama": llama, "mistral": mistral, "smollm3": smollm3, "qwen2": qwen2, "qwen3": qwen3,
-                 "phi3": phi3, "gemma3_text": gemma3, "gemma3": gemma3}
+# Llama before Mistral: llama.cpp writes both as `llama`, and a `llama` GGUF is read as a Llama
+FAMILIES = (llama, mistral, smollm3, qwen2, qwen3, phi3, gemma3)
+ARCHITECTURES = {kind: f for f in FAMILIES for kind in f.FAMILY.model_types}
+GGUF_ARCHITECTURES = {f.FAMILY.llamacpp_arch: f.FAMILY for f in reversed(FAMILIES)}  # the first family wins
 
 
 class UnsupportedModel(SourceError):
     pass
+
+
+def family(model_type) -> Family:
+    """The record of a model_type (as a config or a store's args spell it)."""
+    if model_type not in ARCHITECTURES:
+        raise UnsupportedModel(f"model_type {model_type!r} is not supported "
+                               f"(supported: {', '.join(sorted(ARCHITECTURES))})")
+    return ARCHITECTURES[model_type].FAMILY
+
+
+def stop_ids(tokenizer, model_type):
+    """The token ids a chat with this family stops on: eos and the family's end-of-turn tokens in this vocabulary."""
+    ids = set() if tokenizer.eos_token_id is None else {int(tokenizer.eos_token_id)}
+    for t in family(model_type).stop_tokens:
+        i = tokenizer.convert_tokens_to_ids(t)
+        if isinstance(i, int) and i != tokenizer.unk_token_id:
+            ids.add(i)
+    return ids
 
 
 def text_model(config):

@@ -6,13 +6,64 @@ sliding-window layers with their own RoPE base, SmolLM3's layers without RoPE): 
 the spec of one block and `block_specs(compute)` those of all of them.
 """
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 from ..ops.block import FUSED_PROJECTIONS, PROJECTIONS, BlockSpec
 from ..ops.linear import DEFAULT
 from ..ops.rope import rope_spec
 
 SLIDING, FULL = "sliding_attention", "full_attention"
+
+# llama.cpp's names of the tensors (GGUF) -> mlx-lm / Hugging Face module paths, as its Llama converter writes them;
+# a family lists only where its files differ (Family.gguf_names)
+GGUF_NAMES = {
+    "token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+
+
+@dataclass(frozen=True)
+class Family:
+    """What is true of one architecture outside its block math, in one place: every reader and writer of a foreign
+    format (GGUF bases and LoRAs, PEFT, fused folders) asks this record and keeps no family knowledge of its own.
+        model_types       the config model_type values the family's file reads; the first is the one it writes
+        llamacpp_arch     general.architecture of llama.cpp's files for it, and of any LoRA llama.cpp applies to them
+        hf_architecture   config.json's "architectures" entry (transformers, convert_hf_to_gguf.py and vLLM read it)
+        gguf_names        llama.cpp tensor names where the family's GGUF differs from GGUF_NAMES
+        permutes_qk       llama.cpp's converter permutes q/k rows for its interleaved rope (its Llama converter)
+        gguf_norm_shift   llama.cpp stores every norm weight as shift + w (Gemma: the multiplier 1 + w)
+        head_from_weights the head is tied exactly when the checkpoint has no lm_head.weight (mlx-lm's reading),
+                          whatever tie_word_embeddings says
+        stop_tokens       end-of-turn tokens a chat stops on besides eos (those absent from a vocabulary are skipped)
+        gguf_config       family fields of a config read from a GGUF: f(meta, config) -> dict, where meta.get(key)
+                          reads "<arch>.<key>", meta.names holds the tensor names, meta.array(name) one tensor;
+                          raises ValueError on what it cannot read
+        gguf_config_tensors  tensors gguf_config reads into the config (not weights)"""
+    model_types: tuple
+    llamacpp_arch: str
+    hf_architecture: str
+    gguf_names: dict = field(default_factory=dict)
+    permutes_qk: bool = False
+    gguf_norm_shift: float = 0.0
+    head_from_weights: bool = False
+    stop_tokens: tuple = ()
+    gguf_config: Optional[Callable] = None
+    gguf_config_tensors: tuple = ()
+
+    @property
+    def model_type(self):
+        return self.model_types[0]
+
+    def gguf_to_hf(self):
+        """llama.cpp tensor name -> module path, for this family's files."""
+        return dict(GGUF_NAMES, **self.gguf_names)
+
+    def hf_to_gguf(self):
+        """module path -> llama.cpp tensor name (a Phi-3's gate_up_proj is its ffn_up)."""
+        return {hf: g for g, hf in self.gguf_to_hf().items()}
 
 
 @dataclass
@@ -133,3 +184,13 @@ def layer_types_from(config, n):
     if bad:
         raise ValueError(f"layer_types {bad} are not supported (supported: {SLIDING}, {FULL})")
     return tuple(types)
+
+
+def linear_scaling(meta):
+    """The rope_scaling of a GGUF whose only scaling llama.cpp records as metadata is linear; None if none."""
+    kind, factor = meta.get("rope.scaling.type"), meta.get("rope.scaling.factor")
+    if not kind or kind == "none":
+        return None
+    if kind != "linear":
+        raise ValueError(f"GGUF rope scaling {kind!r} is not supported for this architecture (supported: linear)")
+    return {"type": "linear", "factor": float(factor)}

@@ -9,7 +9,7 @@ mlx-lm's reading of a config (Gemma 3 1B's values), so both read a sparse config
 """
 import mlx.core as mx
 
-from .base import FULL, SLIDING, ModelArgs, layer_types_from
+from .base import FULL, SLIDING, Family, ModelArgs, layer_types_from
 
 DEFAULTS = dict(hidden_size=1152, num_hidden_layers=26, intermediate_size=6912, num_attention_heads=4,
                 head_dim=256, rms_norm_eps=1e-6, vocab_size=262144, num_key_value_heads=1, rope_theta=1_000_000.0,
@@ -70,3 +70,31 @@ def model_args(config):
         embed_scale=mx.array(d ** 0.5, dtype=mx.bfloat16).item(),
         sliding_window=c["sliding_window"], layer_types=listed or by_pattern,
         rope_local_theta=c["rope_local_base_freq"])
+
+
+# llama.cpp's fixed choices for Gemma 3 that its files do not record: five sliding layers in six, local RoPE base
+GGUF_PATTERN, GGUF_LOCAL_BASE = 6, 10000.0
+
+
+def gguf_config(meta, config):
+    """The Gemma 3 fields of a gemma3 GGUF. llama.cpp scales attention by 1/sqrt(key_length), except for the 27B
+    model (62 blocks), whose query_pre_attn_scalar is hidden_size / heads."""
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    out = {"head_dim": head_dim, "sliding_window": meta.get("attention.sliding_window", 4096),
+           "sliding_window_pattern": GGUF_PATTERN, "rope_local_base_freq": GGUF_LOCAL_BASE,
+           "query_pre_attn_scalar": (config["hidden_size"] // config["num_attention_heads"]
+                                     if config["num_hidden_layers"] == 62 else head_dim),
+           "hidden_activation": "gelu_pytorch_tanh"}
+    kind, factor = meta.get("rope.scaling.type"), meta.get("rope.scaling.factor")
+    if kind and kind != "none":
+        out["rope_scaling"] = {"rope_type": kind, "factor": float(factor)}
+    return out
+
+
+# llama.cpp calls the text model `gemma3` (a multimodal checkpoint's too), names the pre-MLP norm ffn_norm and stores
+# norms as 1 + w; mlx-lm unties the head when the checkpoint has one
+FAMILY = Family(("gemma3_text", "gemma3"), "gemma3", "Gemma3ForCausalLM",
+                gguf_names={"ffn_norm": "pre_feedforward_layernorm", "post_attention_norm": "post_attention_layernorm",
+                            "post_ffw_norm": "post_feedforward_layernorm"},
+                gguf_norm_shift=1.0, head_from_weights=True, stop_tokens=("<end_of_turn>", "<eos>"),
+                gguf_config=gguf_config)

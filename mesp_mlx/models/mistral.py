@@ -1,7 +1,10 @@
 """Mistral (7B v0.1-v0.3, Nemo, Small): the Llama block. `sliding_window`, where set (v0.1: 4096), limits every
 layer's attention to that many latest keys, as Hugging Face's Mistral does; `layer_types` (mlx-lm's Llama reading)
 may instead name the sliding layers one by one."""
-from .base import SLIDING, common, layer_types_from
+from .base import SLIDING, Family, common, layer_types_from
+
+# llama.cpp has no mistral architecture: its Llama converter writes these models as `llama`, q/k rows permuted
+FAMILY = Family(("mistral",), "llama", "MistralForCausalLM", permutes_qk=True, stop_tokens=("</s>",))
 
 
 def model_args(config):

@@ -1,5 +1,7 @@
 """Qwen2 / Qwen2.5: biases on q, k and v (never on o), head tied or not."""
-from .base import common
+from .base import Family, common
+
+FAMILY = Family(("qwen2",), "qwen2", "Qwen2ForCausalLM", stop_tokens=("<|im_end|>", "<|endoftext|>"))
 
 
 def model_args(config):

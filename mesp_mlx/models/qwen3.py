@@ -1,5 +1,7 @@
 """Qwen3 (dense): an RMSNorm on each head of q and of k before RoPE, explicit head_dim, no biases by default."""
-from .base import common
+from .base import Family, common
+
+FAMILY = Family(("qwen3",), "qwen3", "Qwen3ForCausalLM", stop_tokens=("<|im_end|>", "<|endoftext|>"))
 
 
 def model_args(config):

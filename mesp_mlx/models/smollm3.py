@@ -1,7 +1,7 @@
 """SmolLM3: the Llama block, with RoPE left out of some layers ("NoPE"). `no_rope_layers[i]` is 1 where layer i
 *uses* RoPE and 0 where it does not (the name notwithstanding); without the list, every `no_rope_layer_interval`-th
 layer (1-based; default 4) goes without."""
-from .base import common
+from .base import Family, common, linear_scaling
 
 
 def model_args(config):
@@ -18,3 +18,24 @@ def model_args(config):
                   tie_word_embeddings=config.get("tie_word_embeddings", True),
                   attention_bias=config.get("attention_bias", False),
                   rope_layers=tuple(bool(u) for u in uses))
+
+
+# llama.cpp's fixed choice that its files do not record: layers 4, 8, ... (1-based) go without RoPE
+GGUF_NO_ROPE_INTERVAL = 4
+
+
+def gguf_config(meta, config):
+    """The SmolLM3 fields of a smollm3 GGUF (written by llama.cpp's Llama converter, q/k rows permuted)."""
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    rope_dims = meta.get("rope.dimension_count")
+    if rope_dims is not None and int(rope_dims) != head_dim:
+        raise ValueError(f"smollm3 rope.dimension_count {rope_dims} is not the head size {head_dim}")
+    out = {"no_rope_layer_interval": GGUF_NO_ROPE_INTERVAL}
+    scaling = linear_scaling(meta)
+    if scaling:
+        out["rope_scaling"] = scaling
+    return out
+
+
+FAMILY = Family(("smollm3",), "smollm3", "SmolLM3ForCausalLM", permutes_qk=True,
+                stop_tokens=("<|im_end|>", "<|end_of_text|>"), gguf_config=gguf_config)

@@ -9,7 +9,7 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
-from .linear import DEFAULT, Frozen, frozen_matmul, frozen_matmul_t
+from .linear import DEFAULT, Frozen, dense, frozen_matmul, frozen_matmul_t
 
 
 def lora_linear_forward(x, w: Frozen, a, b, scale, compute=DEFAULT, keep=None):
@@ -37,6 +37,12 @@ def lora_linear_backward(dy, x, w: Frozen, a, b, scale, compute=DEFAULT, need_dx
         dx_low = (dh @ a.T).reshape(x.shape)
         dx = dx + (dx_low if keep is None else dx_low * keep)
     return dx, da, db
+
+
+def lora_merge(w: Frozen, a, b, scale):
+    """The adapted map as one dense fp32 (out x in) weight, W + s (A B)^T, so that x W'^T = x W^T + s (x A) B: what a
+    fused export writes. The sum is taken in fp32 whatever the store holds (an fp16 merge would round the update)."""
+    return dense(w, mx.float32) + scale * (a.astype(mx.float32) @ b.astype(mx.float32)).T
 
 
 def lora_linear(w: Frozen, scale, compute=DEFAULT):
