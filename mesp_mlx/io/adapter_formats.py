@@ -265,11 +265,8 @@ def read_foreign(path, store):
 # -- fused -----------------------------------------------------------------------------------------------------------
 
 def _dense32(frozen):
-    if frozen.scales is None:
-        return frozen.weight.astype(mx.float32)
-    # fp32 scales: dequantizing with fp16 scales would round every weight to fp16 first
-    return mx.dequantize(frozen.weight, frozen.scales.astype(mx.float32), frozen.biases.astype(mx.float32),
-                         group_size=frozen.group_size, bits=frozen.bits)
+    from ..ops.linear import dense
+    return dense(frozen, mx.float32)
 
 
 def export_fused(params, lora, store, out, dtype="float16", quantize=None, probe_tokens=16):

@@ -30,16 +30,19 @@ def layer_file(i):
 
 
 def quant_config(quants):
-    """mlx-lm's "quantization" entry from {module path: (group, bits) or None}: the commonest as the default."""
-    kinds = [q for q in quants.values() if q]
+    """mlx-lm's "quantization" entry from {module path: (group, bits), a GGML type name (blocks kept packed) or
+    None}: the commonest affine kind as the default, packed modules as {"ggml_type": name} (which mlx-lm cannot
+    read: such a store is ours alone)."""
+    kinds = [q for q in quants.values() if isinstance(q, tuple)]
+    packed = {path: {"ggml_type": q} for path, q in sorted(quants.items()) if isinstance(q, str)}
     if not kinds:
-        return None
+        return packed or None
     default = max(set(kinds), key=kinds.count)
     out = {"group_size": default[0], "bits": default[1]}
     for path, q in sorted(quants.items()):
-        if q and q != default:
+        if isinstance(q, tuple) and q != default:
             out[path] = {"group_size": q[0], "bits": q[1]}
-    return out
+    return dict(out, **packed)
 
 
 def write_store(out_dir, config, tensors, quants):
@@ -51,6 +54,8 @@ def write_store(out_dir, config, tensors, quants):
     if q:
         config["quantization"] = q
         config["quantization_config"] = {k: v for k, v in q.items() if k in ("group_size", "bits")}
+        if not config["quantization_config"]:
+            del config["quantization_config"]
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     groups = {EMBED_FILE: {}}
     for name, arr in tensors.items():
@@ -152,9 +157,11 @@ class WeightStore:
         if w is None:
             raise SourceError(f"{self.path}: no weight for {module}")
         bias = arrays.get(f"{module}.bias")
+        q = self.quantization.get(full_name, self.quantization)
+        if "ggml_type" in q:
+            return Frozen(w, bias=bias, ggml=q["ggml_type"])
         if f"{module}.scales" not in arrays:
             return Frozen(w, bias=bias)
-        q = self.quantization.get(full_name, self.quantization)
         return Frozen(w, arrays[f"{module}.scales"], arrays.get(f"{module}.biases"), bias,
                       q.get("group_size", 64), q.get("bits", 4))
 

@@ -1,0 +1,178 @@
+"""Every GGML type we keep, bit for bit: a tiny GGUF per type with random block bytes (every byte pattern is a valid
+block; the fp16 scale fields are set to finite values so that inf * 0 cannot differ between two exact orders), read
+into our store, whose weights must equal `gguf.quants.dequantize` exactly on the dequantize path, and whose products
+on the quantized path must equal the product with that reference."""
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mesp_mlx.errors import SourceError
+from mesp_mlx.io.ggml_types import TYPES
+from mesp_mlx.io.sources import load_model
+from mesp_mlx.ops.linear import Compute, dense, embedding_rows, frozen_matmul, frozen_matmul_t
+
+# byte offsets of each block's fp16 fields (llama.cpp's ggml-common.h)
+F16_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,), "Q4_K": (0, 2),
+              "Q5_K": (0, 2), "Q6_K": (208,), "Q3_K": (108,), "Q2_K": (80, 82), "IQ4_NL": (0,), "IQ4_XS": (0,)}
+QUANTIZED = sorted(F16_FIELDS)
+
+
+def random_blocks(type_name, rows, cols, seed=0):
+    """(rows, row bytes) of random blocks whose fp16 fields are finite, of either sign, over a wide range."""
+    spec = TYPES[type_name]
+    rng = np.random.default_rng(seed)
+    n = rows * cols // spec.block_size
+    raw = rng.integers(0, 256, (n, spec.block_bytes), dtype=np.uint8)
+    for off in F16_FIELDS[type_name]:
+        vals = (rng.standard_normal(n) * 10.0 ** rng.uniform(-4, 1, n)).astype(np.float16)
+        raw[:, off:off + 2] = vals.view(np.uint8).reshape(n, 2)
+    return raw.reshape(rows, -1)
+
+
+def write_gguf(path, tensors):
+    """A GGUF holding raw tensors {name: (type name, (rows, cols), bytes)} (no model around them)."""
+    import gguf
+    w = gguf.GGUFWriter(str(path), "llama")
+    for name, (type_name, shape, raw) in tensors.items():
+        w.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=gguf.GGMLQuantizationType[type_name])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def reference(raw, type_name):
+    import gguf
+    return gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[type_name]).astype(np.float32)
+
+
+@pytest.mark.parametrize("type_name", QUANTIZED)
+def test_type_is_kept_bit_for_bit(tmp_path, type_name):
+    from mesp_mlx.io.gguf import open_gguf, read_tensor
+    rows, cols = 6, 512
+    raw = random_blocks(type_name, rows, cols)
+    f = tmp_path / "t.gguf"
+    write_gguf(f, {"blk.0.ffn_up.weight": (type_name, (rows, cols), raw)})
+    t = open_gguf(f).tensors[0]
+    arrays, quant = read_tensor(t, f)
+    ref = reference(raw, type_name)
+    assert ref.shape == (rows, cols) and np.isfinite(ref).all()
+    from mesp_mlx.ops.linear import Frozen
+    if TYPES[type_name].how == "affine":
+        assert quant == (32, TYPES[type_name].bits)
+        w = Frozen(arrays["weight"], arrays["scales"], arrays["biases"], group_size=32, bits=quant[1])
+    else:
+        assert quant == type_name and arrays["weight"].dtype == mx.uint8
+        w = Frozen(arrays["weight"], ggml=type_name)
+    np.testing.assert_array_equal(np.array(dense(w)), ref)                   # the dequantize path
+    np.testing.assert_array_equal(np.array(embedding_rows(w, mx.array([4, 1, 4]))), ref[[4, 1, 4]])
+    np.testing.assert_array_equal(np.array(dense(w.rows(2, 5))), ref[2:5])
+    # the quantized path: MLX's kernel on our packing equals the product with the reference weights (a few
+    # exactly representable inputs keep the sums in one order's rounding: compared to fp32 roundoff)
+    x = mx.array(np.random.default_rng(1).standard_normal((3, cols)).astype(np.float32))
+    g = mx.array(np.random.default_rng(2).standard_normal((3, rows)).astype(np.float32))
+    r = mx.array(ref)
+    q = Compute(matmul="quantized")
+    y, yt = frozen_matmul(x, w, q), frozen_matmul_t(g, w, q)
+    tol = lambda a, b: float(mx.max(mx.abs(a - b))) / float(mx.max(mx.abs(b)))
+    assert tol(y, x @ r.T) < 1e-5 and tol(yt, g @ r) < 1e-5
+    if TYPES[type_name].how == "affine":  # the quantized kernel reads our bits as the dequantizer does
+        scales = arrays["scales"].astype(mx.float32)
+        one_hot = mx.eye(cols)
+        cols_ref = mx.quantized_matmul(one_hot, w.weight, scales, w.biases.astype(mx.float32), transpose=True,
+                                       group_size=32, bits=quant[1])
+        np.testing.assert_array_equal(np.array(cols_ref).T, ref)
+
+
+def test_scales_stay_fp16_where_exact(tmp_path):
+    """Q8_0 with small scales keeps fp16 scales (as mlx-lm's); Q4_K's d * sc needs fp32."""
+    from mesp_mlx.io.ggml_types import convert
+    raw = random_blocks("Q8_0", 4, 64)
+    d = np.full(raw.reshape(-1, 34).shape[0], 0.01, np.float16)
+    raw.reshape(-1, 34)[:, :2] = d.view(np.uint8).reshape(-1, 2)
+    arrays, _ = convert(raw, "Q8_0", [4, 64], "x")
+    assert arrays["scales"].dtype == np.float16
+    arrays, _ = convert(random_blocks("Q4_K", 4, 256), "Q4_K", [4, 256], "x")
+    assert arrays["scales"].dtype == np.float32
+
+
+def test_store_keeps_each_type_and_reads_back(tmp_path):
+    """A whole tiny model whose projections mix the types of a Q4_K_M file (and the packed ones): its store's
+    weights equal the reference, block by block and through the embedding and head, and its config says which."""
+    from conftest import write_tiny_gguf
+    import gguf
+    f = tmp_path / "m.gguf"
+    write_tiny_gguf(f, "qwen2", "F32", hidden_size=256, intermediate_size=256, num_attention_heads=8,
+                    num_key_value_heads=2)
+    reader = gguf.GGUFReader(str(f))
+    kinds = ["Q4_K", "Q5_0", "Q6_K", "Q8_0", "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS", "Q5_K", "Q4_0", "Q5_1", "Q4_1"]
+    out, want, k = {}, {}, 0
+    for t in reader.tensors:
+        shape = tuple(int(s) for s in reversed(t.shape))
+        if len(shape) == 2 and shape[1] % 256 == 0:
+            kind = kinds[k % len(kinds)]
+            k += 1
+            raw = random_blocks(kind, *shape, seed=k)
+            out[t.name] = (kind, shape, raw)
+            want[t.name] = reference(raw, kind)
+        else:
+            arr = np.asarray(t.data).astype(np.float32).reshape(shape)
+            out[t.name] = ("F32", shape, arr)
+            want[t.name] = arr
+    g = tmp_path / "mixed.gguf"
+    import gguf as G
+    w = G.GGUFWriter(str(g), "qwen2")
+    for field in reader.fields.values():
+        if field.name.startswith(("GGUF.", "general.architecture")):
+            continue
+        val = field.contents()
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == G.GGUFValueType.ARRAY else None
+        w.add_key_value(field.name, val, vtype, sub_type=sub)
+    for name, (kind, shape, raw) in out.items():
+        if kind == "F32":
+            w.add_tensor(name, raw)
+        else:
+            w.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=G.GGMLQuantizationType[kind])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    store = load_model(str(g), quantize=None)
+    config = json.loads((store.path / "config.json").read_text())
+    from mesp_mlx.io.gguf import hf_name
+    q = config["quantization"]
+    for name, (kind, _, _) in out.items():
+        module = hf_name(name, "qwen2").rsplit(".", 1)[0]
+        entry = q.get(module, {k: q[k] for k in ("group_size", "bits")})
+        if TYPES[kind].how == "packed":
+            assert q[module] == {"ggml_type": kind}
+        elif TYPES[kind].how == "affine":
+            assert entry == {"group_size": 32, "bits": TYPES[kind].bits}, (name, kind, entry)
+    up = store.layer(0)["mlp.up_proj"]
+    np.testing.assert_array_equal(np.array(dense(up)), want["blk.0.ffn_up.weight"])
+    for i in range(store.num_layers):
+        for module, wt in store.layer(i).items():
+            if not module.endswith("norm"):
+                gname = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                         "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                         "mlp.down_proj": "ffn_down"}[module]
+                np.testing.assert_array_equal(np.array(dense(wt)), want[f"blk.{i}.{gname}.weight"])
+    np.testing.assert_array_equal(np.array(dense(store.head())), want["output.weight"])
+    ids = np.array([[3, 7, 3]])
+    np.testing.assert_array_equal(np.array(store.embed(ids))[0], want["token_embd.weight"][[3, 7, 3]])
+    assert {TYPES[k].how for k, _, _ in out.values()} == {"affine", "packed", "dense"}
+
+
+def test_unknown_and_truncated_types_are_refused_in_one_line(tmp_path):
+    import gguf
+    from mesp_mlx.io.ggml_types import convert
+    raw = np.zeros((2, 8 * 36), np.uint8)
+    with pytest.raises(SourceError, match=r"m.gguf: tensor blk.0.ffn_up.weight has GGUF type Q8_1, which is not"):
+        convert(raw, "Q8_1", [2, 256], "m.gguf: tensor blk.0.ffn_up.weight")
+    with pytest.raises(SourceError, match=r"has 419 bytes of Q6_K data, expected 420"):
+        convert(np.zeros(419, np.uint8), "Q6_K", [2, 256], "m.gguf: tensor x")
+    with pytest.raises(SourceError, match=r"rows of whole 256-weight blocks"):
+        convert(np.zeros(210, np.uint8), "Q4_K", [2, 128], "m.gguf: tensor x")
