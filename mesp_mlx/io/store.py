@@ -169,6 +169,31 @@ class WeightStore:
         """Size of the largest block's weights (what streaming holds for one block)."""
         return max((self.path / layer_file(i)).stat().st_size for i in range(self.num_layers))
 
+    def bits_per_weight(self):
+        """Bits each weight of the store's matrices costs as stored (levels, scales and biases; embedding and head
+        included): 32 for fp32, 4.5 for 4-bit group 64 with fp16 scales, 6.5625 for Q6_K blocks kept packed, 6 for
+        Q4_K kept with fp32 scales and biases."""
+        from ..ops.ggml import PACKED
+        bits = count = 0
+        for f in sorted(self.path.glob("model-*.safetensors")):
+            header = RowReader(f).header
+            for name, meta in header.items():
+                if not name.endswith(".weight") or len(meta["shape"]) != 2:
+                    continue
+                module = name[:-len(".weight")]
+                rows, cols = meta["shape"]
+                q = self.quantization.get(module, self.quantization)
+                if "ggml_type" in q:
+                    size, width, _ = PACKED[q["ggml_type"]]
+                    count += rows * cols // size * width
+                elif f"{module}.scales" in header:
+                    count += rows * cols * 32 // q.get("bits", 4)
+                else:
+                    count += rows * cols
+                bits += 8 * sum(header[k]["data_offsets"][1] - header[k]["data_offsets"][0]
+                                for k in (name, f"{module}.scales", f"{module}.biases") if k in header)
+        return bits / count
+
     def layer(self, i):
         """Block i's frozen weights by module path (norm weights as plain arrays), lazily read."""
         prefix = f"model.layers.{i}."
