@@ -19,14 +19,15 @@ F16_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0"
 QUANTIZED = sorted(F16_FIELDS)
 
 
-def random_blocks(type_name, rows, cols, seed=0):
-    """(rows, row bytes) of random blocks whose fp16 fields are finite, of either sign, over a wide range."""
+def random_blocks(type_name, rows, cols, seed=0, exponents=(-4, 1)):
+    """(rows, row bytes) of random blocks whose fp16 fields are finite, of either sign, over a wide range (normals
+    times 10 ** uniform(exponents))."""
     spec = TYPES[type_name]
     rng = np.random.default_rng(seed)
     n = rows * cols // spec.block_size
     raw = rng.integers(0, 256, (n, spec.block_bytes), dtype=np.uint8)
     for off in F16_FIELDS[type_name]:
-        vals = (rng.standard_normal(n) * 10.0 ** rng.uniform(-4, 1, n)).astype(np.float16)
+        vals = (rng.standard_normal(n) * 10.0 ** rng.uniform(*exponents, n)).astype(np.float16)
         raw[:, off:off + 2] = vals.view(np.uint8).reshape(n, 2)
     return raw.reshape(rows, -1)
 
@@ -98,23 +99,26 @@ def test_scales_stay_fp16_where_exact(tmp_path):
     assert arrays["scales"].dtype == np.float32
 
 
-def test_store_keeps_each_type_and_reads_back(tmp_path):
-    """A whole tiny model whose projections mix the types of a Q4_K_M file (and the packed ones): its store's
-    weights equal the reference, block by block and through the embedding and head, and its config says which."""
+MIXED = ["Q4_K", "Q5_0", "Q6_K", "Q8_0", "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS", "Q5_K", "Q4_0", "Q5_1", "Q4_1"]
+
+
+def write_mixed_gguf(tmp_path, kinds=MIXED, **overrides):
+    """The tiny qwen2 model as a GGUF whose matrices (rows of whole 256-blocks) take the types `kinds` in turn, with
+    random blocks whose scales keep the weights below ~1 (a model that computes finite losses): (path, {tensor
+    name: (type, shape, bytes)}, {tensor name: reference weights})."""
     from conftest import write_tiny_gguf
     import gguf
     f = tmp_path / "m.gguf"
-    write_tiny_gguf(f, "qwen2", "F32", hidden_size=256, intermediate_size=256, num_attention_heads=8,
-                    num_key_value_heads=2)
+    write_tiny_gguf(f, "qwen2", "F32", **dict(dict(hidden_size=256, intermediate_size=256, num_attention_heads=8,
+                                                   num_key_value_heads=2), **overrides))
     reader = gguf.GGUFReader(str(f))
-    kinds = ["Q4_K", "Q5_0", "Q6_K", "Q8_0", "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS", "Q5_K", "Q4_0", "Q5_1", "Q4_1"]
     out, want, k = {}, {}, 0
     for t in reader.tensors:
         shape = tuple(int(s) for s in reversed(t.shape))
         if len(shape) == 2 and shape[1] % 256 == 0:
             kind = kinds[k % len(kinds)]
             k += 1
-            raw = random_blocks(kind, *shape, seed=k)
+            raw = random_blocks(kind, *shape, seed=k, exponents=(-4, -2.5))
             out[t.name] = (kind, shape, raw)
             want[t.name] = reference(raw, kind)
         else:
@@ -122,24 +126,29 @@ def test_store_keeps_each_type_and_reads_back(tmp_path):
             out[t.name] = ("F32", shape, arr)
             want[t.name] = arr
     g = tmp_path / "mixed.gguf"
-    import gguf as G
-    w = G.GGUFWriter(str(g), "qwen2")
+    w = gguf.GGUFWriter(str(g), "qwen2")
     for field in reader.fields.values():
         if field.name.startswith(("GGUF.", "general.architecture")):
             continue
-        val = field.contents()
         vtype = field.types[0]
-        sub = field.types[-1] if vtype == G.GGUFValueType.ARRAY else None
-        w.add_key_value(field.name, val, vtype, sub_type=sub)
+        w.add_key_value(field.name, field.contents(), vtype,
+                        sub_type=field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None)
     for name, (kind, shape, raw) in out.items():
         if kind == "F32":
             w.add_tensor(name, raw)
         else:
-            w.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=G.GGMLQuantizationType[kind])
+            w.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=gguf.GGMLQuantizationType[kind])
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    return g, out, want
+
+
+def test_store_keeps_each_type_and_reads_back(tmp_path):
+    """A whole tiny model whose projections mix the types of a Q4_K_M file (and the packed ones): its store's
+    weights equal the reference, block by block and through the embedding and head, and its config says which."""
+    g, out, want = write_mixed_gguf(tmp_path)
     store = load_model(str(g), quantize=None)
     config = json.loads((store.path / "config.json").read_text())
     from mesp_mlx.io.gguf import hf_name
@@ -176,3 +185,78 @@ def test_unknown_and_truncated_types_are_refused_in_one_line(tmp_path):
         convert(np.zeros(419, np.uint8), "Q6_K", [2, 256], "m.gguf: tensor x")
     with pytest.raises(SourceError, match=r"rows of whole 256-weight blocks"):
         convert(np.zeros(210, np.uint8), "Q4_K", [2, 128], "m.gguf: tensor x")
+
+
+def test_precision_is_the_users_choice(tmp_path):
+    """A Hugging Face directory (bf16 here) stored at each requested precision, each its own store in the cache;
+    --no-quantize keeps the weights as they are; bits per weight are reported for the store and its source."""
+    from conftest import write_tiny
+    from mesp_mlx.config import config_from_args
+    from mesp_mlx.errors import ConfigError
+    d = write_tiny(tmp_path / "m", "qwen2", hidden_size=128, intermediate_size=256)
+    for f in d.glob("*.safetensors"):  # the source in bf16, as hub checkpoints are
+        mx.save_safetensors(str(f), {k: v.astype(mx.bfloat16) for k, v in mx.load(str(f)).items()})
+    stores = {}
+    for q in ((64, 4), (32, 8), (128, 3), None):
+        stores[q] = load_model(str(d), quantize=q)
+        up = stores[q].layer(0)["mlp.up_proj"]
+        if q is None:
+            assert not up.quantized and up.weight.dtype == mx.bfloat16
+            assert stores[q].bits_per_weight() == 16.0
+        else:
+            assert (up.group_size, up.bits) == q
+            assert stores[q].bits_per_weight() == q[1] + 32 / q[0]  # fp16 scale and bias per group
+        assert stores[q].source_bits == 16.0
+    assert len({s.path for s in stores.values()}) == 4
+    c = config_from_args(["--no-quantize"])
+    assert c.quantization() is None and config_from_args(["--q-bits", "8"]).quantization() == (64, 8)
+    with pytest.raises(ConfigError, match="q_bits must be one of"):
+        config_from_args(["--q-bits", "7"])
+    with pytest.raises(ConfigError, match="q_group_size must be one of"):
+        config_from_args(["--q-group-size", "16"])
+
+
+@pytest.mark.parametrize("path", ["quantized", "dequantize"])
+def test_mixed_store_trains_exactly(tmp_path, path):
+    """MeSP's loss and LoRA gradients on a store of every kind of weight equal MLX autodiff's, on both matmul
+    paths (the packed types have no quantized kernel: both dequantize them)."""
+    from helpers import EXACT, assert_grads_close
+    from mesp_mlx.engines import make_engine
+    from mesp_mlx.lora import LoRAConfig, init_lora, tree_map
+    g, _, _ = write_mixed_gguf(tmp_path)
+    store = load_model(str(g), quantize=None)
+    params = tree_map(lambda t: t + 0.02 * mx.random.normal(t.shape, key=mx.random.key(t.size)),
+                      init_lora(store.args, LoRAConfig(rank=4), 0))
+    ids = mx.random.randint(0, store.args.vocab_size, (2, 13), key=mx.random.key(3))
+    batch = (ids[:, :-1], ids[:, 1:], mx.ones((2, 12)))
+    c = Compute(matmul=path)
+    ref_loss, ref = make_engine("autodiff", store, 20.0, compute=c).loss_and_grad(params, batch)
+    loss, grads = make_engine("mesp", store, 20.0, compute=Compute(matmul=path, attn_chunk=5, vocab_chunk=64,
+                                                                    token_chunk=7)).loss_and_grad(params, batch)
+    assert abs(loss.item() - ref_loss.item()) <= EXACT * abs(ref_loss.item())
+    assert_grads_close(grads, ref)
+
+
+def test_packed_store_memory_follows_the_model(tmp_path):
+    """A store of Q6_K blocks (dequantized on the fly) streams as the affine ones do: a MeSP step's measured extra
+    peak sits under the engine's memory model, which counts the packed bytes of each block."""
+    from mesp_mlx.engines import make_engine
+    from mesp_mlx.lora import LoRAConfig, init_lora
+    g, _, _ = write_mixed_gguf(tmp_path, kinds=["Q6_K"], intermediate_size=768, num_hidden_layers=4)
+    store = load_model(str(g), quantize=None)
+    assert store.bits_per_weight() > 6.5  # Q6_K blocks: 6.5625 bits; the 1-D tensors are not matrices
+    params = init_lora(store.args, LoRAConfig(rank=8), 0)
+    seq = 256
+    ids = mx.random.randint(0, store.args.vocab_size, (1, seq + 1), key=mx.random.key(0))
+    batch = (ids[:, :-1], ids[:, 1:], mx.ones((1, seq)))
+    for path in ("dequantize", "quantized"):
+        engine = make_engine("mesp", store, 20.0, compute=Compute(matmul=path))
+        mx.eval(params)
+        engine.loss_and_grad(params, batch)
+        mx.clear_cache()
+        base = mx.get_active_memory()
+        mx.reset_peak_memory()
+        engine.loss_and_grad(params, batch)
+        extra = mx.get_peak_memory() - base
+        model = engine.memory_model(1, seq, params)
+        assert extra <= 1.05 * model["peak"], (path, extra, model)

@@ -136,7 +136,7 @@ def _scale_dtype(*arrays):
 
 def convert(raw, type_name, shape, where):
     """A GGML tensor's bytes -> ({suffix: numpy array}, quant): quant is (32, bits) for affine types, the type name
-    for packed ones, None for dense (whose floats come back as fp32, shaped `shape`)."""
+    for packed ones, None for dense (floats shaped `shape`: F16 as it is, F32 and BF16 as fp32, exactly)."""
     spec = TYPES.get(type_name)
     if spec is None:
         raise SourceError(f"{where} has GGUF type {type_name}, which is not supported (supported: "
@@ -147,7 +147,7 @@ def convert(raw, type_name, shape, where):
         arr = raw.view(dtype)
         if type_name == "BF16":
             arr = (arr.astype(np.uint32) << 16).view(np.float32)
-        return {"weight": arr.astype(np.float32).reshape(shape)}, None
+        return {"weight": arr.astype(np.float16 if type_name == "F16" else np.float32).reshape(shape)}, None
     rows, cols = (1, shape[0]) if len(shape) == 1 else (int(np.prod(shape[:-1])), shape[-1])
     if len(shape) != 2 or cols % spec.block_size:
         raise SourceError(f"{where} is {type_name} of shape {shape}: expected a matrix with rows of whole "

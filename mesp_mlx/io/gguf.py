@@ -214,9 +214,11 @@ def read_tensor(tensor, path, quantize_to=(64, 4)):
                             f"{path}: tensor {tensor.name}")
     arrays = {k: mx.array(v) for k, v in arrays.items()}
     dense = arrays["weight"]
+    if quant is None and dense.ndim != 2:  # norms and biases in fp32 (Gemma's norms lose their 1 + w shift)
+        return {"weight": dense.astype(mx.float32)}, None
     if quant is None and quantize_to and dense.ndim == 2 and dense.shape[1] % quantize_to[0] == 0:
         group, bits = quantize_to
-        w, s, b = mx.quantize(dense, group_size=group, bits=bits)
+        w, s, b = mx.quantize(dense.astype(mx.float32), group_size=group, bits=bits)
         return {"weight": w, "scales": s.astype(mx.float16), "biases": b.astype(mx.float16)}, (group, bits)
     return arrays, quant
 

@@ -138,6 +138,9 @@ def convert_hf_dir(path, out, quantize=(64, 4)):
         weights.pop("lm_head.weight", None)
     pre = config.get("quantization")
     tensors, quants = {}, {}
+    matrices = [a for k, a in weights.items() if k.endswith(".weight") and a.ndim == 2]
+    source_bits = (None if pre else  # a pre-quantized directory is stored as it is: its bits are the store's
+                   8 * sum(a.nbytes for a in matrices) / max(1, sum(a.size for a in matrices)))
     for name in sorted(weights):
         module, leaf = name.rsplit(".", 1)
         if pre:
@@ -161,7 +164,9 @@ def convert_hf_dir(path, out, quantize=(64, 4)):
     for name in TOKENIZER_FILES:
         if (path / name).exists():
             shutil.copy(path / name, out / name)
-    return {"source": str(path), "kind": "hf-dir"}
+    if source_bits is None:
+        source_bits = WeightStore(out).bits_per_weight()
+    return {"source": str(path), "kind": "hf-dir", "source_bits_per_weight": source_bits}
 
 
 def convert_gguf(path, out, quantize=(64, 4)):
@@ -184,7 +189,9 @@ def convert_gguf(path, out, quantize=(64, 4)):
         mx.eval(list(arrays.values()))
     write_store(out, config, tensors, quants)
     tokenizer_from_gguf(reader, path, out)
-    return {"source": str(path), "kind": "gguf"}
+    matrices = [t for t in reader.tensors if len(t.shape) == 2]
+    source_bits = 8 * sum(int(t.n_bytes) for t in matrices) / max(1, sum(int(t.n_elements) for t in matrices))
+    return {"source": str(path), "kind": "gguf", "source_bits_per_weight": source_bits}
 
 
 def qwen_coder_gguf():

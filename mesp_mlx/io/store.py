@@ -169,6 +169,14 @@ class WeightStore:
         """Size of the largest block's weights (what streaming holds for one block)."""
         return max((self.path / layer_file(i)).stat().st_size for i in range(self.num_layers))
 
+    @property
+    def source_bits(self):
+        """Bits per weight of the matrices in what the store was converted from (None if not recorded)."""
+        try:
+            return json.loads((self.path / STORE_MARK).read_text()).get("source_bits_per_weight")
+        except (OSError, json.JSONDecodeError):
+            return None
+
     def bits_per_weight(self):
         """Bits each weight of the store's matrices costs as stored (levels, scales and biases; embedding and head
         included): 32 for fp32, 4.5 for 4-bit group 64 with fp16 scales, 6.5625 for Q6_K blocks kept packed, 6 for
