@@ -102,7 +102,7 @@ def test_scales_stay_fp16_where_exact(tmp_path):
 MIXED = ["Q4_K", "Q5_0", "Q6_K", "Q8_0", "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS", "Q5_K", "Q4_0", "Q5_1", "Q4_1"]
 
 
-def write_mixed_gguf(tmp_path, kinds=MIXED, **overrides):
+def write_mixed_gguf(tmp_path, kinds=MIXED, pre=None, **overrides):
     """The tiny qwen2 model as a GGUF whose matrices (rows of whole 256-blocks) take the types `kinds` in turn, with
     random blocks whose scales keep the weights below ~1 (a model that computes finite losses): (path, {tensor
     name: (type, shape, bytes)}, {tensor name: reference weights})."""
@@ -131,7 +131,8 @@ def write_mixed_gguf(tmp_path, kinds=MIXED, **overrides):
         if field.name.startswith(("GGUF.", "general.architecture")):
             continue
         vtype = field.types[0]
-        w.add_key_value(field.name, field.contents(), vtype,
+        value = pre if field.name == "tokenizer.ggml.pre" and pre else field.contents()
+        w.add_key_value(field.name, value, vtype,
                         sub_type=field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None)
     for name, (kind, shape, raw) in out.items():
         if kind == "F32":
@@ -260,3 +261,25 @@ def test_packed_store_memory_follows_the_model(tmp_path):
         extra = mx.get_peak_memory() - base
         model = engine.memory_model(1, seq, params)
         assert extra <= 1.05 * model["peak"], (path, extra, model)
+
+
+def test_logits_match_llamacpp_on_the_same_file(tmp_path):
+    """llama.cpp on the mixed-type file and on its F32 dequantization (tools/compare_llamacpp.py, the same
+    measurement as on the real files): our logits on the file equal llama.cpp's on the F32 copy to fp32 roundoff
+    (so every type means to us what it means to llama.cpp), and are no further from them than llama.cpp's own run
+    of the file (which rounds activations to 8 bits)."""
+    pytest.importorskip("llama_cpp", reason="llama.cpp's bindings (../shared/wheels) are not installed")
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).parent.parent / "tools"))
+    from compare_llamacpp import f32_copy, llamacpp_logits, stats
+    from mesp_mlx.model import logits
+    g, _, _ = write_mixed_gguf(tmp_path, pre="default")  # llama.cpp refuses the pre-tokenizer name "gpt2"
+    f32_copy(g, tmp_path / "f32.gguf")
+    ids = [int(i) for i in np.random.default_rng(0).integers(0, 300, 48)]
+    ref = llamacpp_logits(tmp_path / "f32.gguf", ids, f32_cache=True)
+    theirs = stats(llamacpp_logits(g, ids, f32_cache=False), ref)
+    ours = stats(np.array(logits(load_model(str(g)), mx.array([ids]))[0]), ref)
+    # fp32 through two layers of different summation orders: ~1e-6 relative (2e-6 measured on SmolLM2's 30)
+    assert ours["rel_l2"] < 1e-5 and ours["argmax_agree"] == len(ids), ours
+    assert ours["rel_l2"] <= theirs["rel_l2"], (ours, theirs)
