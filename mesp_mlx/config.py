@@ -68,6 +68,9 @@ class TrainConfig:
     quantize: bool = opt(True, "store a full-precision base (Hugging Face / mlx-lm directory, float GGUF matrices) "
                                "quantized (--no-quantize: train on the weights as they are); a GGUF's quantized "
                                "tensors are always kept exactly as the file has them")
+    requantize: bool = opt(False, "re-quantize a GGUF's quantized tensors to --q-bits / --q-group-size as well "
+                                  "(a store mlx-lm can read; the weights' measured error is printed) instead of "
+                                  "keeping them exactly")
     q_bits: int = opt(4, "bits per weight of that quantization (2, 3, 4, 5, 6 or 8; mlx-lm's)")
     q_group_size: int = opt(64, "weights per scale of that quantization (32, 64 or 128; mlx-lm's)")
     dtype: str = opt("float32", "compute dtype (float16/bfloat16: Metal; float64: CPU only)", DTYPES)

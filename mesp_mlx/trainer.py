@@ -51,7 +51,7 @@ class Trainer:
         self.group = Group()
         self.log = log if self.group.rank == 0 else (lambda *a, **k: None)
         self.stop_signal, self.memory_limit = None, None
-        self.store = load_model(c.model, c.quantization())
+        self.store = load_model(c.model, c.quantization(), c.requantize)
         n = self.store.num_layers
         if c.num_layers > n:
             raise ConfigError(f"num_layers {c.num_layers} is larger than the model's {n} layers")
@@ -238,7 +238,10 @@ class Trainer:
             self.log(f"[mesp-mlx] note: {out} holds a checkpoint of an earlier run; add --resume to continue it")
         self.log(f"[mesp-mlx] model {self.store.path} ({self.store.args.model_type}, {self.store.num_layers} "
                  f"layers; {self.store.bits_per_weight():.2f} bits per weight as stored"
-                 + (f", {self.store.source_bits:.2f} in the source" if self.store.source_bits else "")
+                 + (f", {self.store.info['source_bits_per_weight']:.2f} in the source"
+                    if self.store.info.get("source_bits_per_weight") else "")
+                 + (f", re-quantized: weights {self.store.info['requantized_rel_l2']:.4f} off the file's"
+                    if "requantized_rel_l2" in self.store.info else "")
                  + f"); method {c.method}{' (update fused into backward)' if self.fused else ''}; "
                  f"trainable {num_params(self.params) / 1e6:.3f}M params; {len(self.data['train'])} train examples")
         skipped = sum(d.skipped for d in self.data.values())

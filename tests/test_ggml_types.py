@@ -13,6 +13,10 @@ from mesp_mlx.io.ggml_types import TYPES
 from mesp_mlx.io.sources import load_model
 from mesp_mlx.ops.linear import Compute, dense, embedding_rows, frozen_matmul, frozen_matmul_t
 
+GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+              "mlp.down_proj": "ffn_down"}
+
 # byte offsets of each block's fp16 fields (llama.cpp's ggml-common.h)
 F16_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,), "Q4_K": (0, 2),
               "Q5_K": (0, 2), "Q6_K": (208,), "Q3_K": (108,), "Q2_K": (80, 82), "IQ4_NL": (0,), "IQ4_XS": (0,)}
@@ -166,10 +170,7 @@ def test_store_keeps_each_type_and_reads_back(tmp_path):
     for i in range(store.num_layers):
         for module, wt in store.layer(i).items():
             if not module.endswith("norm"):
-                gname = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-                         "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-                         "mlp.down_proj": "ffn_down"}[module]
-                np.testing.assert_array_equal(np.array(dense(wt)), want[f"blk.{i}.{gname}.weight"])
+                np.testing.assert_array_equal(np.array(dense(wt)), want[f"blk.{i}.{GGUF_NAMES[module]}.weight"])
     np.testing.assert_array_equal(np.array(dense(store.head())), want["output.weight"])
     ids = np.array([[3, 7, 3]])
     np.testing.assert_array_equal(np.array(store.embed(ids))[0], want["token_embd.weight"][[3, 7, 3]])
@@ -207,7 +208,7 @@ def test_precision_is_the_users_choice(tmp_path):
         else:
             assert (up.group_size, up.bits) == q
             assert stores[q].bits_per_weight() == q[1] + 32 / q[0]  # fp16 scale and bias per group
-        assert stores[q].source_bits == 16.0
+        assert stores[q].info["source_bits_per_weight"] == 16.0
     assert len({s.path for s in stores.values()}) == 4
     c = config_from_args(["--no-quantize"])
     assert c.quantization() is None and config_from_args(["--q-bits", "8"]).quantization() == (64, 8)
@@ -283,3 +284,29 @@ def test_logits_match_llamacpp_on_the_same_file(tmp_path):
     # fp32 through two layers of different summation orders: ~1e-6 relative (2e-6 measured on SmolLM2's 30)
     assert ours["rel_l2"] < 1e-5 and ours["argmax_agree"] == len(ids), ours
     assert ours["rel_l2"] <= theirs["rel_l2"], (ours, theirs)
+
+
+def test_requantize_on_request_prints_its_error(tmp_path, capsys):
+    """--requantize: the file's quantized tensors re-quantized to 4-bit group 64 (a store mlx-lm reads), with the
+    weights' relative L2 error against the file's values printed and recorded; kept exactly otherwise."""
+    from helpers import mlx_lm_model, rel_err
+    from mesp_mlx.model import logits
+    g, out, want = write_mixed_gguf(tmp_path)
+    store = load_model(str(g), requantize=True)
+    assert load_model(str(g)).path != store.path
+    err = store.info["requantized_rel_l2"]
+    assert f"weights {err:.4f} off the file's" in capsys.readouterr().err
+    num = den = 0.0
+    for i in range(store.num_layers):
+        for module, wt in store.layer(i).items():
+            if not module.endswith("norm"):
+                assert (wt.group_size, wt.bits) == (64, 4)
+                num += float(mx.sum((dense(wt) - mx.array(want[f"blk.{i}.{GGUF_NAMES[module]}.weight"])) ** 2))
+                den += float(mx.sum(mx.array(want[f"blk.{i}.{GGUF_NAMES[module]}.weight"]) ** 2))
+    for module, name in (("model.embed_tokens", "token_embd.weight"), ("lm_head", "output.weight")):
+        ref = mx.array(want[name])
+        num += float(mx.sum((dense(store._top(module)) - ref) ** 2))
+        den += float(mx.sum(ref ** 2))
+    assert abs((num / den) ** 0.5 - err) < 1e-3 * err and 0.01 < err < 0.5
+    ids = mx.array([[1, 5, 9, 200]])
+    assert rel_err(logits(store, ids), mlx_lm_model(store.path)(ids)) < 1e-4

@@ -203,23 +203,34 @@ def _smollm3_config(g, config, path):
     return out
 
 
-def read_tensor(tensor, path, quantize_to=(64, 4)):
+def read_tensor(tensor, path, quantize_to=(64, 4), requantize=None):
     """One GGUF tensor -> ({suffix: array}, quant): quant is (group_size, bits) for affine weights, a GGML type name
     for blocks kept packed (ggml_types.py), None for dense. GGML-quantized tensors are kept exactly as the file has
-    them; dense matrices follow `quantize_to` as a Hugging Face model's do."""
+    them unless `requantize` (a list) asks for them to follow `quantize_to` too: it then receives (squared error,
+    squared norm) of each re-quantized tensor against the file's values. Dense matrices follow `quantize_to`."""
     from .ggml_types import convert
+    from ..ops.linear import Frozen, dense as dense_of
     shape = [int(s) for s in reversed(tensor.shape)]  # GGUF lists the fastest dim first
     qtype = tensor.tensor_type
     arrays, quant = convert(np.asarray(tensor.data), getattr(qtype, "name", str(qtype)), shape,
                             f"{path}: tensor {tensor.name}")
     arrays = {k: mx.array(v) for k, v in arrays.items()}
+    if quant is not None and requantize is not None and quantize_to:
+        w = (Frozen(arrays["weight"], ggml=quant) if isinstance(quant, str) else
+             Frozen(arrays["weight"], arrays["scales"], arrays["biases"], group_size=quant[0], bits=quant[1]))
+        arrays, quant = {"weight": dense_of(w)}, None
     dense = arrays["weight"]
     if quant is None and dense.ndim != 2:  # norms and biases in fp32 (Gemma's norms lose their 1 + w shift)
         return {"weight": dense.astype(mx.float32)}, None
     if quant is None and quantize_to and dense.ndim == 2 and dense.shape[1] % quantize_to[0] == 0:
         group, bits = quantize_to
         w, s, b = mx.quantize(dense.astype(mx.float32), group_size=group, bits=bits)
-        return {"weight": w, "scales": s.astype(mx.float16), "biases": b.astype(mx.float16)}, (group, bits)
+        s, b = s.astype(mx.float16), b.astype(mx.float16)
+        if requantize is not None:
+            ref = dense.astype(mx.float32)
+            err = mx.dequantize(w, s.astype(mx.float32), b.astype(mx.float32), group_size=group, bits=bits) - ref
+            requantize.append((mx.sum(err * err).item(), mx.sum(ref * ref).item()))
+        return {"weight": w, "scales": s, "biases": b}, (group, bits)
     return arrays, quant
 
 

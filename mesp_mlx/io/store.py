@@ -170,12 +170,12 @@ class WeightStore:
         return max((self.path / layer_file(i)).stat().st_size for i in range(self.num_layers))
 
     @property
-    def source_bits(self):
-        """Bits per weight of the matrices in what the store was converted from (None if not recorded)."""
+    def info(self):
+        """What the store was converted from (mesp_store.json: source, kind, source_bits_per_weight, ...)."""
         try:
-            return json.loads((self.path / STORE_MARK).read_text()).get("source_bits_per_weight")
+            return json.loads((self.path / STORE_MARK).read_text())
         except (OSError, json.JSONDecodeError):
-            return None
+            return {}
 
     def bits_per_weight(self):
         """Bits each weight of the store's matrices costs as stored (levels, scales and biases; embedding and head
