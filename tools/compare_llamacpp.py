@@ -5,7 +5,8 @@
 
 Writes an F32 copy of the file (every tensor through `gguf.quants.dequantize`, metadata as it is) next to the cache,
 runs llama.cpp (llama-cpp-python) on the file and on the F32 copy (F32 KV cache), and our forward (fp32, the
-dequantize path) on the file's store; the F32 copy run by llama.cpp is the reference. Prints, for each run, the
+dequantize path) on the file's store (its types kept exactly; and re-quantized to 4-bit group 64 on request, as every
+type but Q4_0/Q4_1/Q8_0 was before); the F32 copy run by llama.cpp is the reference. Prints, for each run, the
 relative L2 distance of all logits to the reference and at how many positions the argmax agrees, plus each store's
 bits per weight beside the file's. The text is the standard library's own documentation (every machine has it),
 tokenized by llama.cpp on the file.
@@ -93,8 +94,11 @@ def main(argv=None):
     ref = llamacpp_logits(f32, ids, True)
     out = {"file": Path(path).name, "tokens": len(ids), "file_bits_per_weight": file_bits_per_weight(path)}
     out["llamacpp_on_file"] = stats(llamacpp_logits(path, ids, False), ref)
-    for name, quantize in (("ours_on_file", (64, 4)), ("ours_on_f32", None)):
-        store = load_model(str(path) if name == "ours_on_file" else str(f32), quantize=quantize)
+    runs = (("ours_on_file", path, (64, 4), False),  # the file's types kept exactly (the default)
+            ("ours_requantized_4bit_g64", path, (64, 4), True),  # what we stored before types were kept
+            ("ours_on_f32", f32, None, False))
+    for name, source, quantize, requantize in runs:
+        store = load_model(str(source), quantize=quantize, requantize=requantize)
         z = np.array(logits(store, mx.array([ids]))[0].astype(mx.float32))
         out[name] = dict(stats(z, ref), store_bits_per_weight=store.bits_per_weight())
     print(json.dumps(out, indent=2))
