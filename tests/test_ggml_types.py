@@ -18,10 +18,7 @@ GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_
               "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
               "mlp.down_proj": "ffn_down"}
 
-# byte offsets of each block's fp16 fields (llama.cpp's ggml-common.h)
-F16_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,), "Q4_K": (0, 2),
-              "Q5_K": (0, 2), "Q6_K": (208,), "Q3_K": (108,), "Q2_K": (80, 82), "IQ4_NL": (0,), "IQ4_XS": (0,)}
-QUANTIZED = sorted(F16_FIELDS)
+QUANTIZED = sorted(k for k, t in TYPES.items() if t.how != "dense")
 
 
 def random_blocks(type_name, rows, cols, seed=0, exponents=(-4, 1)):
@@ -31,7 +28,7 @@ def random_blocks(type_name, rows, cols, seed=0, exponents=(-4, 1)):
     rng = np.random.default_rng(seed)
     n = rows * cols // spec.block_size
     raw = rng.integers(0, 256, (n, spec.block_bytes), dtype=np.uint8)
-    for off in F16_FIELDS[type_name]:
+    for off in spec.f16_fields:
         vals = (rng.standard_normal(n) * 10.0 ** rng.uniform(*exponents, n)).astype(np.float16)
         raw[:, off:off + 2] = vals.view(np.uint8).reshape(n, 2)
     return raw.reshape(rows, -1)
@@ -188,6 +185,10 @@ def test_unknown_and_truncated_types_are_refused_in_one_line(tmp_path):
         convert(np.zeros(419, np.uint8), "Q6_K", [2, 256], "m.gguf: tensor x")
     with pytest.raises(SourceError, match=r"rows of whole 256-weight blocks"):
         convert(np.zeros(210, np.uint8), "Q4_K", [2, 128], "m.gguf: tensor x")
+    raw = random_blocks("Q6_K", 2, 256)
+    raw[1, 208:210] = np.array([np.inf], np.float16).view(np.uint8)
+    with pytest.raises(SourceError, match=r"m.gguf: tensor x: Q6_K block 1 has a non-finite scale"):
+        convert(raw, "Q6_K", [2, 256], "m.gguf: tensor x")
 
 
 def test_precision_is_the_users_choice(tmp_path):

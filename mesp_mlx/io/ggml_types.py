@@ -24,6 +24,7 @@ class GGMLType(NamedTuple):
     bits: int = 0                  # affine: MLX bits per level (group 32)
     levels: Optional[object] = None  # affine: blocks (n, block_bytes) uint8 -> (q, scales, biases), 32-wide groups
     store_bits: float = 0.0        # bits per weight as stored (packed: the file's own)
+    f16_fields: tuple = ()         # byte offsets of each block's fp16 scales (a corrupt file shows there)
 
 
 def _f16(b):
@@ -95,22 +96,22 @@ def _q5_k(b):
     return _k_affine(b, _k_low(b[:, 48:]) | ((qh & 1).reshape(b.shape[0], -1) << 4))
 
 
-def _packed(name):
+def _packed(name, f16_fields):
     size, width, _ = PACKED[name]
-    return GGMLType("packed", size, width, store_bits=8.0 * size / width)
+    return GGMLType("packed", size, width, store_bits=8.0 * size / width, f16_fields=f16_fields)
 
 
 TYPES = {
     "F32": GGMLType("dense", 4, 1), "F16": GGMLType("dense", 2, 1), "BF16": GGMLType("dense", 2, 1),
-    "Q4_0": GGMLType("affine", 18, 32, 4, _q4_0),
-    "Q4_1": GGMLType("affine", 20, 32, 4, _q4_1),
-    "Q5_0": GGMLType("affine", 22, 32, 5, _q5_0),
-    "Q5_1": GGMLType("affine", 24, 32, 5, _q5_1),
-    "Q8_0": GGMLType("affine", 34, 32, 8, _q8_0),
-    "Q4_K": GGMLType("affine", 144, 256, 4, _q4_k),
-    "Q5_K": GGMLType("affine", 176, 256, 5, _q5_k),
-    "Q6_K": _packed("Q6_K"), "Q3_K": _packed("Q3_K"), "Q2_K": _packed("Q2_K"),
-    "IQ4_NL": _packed("IQ4_NL"), "IQ4_XS": _packed("IQ4_XS"),
+    "Q4_0": GGMLType("affine", 18, 32, 4, _q4_0, f16_fields=(0,)),
+    "Q4_1": GGMLType("affine", 20, 32, 4, _q4_1, f16_fields=(0, 2)),
+    "Q5_0": GGMLType("affine", 22, 32, 5, _q5_0, f16_fields=(0,)),
+    "Q5_1": GGMLType("affine", 24, 32, 5, _q5_1, f16_fields=(0, 2)),
+    "Q8_0": GGMLType("affine", 34, 32, 8, _q8_0, f16_fields=(0,)),
+    "Q4_K": GGMLType("affine", 144, 256, 4, _q4_k, f16_fields=(0, 2)),
+    "Q5_K": GGMLType("affine", 176, 256, 5, _q5_k, f16_fields=(0, 2)),
+    "Q6_K": _packed("Q6_K", (208,)), "Q3_K": _packed("Q3_K", (108,)), "Q2_K": _packed("Q2_K", (80, 82)),
+    "IQ4_NL": _packed("IQ4_NL", (0,)), "IQ4_XS": _packed("IQ4_XS", (0,)),
 }
 GROUP = 32  # every affine type above, as MLX groups
 
@@ -156,6 +157,12 @@ def convert(raw, type_name, shape, where):
     if raw.size != rows * row_bytes:
         raise SourceError(f"{where} has {raw.size} bytes of {type_name} data, expected {rows * row_bytes} for "
                           f"shape {shape} (truncated or corrupt file?)")
+    blocks = raw.reshape(-1, spec.block_bytes)
+    for off in spec.f16_fields:
+        bad = ~np.isfinite(blocks[:, off:off + 2].copy().view(np.float16))
+        if bad.any():
+            raise SourceError(f"{where}: {type_name} block {int(np.argmax(bad))} has a non-finite scale "
+                              "(corrupt file?)")
     if spec.how == "packed":
         return {"weight": raw.reshape(rows, row_bytes).copy()}, type_name
     q, scales, biases = [], [], []
