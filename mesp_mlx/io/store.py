@@ -1,6 +1,7 @@
 """The weight store: a model converted once into one safetensors file per block, read back one block at a time.
 
-Layout (also a valid mlx-lm model directory, so `mlx_lm generate --model <store>` works on it):
+Layout (also a valid mlx-lm model directory, so `mlx_lm generate --model <store>` works on it, unless it keeps GGML
+blocks that no affine group represents, marked {"ggml_type": ...} in the quantization entry: mlx-lm cannot read those):
     config.json                  Hugging Face config + mlx-lm "quantization" (per-module entries where they differ)
     model-embed.safetensors      model.embed_tokens.*, model.norm.weight, lm_head.* (untied heads)
     model-layer-0000.safetensors model.layers.0.* ...
