@@ -274,9 +274,11 @@ class Trainer:
         self.test()
         if c.sample_prompt:
             self.log(f"After:  {c.sample_prompt!r} -> {self.sample(True)!r}")
-        self.log(f"Use it with mlx-lm:\n  mlx_lm.generate --model {self.store.path} --adapter-path {out} "
-                 f"--prompt {json.dumps(c.sample_prompt or 'Hello')}\n"
-                 f"Export it (GGUF LoRA for llama.cpp / Ollama / LM Studio, PEFT, or merged):\n"
+        use = (f"Use it with mlx-lm:\n  mlx_lm.generate --model {self.store.path} --adapter-path {out} "
+               f"--prompt {json.dumps(c.sample_prompt or 'Hello')}\n" if self.store.mlx_lm_readable else
+               "The base keeps GGML blocks that mlx-lm cannot read (--requantize makes a store it reads); run the "
+               "adapter in llama.cpp on the very GGUF it was trained on.\n")
+        self.log(f"{use}Export it (GGUF LoRA for llama.cpp / Ollama / LM Studio, PEFT, or merged):\n"
                  f"  python -m mesp_mlx.export --adapter-path {out} --format gguf|peft|fused")
         return self.params
 

@@ -312,3 +312,22 @@ def test_requantize_on_request_prints_its_error(tmp_path, capsys):
     assert abs((num / den) ** 0.5 - err) < 1e-3 * err and 0.01 < err < 0.5
     ids = mx.array([[1, 5, 9, 200]])
     assert rel_err(logits(store, ids), mlx_lm_model(store.path)(ids)) < 1e-4
+
+
+def test_cli_trains_on_every_type(tmp_path, capsys):
+    """The CLI on the mixed-type GGUF: it trains, reports the store's bits per weight beside the file's, and says
+    that mlx-lm cannot read packed blocks instead of printing an mlx-lm command that would fail."""
+    from mesp_mlx.train import main
+    g, _, _ = write_mixed_gguf(tmp_path)
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("train", "valid"):
+        (data / f"{split}.jsonl").write_text("\n".join(json.dumps({"text": "the quick brown fox"}) for _ in range(4)))
+    rc = main(["--model", str(g), "--data", str(data), "--iters", "2", "--adapter-path", str(tmp_path / "ad"),
+               "--sample-prompt", "", "--rank", "4"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    store = load_model(str(g))
+    assert f"{store.bits_per_weight():.2f} bits per weight as stored, {store.info['source_bits_per_weight']:.2f} " \
+           "in the source" in out.out + out.err
+    assert "mlx-lm cannot read" in out.out + out.err and "mlx_lm.generate" not in out.out + out.err

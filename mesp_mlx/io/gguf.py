@@ -220,7 +220,7 @@ def read_tensor(tensor, path, quantize_to=(64, 4), requantize=None):
              Frozen(arrays["weight"], arrays["scales"], arrays["biases"], group_size=quant[0], bits=quant[1]))
         arrays, quant = {"weight": dense_of(w)}, None
     dense = arrays["weight"]
-    if quant is None and dense.ndim != 2:  # norms and biases in fp32 (Gemma's norms lose their 1 + w shift)
+    if quant is None and dense.ndim != 2:  # norms, biases in fp32: Gemma's (1 + w) - 1 in fp16 would round w
         return {"weight": dense.astype(mx.float32)}, None
     if quant is None and quantize_to and dense.ndim == 2 and dense.shape[1] % quantize_to[0] == 0:
         group, bits = quantize_to

@@ -171,6 +171,11 @@ class WeightStore:
         return max((self.path / layer_file(i)).stat().st_size for i in range(self.num_layers))
 
     @property
+    def mlx_lm_readable(self):
+        """False where the store keeps packed GGML blocks (mlx-lm has no such layer)."""
+        return not any(isinstance(v, dict) and "ggml_type" in v for v in self.quantization.values())
+
+    @property
     def info(self):
         """What the store was converted from (mesp_store.json: source, kind, source_bits_per_weight, ...)."""
         try:
