@@ -65,6 +65,14 @@ class TrainConfig:
     resume_adapter_file: str = opt(None, "start from this adapter (mlx-lm, PEFT or GGUF LoRA)")
     resume: bool = opt(False, "continue from adapter_path/resume.safetensors with the same losses")
     fused_update: bool = opt(True, "apply each block's update inside the backward when that is the same step")
+    quantize: bool = opt(True, "store a full-precision base (Hugging Face / mlx-lm directory, float GGUF matrices) "
+                               "quantized (--no-quantize: train on the weights as they are); a GGUF's quantized "
+                               "tensors are always kept exactly as the file has them")
+    requantize: bool = opt(False, "re-quantize a GGUF's quantized tensors to --q-bits / --q-group-size as well "
+                                  "(a store mlx-lm can read; the weights' measured error is printed) instead of "
+                                  "keeping them exactly")
+    q_bits: int = opt(4, "bits per weight of that quantization (2, 3, 4, 5, 6 or 8; mlx-lm's)")
+    q_group_size: int = opt(64, "weights per scale of that quantization (32, 64 or 128; mlx-lm's)")
     dtype: str = opt("float32", "compute dtype (float16/bfloat16: Metal; float64: CPU only)", DTYPES)
     memory_budget: str = opt(None, "e.g. 300MB: plan chunk sizes and checkpoints to fit (mesp), or refuse")
     checkpoints: str = opt("memory", "where block checkpoints wait for the backward", PLACES)
@@ -108,6 +116,8 @@ class TrainConfig:
                   (self.steps_per_eval > 0, "steps_per_eval must be > 0"),
                   (self.save_every > 0, "save_every must be > 0"), (self.mezo_eps > 0, "mezo_eps must be > 0"),
                   (self.val_batches != 0, "val_batches must be > 0 (or -1: all)"),
+                  (self.q_bits in (2, 3, 4, 5, 6, 8), "q_bits must be one of 2, 3, 4, 5, 6, 8"),
+                  (self.q_group_size in (32, 64, 128), "q_group_size must be one of 32, 64, 128"),
                   (self.memory_budget is None or self.method == "mesp",
                    "--memory-budget plans MeSP's step; use it with --method mesp")]
         for f in dataclasses.fields(self):
@@ -123,6 +133,10 @@ class TrainConfig:
             parse_bytes(self.memory_budget)
         self.optimizer_config = optimizer_settings(self.optimizer_config, self.optimizer)
         return self
+
+    def quantization(self):
+        """(group size, bits) for load_model, or None: the base's precision as the source has it."""
+        return (self.q_group_size, self.q_bits) if self.quantize else None
 
     def compute(self):
         """The compute configuration the flags ask for (the memory planner may refine its chunk sizes)."""

@@ -78,7 +78,9 @@ def encode_row(tokenizer, row, where, mask_prompt):
 
 def _chat(tokenizer, msgs, tools, where, mask_prompt):
     if not getattr(tokenizer, "chat_template", None):
-        raise DataError(f"{where}: chat data needs a tokenizer with a chat template")
+        raise DataError(f"{where}: chat data needs a chat template and this model has none (a GGUF without "
+                        "tokenizer.chat_template); pass rows that need none: {\"text\": ...} or "
+                        "{\"prompt\": ..., \"completion\": ...}")
     try:
         ids = _ids(tokenizer.apply_chat_template(msgs, tools=tools, tokenize=True))
         if not mask_prompt:

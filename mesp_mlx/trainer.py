@@ -67,7 +67,7 @@ class Trainer:
         self.group = Group()
         self.log = log if self.group.rank == 0 else (lambda *a, **k: None)
         self.stop_signal, self.memory_limit = None, None
-        self.store = load_model(c.model)
+        self.store = load_model(c.model, c.quantization(), c.requantize)
         n = self.store.num_layers
         if c.num_layers > n:
             raise ConfigError(f"num_layers {c.num_layers} is larger than the model's {n} layers")
@@ -223,7 +223,12 @@ class Trainer:
         elif (out / RESUME_FILE).exists():
             self.log(f"[mesp-mlx] note: {out} holds a checkpoint of an earlier run; add --resume to continue it")
         self.log(f"[mesp-mlx] model {self.store.path} ({self.store.args.model_type}, {self.store.num_layers} "
-                 f"layers); method {c.method}{' (update fused into backward)' if self.fused else ''}; "
+                 f"layers; {self.store.bits_per_weight():.2f} bits per weight as stored"
+                 + (f", {self.store.info['source_bits_per_weight']:.2f} in the source"
+                    if self.store.info.get("source_bits_per_weight") else "")
+                 + (f", re-quantized: weights {self.store.info['requantized_rel_l2']:.4f} off the file's"
+                    if "requantized_rel_l2" in self.store.info else "")
+                 + f"); method {c.method}{' (update fused into backward)' if self.fused else ''}; "
                  f"trainable {num_params(self.params) / 1e6:.3f}M params; {len(self.data['train'])} train examples")
         skipped = sum(d.skipped for d in self.data.values())
         if skipped:
@@ -253,9 +258,11 @@ class Trainer:
         if c.sample_prompt:
             self.log(f"After:  {c.sample_prompt!r} -> {self.sample(True)!r}")
         formats = "|".join(f for f in FORMATS if f != "mlx-lm")
-        self.log(f"Use it with mlx-lm:\n  mlx_lm.generate --model {self.store.path} --adapter-path {out} "
-                 f"--prompt {json.dumps(c.sample_prompt or 'Hello')}\n"
-                 f"Export it (GGUF LoRA for llama.cpp / Ollama / LM Studio, PEFT, or merged):\n"
+        use = (f"Use it with mlx-lm:\n  mlx_lm.generate --model {self.store.path} --adapter-path {out} "
+               f"--prompt {json.dumps(c.sample_prompt or 'Hello')}\n" if self.store.mlx_lm_readable else
+               "The base keeps GGML blocks that mlx-lm cannot read (--requantize makes a store it reads); run the "
+               "adapter in llama.cpp on the very GGUF it was trained on.\n")
+        self.log(f"{use}Export it (GGUF LoRA for llama.cpp / Ollama / LM Studio, PEFT, or merged):\n"
                  f"  python -m mesp_mlx.export --adapter-path {out} --format {formats}")
         return self.params
 

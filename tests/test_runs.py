@@ -5,7 +5,7 @@ import json
 import mlx.core as mx
 import pytest
 
-from mesp_mlx.io.adapter_formats import export_adapter
+from mesp_mlx.io.formats import export_adapter
 from mesp_mlx.io.adapters import load_resume, save_resume
 from mesp_mlx.ops.linear import DTYPES
 from mesp_mlx.train import main

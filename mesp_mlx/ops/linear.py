@@ -3,11 +3,14 @@
 On Metal and CUDA `mx.quantized_matmul` is the fast kernel; on the CPU it is a slow loop, and dequantizing into a
 transient fp32 matrix followed by a BLAS GEMM is ~20x faster (DESIGN.md §4). `Compute.path` picks per device and
 `Compute(matmul=...)` overrides it. The dequantized copy lives only for one product (or one block, `prepared`).
+GGML blocks that no affine group represents (ops/ggml.py) have no quantized kernel: both paths dequantize them.
 """
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import mlx.core as mx
+
+from .ggml import dequantize_packed
 
 MATMUL_PATHS = ("auto", "quantized", "dequantize")
 DTYPES = ("float32", "bfloat16", "float16", "float64")
@@ -77,7 +80,8 @@ DEFAULT = Compute()
 
 
 class Frozen(NamedTuple):
-    """A frozen (out x in) weight, quantized (affine, with scales/biases) or dense, plus an optional bias."""
+    """A frozen (out x in) weight, quantized (affine, with scales/biases; or GGML blocks kept packed, one uint8 row
+    per weight row, `ggml` naming their type) or dense, plus an optional bias."""
 
     weight: mx.array
     scales: Optional[mx.array] = None
@@ -85,10 +89,11 @@ class Frozen(NamedTuple):
     bias: Optional[mx.array] = None
     group_size: int = 64
     bits: int = 4
+    ggml: Optional[str] = None
 
     @property
     def quantized(self):
-        return self.scales is not None
+        return self.scales is not None or self.ggml is not None
 
     @property
     def out_dims(self):
@@ -97,7 +102,8 @@ class Frozen(NamedTuple):
     def rows(self, start, stop):
         """Rows [start, stop) of the weight (output units), still quantized: groups run along the input dim."""
         sl = lambda a: None if a is None else a[start:stop]
-        return Frozen(sl(self.weight), sl(self.scales), sl(self.biases), sl(self.bias), self.group_size, self.bits)
+        return Frozen(sl(self.weight), sl(self.scales), sl(self.biases), sl(self.bias), self.group_size, self.bits,
+                      self.ggml)
 
 
 def accum_dtype(dtype):
@@ -107,6 +113,8 @@ def accum_dtype(dtype):
 
 def dense(w: Frozen, dtype=mx.float32):
     """The weight as a (out x in) matrix in `dtype`."""
+    if w.ggml is not None:
+        return dequantize_packed(w.weight, w.ggml, dtype)
     if w.quantized:
         # fp32 scales: dequantizing with fp16 scales would round every weight to fp16 first
         return mx.dequantize(w.weight, w.scales.astype(dtype), w.biases.astype(dtype),
@@ -123,7 +131,7 @@ def prepared(w: Frozen, compute: Compute = DEFAULT):
 
 def frozen_matmul(x, w: Frozen, compute: Compute = DEFAULT):
     """x @ W^T (+ bias): the forward product."""
-    if w.quantized and compute.path == "quantized":
+    if w.scales is not None and compute.path == "quantized":
         y = mx.quantized_matmul(x, w.weight, w.scales, w.biases, transpose=True,
                                 group_size=w.group_size, bits=w.bits).astype(x.dtype)
     else:
@@ -135,7 +143,7 @@ def frozen_matmul(x, w: Frozen, compute: Compute = DEFAULT):
 
 def frozen_matmul_t(g, w: Frozen, compute: Compute = DEFAULT):
     """g @ W: the product that carries a gradient back through the frozen weight."""
-    if w.quantized and compute.path == "quantized":
+    if w.scales is not None and compute.path == "quantized":
         return mx.quantized_matmul(g, w.weight, w.scales, w.biases, transpose=False,
                                    group_size=w.group_size, bits=w.bits).astype(g.dtype)
     return g @ dense(w, compute.dtype)
@@ -143,6 +151,8 @@ def frozen_matmul_t(g, w: Frozen, compute: Compute = DEFAULT):
 
 def embedding_rows(table: Frozen, ids, dtype=mx.float32):
     """Rows of an embedding table for token ids, dequantizing only the rows gathered."""
+    if table.ggml is not None:
+        return dequantize_packed(table.weight[ids], table.ggml, dtype)
     if table.quantized:
         return mx.dequantize(table.weight[ids], table.scales[ids].astype(dtype),
                              table.biases[ids].astype(dtype), group_size=table.group_size, bits=table.bits)
