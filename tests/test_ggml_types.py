@@ -155,9 +155,10 @@ def test_store_keeps_each_type_and_reads_back(tmp_path):
     store = load_model(str(g), quantize=None)
     config = json.loads((store.path / "config.json").read_text())
     from mesp_mlx.io.gguf import hf_name
+    from mesp_mlx.models import GGUF_ARCHITECTURES
     q = config["quantization"]
     for name, (kind, _, _) in out.items():
-        module = hf_name(name, "qwen2").rsplit(".", 1)[0]
+        module = hf_name(name, GGUF_ARCHITECTURES["qwen2"]).rsplit(".", 1)[0]
         entry = q.get(module, {k: q[k] for k in ("group_size", "bits")})
         if TYPES[kind].how == "packed":
             assert q[module] == {"ggml_type": kind}
