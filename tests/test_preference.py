@@ -70,3 +70,77 @@ def test_preference_gradients_exact_in_fp64(tmp_path, kind):
             assert worst < 1e-6, (method, worst)
             # the same fp32-precision exp: ~2e-9 measured, where a wrong term moves the loss by 1e-3 or more
             assert abs(stats["loss"].item() - ref_stats["loss"].item()) <= 1e-7 * abs(ref_stats["loss"].item())
+
+
+# mlx-lm-lora (pip install mlx-lm-lora) is the reference for the data encoding and the loss formulas; it is not a
+# dependency of ours, so these tests run where it is importable (BENCHMARKS.md records a run).
+PAIR_ROWS = {
+    "strings": {"prompt": "the fox", "chosen": "quick brown", "rejected": "the lazy dog"},
+    "strings, system": {"system": "be brief", "prompt": "def main():", "chosen": " return 0", "rejected": "fox"},
+    "message lists, system": {"system": "be brief", "prompt": "the fox",
+                              "chosen": [{"role": "assistant", "content": "quick"}],
+                              "rejected": [{"role": "assistant", "content": "the lazy dog jumps"}]},
+}
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer(tiny_gguf):
+    from test_data import TEMPLATE
+    tok = load_model(str(tiny_gguf)).tokenizer()
+    tok.chat_template = TEMPLATE
+    return tok
+
+
+@pytest.mark.parametrize("kind", sorted(PAIR_ROWS))
+def test_same_tokens_and_mask_as_mlx_lm_lora(chat_tokenizer, kind):
+    datasets = pytest.importorskip("mlx_lm_lora.trainer.datasets")
+    from mlx_lm_lora.trainer.dpo_trainer import iterate_dpo_batches
+    from mesp_mlx.preference import encode_pairs
+    row = PAIR_ROWS[kind]
+    ours = encode_pairs(chat_tokenizer, [(row, "row")], 4096)
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+    wrapped = TokenizerWrapper(chat_tokenizer)  # what mlx-lm-lora's loader hands its datasets
+    theirs = (datasets.ORPODataset([row], wrapped, system_key="system") if isinstance(row["chosen"], list)
+              else datasets.DPODataset([row], wrapped))
+    c, r, start = ours.pairs[0]
+    assert c == list(theirs[0]["chosen"]) and r == list(theirs[0]["rejected"])
+    assert start == theirs[0]["chosen_prompt_length"] == theirs[0]["rejected_prompt_length"]
+    _, targets, mask, _, _ = ours.make_batch([0])
+    chosen, rejected, cmask, rmask = next(iterate_dpo_batches(theirs, 1, 4096))
+    for k, (ids, their_ids, their_mask) in enumerate([(c, chosen, cmask), (r, rejected, rmask)]):
+        n = len(ids) - 1  # their target mask is mask[:, 1:]; both stop at the row's last real token
+        assert targets[k, :n].tolist() == their_ids[0, 1:n + 1].tolist()
+        assert mask[k, :n].tolist() == their_mask[0, 1:n + 1].tolist() and mask[k, n:].sum().item() == 0
+
+
+@pytest.mark.parametrize("kind", sorted(PREFS))
+def test_loss_equals_mlx_lm_lora(kind):
+    """The same per-token log-probabilities through our loss and through mlx-lm-lora's loss functions."""
+    pytest.importorskip("mlx_lm_lora")
+    from mlx_lm_lora.trainer.dpo_trainer import compute_score, dpo_loss
+    from mlx_lm_lora.trainer.orpo_trainer import orpo_loss
+    from mesp_mlx.ops.preference import preference_stats
+    pref = PREFS[kind]
+    _, _, mask, _, pref = pair_batch(50, pref)
+    nll = mx.random.uniform(0.05, 3.0, mask.shape, key=mx.random.key(7))
+    ours = preference_stats(nll, mask, pref)
+    # theirs takes token masks over the ids, whose [:, 1:] is our target mask
+    their_mask = mx.concatenate([mx.zeros((4, 1)), mask], axis=1)
+    scores = -nll * mask
+    if pref.kind == "dpo":
+        s = compute_score(scores, their_mask, pref.variant)
+        ref = pref.reference
+        if pref.variant == "ipo":
+            ref = ref / mask.sum(-1)
+        loss, reward, _, metrics = dpo_loss(s[:2], s[2:], ref[:2], ref[2:], their_mask[:2], their_mask[2:], pref.beta,
+                                            0.0, pref.variant)
+    else:
+        mean = scores.sum(-1) / mask.sum(-1)
+        loss, reward, _, metrics = orpo_loss(mean[:2], 0.0, mean[2:], 0.0, their_mask[:2], their_mask[2:],
+                                             mx.ones((2,)), pref.beta)
+        assert abs(ours["accuracy"].item() - metrics["accuracies"].item()) == 0
+    assert abs(ours["loss"].item() - loss.item()) <= EXACT * abs(loss.item())
+    assert abs(ours["rewards_chosen"].item() - reward[0].item()) <= EXACT * max(abs(reward[0].item()), 1e-3)
+    assert abs(ours["rewards_rejected"].item() - reward[1].item()) <= EXACT * max(abs(reward[1].item()), 1e-3)
+    assert abs(ours["reward_margin"].item() - metrics["margins"].item()) <= EXACT * max(abs(metrics["margins"].item()),
+                                                                                          1e-3)
