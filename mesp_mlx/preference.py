@@ -148,7 +148,7 @@ def _row_key(fingerprint, pair):
 
 
 def _save(path, cache):
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # processes of a group on one machine may both write
     tmp.write_text(json.dumps(cache))
     os.replace(tmp, path)
 

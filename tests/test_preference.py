@@ -144,3 +144,64 @@ def test_loss_equals_mlx_lm_lora(kind):
     assert abs(ours["rewards_rejected"].item() - reward[1].item()) <= EXACT * max(abs(reward[1].item()), 1e-3)
     assert abs(ours["reward_margin"].item() - metrics["margins"].item()) <= EXACT * max(abs(metrics["margins"].item()),
                                                                                           1e-3)
+
+
+PAIRS = [{"prompt": f"row {i}: the fox", "chosen": "the quick brown fox jumps" + " over the dog" * (i % 3),
+          "rejected": "lazy dog" + " the lazy dog" * (i % 2)} for i in range(8)]
+
+
+def write_pairs(d, rows=PAIRS):
+    import json
+    d.mkdir()
+    for split in ("train", "valid"):
+        (d / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return d
+
+
+def metrics(out):
+    import json
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("loss", ["dpo", "orpo"])
+def test_cli_trains_a_preference_and_reports_it(tmp_path, tiny_gguf, loss, capsys):
+    from mesp_mlx.preference import REFERENCE_FILE
+    from mesp_mlx.train import main
+    data = write_pairs(tmp_path / "data")
+    common = ["--model", str(tiny_gguf), "--data", str(data), "--sample-prompt", "", "--rank", "4", "--loss", loss,
+              "--batch-size", "2", "--steps-per-report", "1", "--steps-per-eval", "3", "--learning-rate", "1e-2",
+              "--beta", "0.5"]
+    assert main(common + ["--iters", "6", "--adapter-path", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr()
+    assert "Rewards chosen" in out.out and "Accuracy" in out.out
+    recs = metrics(tmp_path / "a")
+    train = [r for r in recs if "train_loss" in r]
+    assert [r["iter"] for r in train] == list(range(1, 7))
+    assert all(k in train[0] for k in ("train_rewards_chosen", "train_rewards_rejected", "train_reward_margin",
+                                       "train_accuracy"))
+    val = [r for r in recs if "val_reward_margin" in r]
+    assert [r["iter"] for r in val] == [3, 6]
+    assert val[1]["val_loss"] < val[0]["val_loss"]  # it learns (the validation rows are the training rows)
+    if loss == "dpo":  # the reference scores are cached beside the adapter and reused, not recomputed
+        assert (tmp_path / "a" / REFERENCE_FILE).exists() and "reference log-probabilities of 8 pair" in out.out
+        assert main(common + ["--iters", "2", "--adapter-path", str(tmp_path / "a")]) == 0
+        assert "reference log-probabilities" not in capsys.readouterr().out
+    # stopped after 2 steps and resumed to 6: the losses and stats of the uninterrupted run
+    assert main(common + ["--iters", "2", "--adapter-path", str(tmp_path / "b")]) == 0
+    assert main(common + ["--iters", "6", "--adapter-path", str(tmp_path / "b"), "--resume"]) == 0
+    resumed = [r for r in metrics(tmp_path / "b") if "train_loss" in r]
+    for k in ("train_loss", "train_reward_margin", "train_accuracy"):
+        assert max(abs(x[k] - y[k]) for x, y in zip(train, resumed)) <= 1e-6, k
+
+
+def test_preference_refusals_are_one_line(tmp_path, tiny_gguf, capsys):
+    from mesp_mlx.train import main
+    data = write_pairs(tmp_path / "data")
+    base = ["--model", str(tiny_gguf), "--data", str(data), "--sample-prompt", "", "--adapter-path", str(tmp_path / "a")]
+    assert main(base + ["--loss", "dpo", "--method", "mezo"]) == 2
+    assert "--loss dpo needs exact gradients" in capsys.readouterr().err
+    bad = tmp_path / "bad"
+    write_pairs(bad, PAIRS[:3] + [{"prompt": "x", "chosen": "y"}])
+    assert main(base[:2] + ["--data", str(bad)] + base[4:] + ["--loss", "orpo"]) == 2
+    err = capsys.readouterr().err
+    assert "train.jsonl:4:" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
