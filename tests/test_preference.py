@@ -205,3 +205,45 @@ def test_preference_refusals_are_one_line(tmp_path, tiny_gguf, capsys):
     assert main(base[:2] + ["--data", str(bad)] + base[4:] + ["--loss", "orpo"]) == 2
     err = capsys.readouterr().err
     assert "train.jsonl:4:" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_memory_budget_counts_both_rows_of_a_pair(tmp_path, tiny_gguf):
+    """The planner sees 2P rows for P pairs: its predicted peak for a DPO batch is that of an SFT batch twice as
+    large, and a DPO run under a budget stays under it."""
+    from mesp_mlx.plan import plan_for_budget
+    from mesp_mlx.train import main
+    store = load_model(str(tiny_gguf))
+    params = init_lora(store.args, LoRAConfig(rank=4), 0)
+    data = write_pairs(tmp_path / "data")
+    out = tmp_path / "a"
+    assert main(["--model", str(tiny_gguf), "--data", str(data), "--sample-prompt", "", "--rank", "4", "--iters", "2",
+                 "--loss", "dpo", "--batch-size", "2", "--memory-budget", "50MB", "--adapter-path", str(out)]) == 0
+    assert max(r["peak_memory_gb"] for r in metrics(out) if "peak_memory_gb" in r) * 1e9 <= 50e6
+    one = plan_for_budget(store, 20.0, 2, 40, params, "adamw", True, 50e6, Compute())[1]
+    two = plan_for_budget(store, 20.0, 4, 40, params, "adamw", True, 50e6, Compute())[1]
+    assert two > one
+
+
+def test_two_processes_equal_one_with_twice_the_pairs(tmp_path, tiny_gguf):
+    """Data-parallel DPO: two processes with one pair each log the losses and stats of one process with two pairs
+    (the group's mean is weighted by pairs, not tokens)."""
+    import os
+    import subprocess
+    import sys
+    from test_train import two_process_setup
+    from mesp_mlx.train import main
+    launch, entry, _ = two_process_setup(tmp_path)
+    data = write_pairs(tmp_path / "pairs")
+    common = ["--model", str(tiny_gguf), "--data", str(data), "--sample-prompt", "", "--rank", "4", "--iters", "3",
+              "--steps-per-report", "1", "--optimizer", "sgd", "--learning-rate", "1e-2", "--loss", "dpo"]
+    env = dict(os.environ, MESP_MLX_NO_BLAS_PRELOAD="1")
+    r = subprocess.run([str(launch), "-n", "2", "--python", sys.executable, str(entry)] + common +
+                       ["--batch-size", "1", "--adapter-path", str(tmp_path / "two")], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert main(common + ["--batch-size", "2", "--adapter-path", str(tmp_path / "one")]) == 0
+    one = [x for x in metrics(tmp_path / "one") if "train_loss" in x]
+    two = [x for x in metrics(tmp_path / "two") if "train_loss" in x]
+    assert len(two) == 3
+    for k in ("train_loss", "train_reward_margin", "train_rewards_chosen"):
+        assert max(abs(x[k] - y[k]) for x, y in zip(one, two)) <= 1e-5, (k, one, two)
