@@ -162,9 +162,11 @@ def attach_reference(datasets, store, compute, out_dir, lora=None, scale=20.0, b
         cache = json.loads(path.read_text()) if path.exists() else {}
     except (OSError, ValueError):
         cache = {}  # a damaged cache is recomputed, never trusted
-    fingerprint = model_fingerprint(store, lora)
-    rows = cache.get("rows", {}) if cache.get("model") == fingerprint else {}
-    cache = {"model": fingerprint, "rows": rows}
+    fingerprint = model_fingerprint(store, lora)  # part of every row's key: another model never matches
+    rows = cache.get("rows") if isinstance(cache, dict) and isinstance(cache.get("rows"), dict) else {}
+    rows = {k: v for k, v in rows.items() if isinstance(v, list) and len(v) == 2
+            and all(isinstance(x, (int, float)) for x in v)}  # anything else is recomputed, never trusted
+    cache = {"rows": rows}
     specs = store.args.block_specs(compute)
     eps, offset = store.args.rms_norm_eps, store.args.norm_offset
     computed = 0

@@ -301,7 +301,9 @@ class Trainer:
         if c.reference_adapter_path:
             expected = {k: tuple(v.shape) for k, v in to_flat(self.params).items()}
             ref = load_adapter_weights(c.reference_adapter_path, expected, c.scale, store=self.store)
-        attach_reference(self.data.values(), self.store, self.compute, out, ref, c.scale, c.batch_size, self.log)
+        # a forward keeps no checkpoints: more rows per pass of the weights, unless a memory budget sized the batch
+        pairs = c.batch_size if c.memory_budget else max(c.batch_size, 8)
+        attach_reference(self.data.values(), self.store, self.compute, out, ref, c.scale, pairs, self.log)
 
     def train_loop(self, checkpointer, reporter):
         c = self.cfg

@@ -247,3 +247,24 @@ def test_two_processes_equal_one_with_twice_the_pairs(tmp_path, tiny_gguf):
     assert len(two) == 3
     for k in ("train_loss", "train_reward_margin", "train_rewards_chosen"):
         assert max(abs(x[k] - y[k]) for x, y in zip(one, two)) <= 1e-5, (k, one, two)
+
+
+def test_reference_scores_are_the_plain_log_probabilities(tmp_path, chat_tokenizer, tiny_gguf):
+    """The cached reference scores equal each row's summed log-probability from the full logits of the base (or of
+    the base with a reference adapter, which gets its own cache entries); a damaged cache is recomputed."""
+    from mesp_mlx.model import logits
+    from mesp_mlx.preference import REFERENCE_FILE, attach_reference, encode_pairs
+    store = load_model(str(tiny_gguf))
+    data = encode_pairs(chat_tokenizer, [(r, "row") for r in PAIRS[:3]], 4096)
+    ref_lora = perturbed(store)
+    for lora in (None, ref_lora):
+        assert attach_reference([data], store, Compute(vocab_chunk=64), tmp_path, lora, 20.0, batch_pairs=2) == 3
+        for (c, r, start), got in zip(data.pairs, data.reference):
+            for ids, value in ((c, got[0]), (r, got[1])):
+                z = logits(store, mx.array([ids[:-1]]), lora, 20.0)[0]
+                logp = (z - mx.logsumexp(z, axis=-1, keepdims=True))[mx.arange(len(ids) - 1), mx.array(ids[1:])]
+                want = mx.sum(logp[start - 1:]).item()
+                assert abs(value - want) <= EXACT * abs(want)
+    assert attach_reference([data], store, Compute(vocab_chunk=64), tmp_path, None, 20.0) == 0  # cached
+    (tmp_path / REFERENCE_FILE).write_text("{not json")
+    assert attach_reference([data], store, Compute(vocab_chunk=64), tmp_path, None, 20.0) == 3
