@@ -72,6 +72,13 @@ def one(model, method, loss, seq, rank, steps, warmup):
                 peak_mb=mx.get_peak_memory() / 1e6, rss_peak_mb=rss_mb())
 
 
+# mlx-lm-lora's DPO trainer reads mx.device_info()["max_recommended_working_set_size"], which only Metal reports
+# (KeyError on Linux, measured with 5.10.2): its launcher supplies the key (0: no wired limit) and runs it unchanged
+LAUNCH = ("import runpy, sys, mlx.core as mx; info = mx.device_info; "
+          "mx.device_info = lambda: {'max_recommended_working_set_size': 0, **info()}; "
+          "sys.argv[0] = 'mlx_lm_lora.train'; runpy.run_module('mlx_lm_lora.train', run_name='__main__')")
+
+
 def mlx_lm_lora_run(model, seq, rank, steps, warmup, path):
     """mlx-lm-lora's DPO as a user runs it, on the same two texts; its report lines give peak memory and speed."""
     from mesp_mlx.io.sources import load_model
@@ -85,7 +92,7 @@ def mlx_lm_lora_run(model, seq, rank, steps, warmup, path):
             (Path(d) / f"{split}.jsonl").write_text(json.dumps(row) + "\n")
         cfg = Path(d) / "c.yaml"
         cfg.write_text(json.dumps({"lora_parameters": {"rank": rank, "scale": 20.0, "dropout": 0.0, "keys": KEYS}}))
-        argv = [sys.executable, "-m", "mlx_lm_lora.train", "--train-mode", "dpo", "--model", str(store.path),
+        argv = [sys.executable, "-c", LAUNCH, "--train-mode", "dpo", "--model", str(store.path),
                 "--train", "--data", d, "--iters", str(steps + max(warmup, 2)), "--batch-size", "1",
                 "--num-layers", "-1", "--max-seq-length", str(seq + 64), "--steps-per-report", "1",
                 "--steps-per-eval", "100000", "--adapter-path", str(Path(d) / "ad"), "--beta", "0.1", "-c", str(cfg)]
@@ -97,8 +104,8 @@ def mlx_lm_lora_run(model, seq, rank, steps, warmup, path):
     if r.returncode != 0:
         return dict(model=model, method="mlx-lm-lora", loss="dpo", seq=seq, error=text[-1500:])
     import re
-    peaks = [float(m) for m in re.findall(r"[Pp]eak mem[a-z ]*[: ]+([0-9.]+) ?GB", text)]
-    its = [float(m) for m in re.findall(r"It/sec[: ]+([0-9.]+)", text)]
+    peaks = [float(m) for m in re.findall(r"peak_mem ([0-9.]+) ?GB", text)]  # its "Iter N: ..." report lines
+    its = [float(m) for m in re.findall(r"it/s ([0-9.]+),", text)]
     return dict(model=model, method="mlx-lm-lora", loss="dpo", seq=seq, rows=2,
                 peak_mb=1000 * max(peaks) if peaks else None,
                 s_per_step=1 / its[-1] if its and its[-1] > 0 else None, wall_s=wall, log_tail=text[-600:])
