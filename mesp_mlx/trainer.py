@@ -180,7 +180,7 @@ class Trainer:
                                           lambda tree: self.group.mean(tree, n, total), self.dropout_seed(0))
             self.opt.state["step"] = step0 + 1
             loss = as_stats(self.group.mean(loss, n, total))
-            return (loss if len(loss) > 1 else loss["loss"]), self.group.tokens(batch)[1].item()
+            return (loss if len(loss) > 1 else loss["loss"]), self.tokens(batch, total)
         acc, loss_sum, tokens = None, {}, 0.0
         for micro in range(self.cfg.grad_accumulation_steps):
             batch = self.cursor.next_batch()
@@ -195,13 +195,17 @@ class Trainer:
             acc = grads if acc is None else tree_map(lambda a, b: a + b, acc, grads)
             for key, v in as_stats(self.group.mean(loss, n, total)).items():
                 loss_sum[key] = loss_sum.get(key, 0.0) + v / self.cfg.grad_accumulation_steps
-            tokens += self.group.tokens(batch)[1].item()
+            tokens += self.tokens(batch, total)
         if self.cfg.grad_accumulation_steps > 1:
             acc = tree_map(lambda a: a / self.cfg.grad_accumulation_steps, acc)
         flat = self.opt.apply_gradients(to_flat(acc), to_flat(self.params))
         mx.eval(flat, self.opt.state)
         self.params = from_flat(flat)
         return (loss_sum if len(loss_sum) > 1 else loss_sum["loss"]), tokens
+
+    def tokens(self, batch, total):
+        """The group's target tokens in this batch: `total` itself unless the group weighed it by pairs."""
+        return (total if len(batch) < 5 else self.group.tokens(batch)[1]).item()
 
     def save(self, checkpointer, numbered):
         checkpointer.save(self.params, self.lora_cfg, self.store.path, self.opt.state, self.step_no,
