@@ -268,3 +268,16 @@ def test_reference_scores_are_the_plain_log_probabilities(tmp_path, chat_tokeniz
     assert attach_reference([data], store, Compute(vocab_chunk=64), tmp_path, None, 20.0) == 0  # cached
     (tmp_path / REFERENCE_FILE).write_text("{not json")
     assert attach_reference([data], store, Compute(vocab_chunk=64), tmp_path, None, 20.0) == 3
+
+
+def test_accumulated_and_autodiff_preference_runs(tmp_path, tiny_gguf):
+    """The trainer's other path (gradients collected, then one update): accumulated micro-batches of pairs, and the
+    autodiff engine, report the loss and its stats."""
+    from mesp_mlx.train import main
+    data = write_pairs(tmp_path / "data")
+    for extra, out in ((["--grad-accumulation-steps", "2"], "acc"), (["--method", "autodiff"], "ad")):
+        assert main(["--model", str(tiny_gguf), "--data", str(data), "--sample-prompt", "", "--rank", "4",
+                     "--loss", "dpo", "--iters", "2", "--steps-per-report", "1", "--adapter-path",
+                     str(tmp_path / out)] + extra) == 0
+        train = [r for r in metrics(tmp_path / out) if "train_loss" in r]
+        assert len(train) == 2 and all(0 <= r["train_accuracy"] <= 1 and "train_reward_margin" in r for r in train)
