@@ -34,8 +34,11 @@ def plot_metrics(metrics_path, png_path):
         ax = axes[2]
         for split, rs in (("train", train), ("val", [r for r in val if "val_reward_margin" in r])):
             if rs:
-                ax.plot([r["iter"] for r in rs], [r[f"{split}_reward_margin"] for r in rs], label=f"{split} margin")
-                ax.plot([r["iter"] for r in rs], [r[f"{split}_accuracy"] for r in rs], "--", label=f"{split} accuracy")
+                style = "o" if split == "val" else ""  # validation points may be single ones
+                ax.plot([r["iter"] for r in rs], [r[f"{split}_reward_margin"] for r in rs], style + "-",
+                        label=f"{split} margin")
+                ax.plot([r["iter"] for r in rs], [r[f"{split}_accuracy"] for r in rs], style + "--",
+                        label=f"{split} accuracy")
         ax.set(xlabel="step", title="Reward margin and accuracy")
         ax.legend()
     fig.tight_layout()
