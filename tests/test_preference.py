@@ -197,7 +197,8 @@ def test_cli_trains_a_preference_and_reports_it(tmp_path, tiny_gguf, loss, capsy
 def test_preference_refusals_are_one_line(tmp_path, tiny_gguf, capsys):
     from mesp_mlx.train import main
     data = write_pairs(tmp_path / "data")
-    base = ["--model", str(tiny_gguf), "--data", str(data), "--sample-prompt", "", "--adapter-path", str(tmp_path / "a")]
+    base = ["--model", str(tiny_gguf), "--data", str(data), "--sample-prompt", "",
+            "--adapter-path", str(tmp_path / "a")]
     assert main(base + ["--loss", "dpo", "--method", "mezo"]) == 2
     assert "--loss dpo needs exact gradients" in capsys.readouterr().err
     bad = tmp_path / "bad"
