@@ -204,8 +204,9 @@ def test_preference_refusals_are_one_line(tmp_path, tiny_gguf, capsys):
     bad = tmp_path / "bad"
     write_pairs(bad, PAIRS[:3] + [{"prompt": "x", "chosen": "y"}])
     assert main(base[:2] + ["--data", str(bad)] + base[4:] + ["--loss", "orpo"]) == 2
-    err = capsys.readouterr().err
-    assert "train.jsonl:4:" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    err = [line for line in capsys.readouterr().err.splitlines()
+           if not line.startswith("[transformers]")]  # transformers' note when this test imports it first
+    assert len(err) == 1 and "train.jsonl:4:" in err[0] and "Traceback" not in err[0]
 
 
 def test_memory_budget_counts_both_rows_of_a_pair(tmp_path, tiny_gguf):
