@@ -17,7 +17,7 @@ from .lora import from_flat, to_flat
 RESUME_KEYS = ("model", "data", "method", "rank", "scale", "keys", "num_layers", "batch_size", "max_seq_length",
                "mask_prompt", "optimizer", "lr_schedule", "seed", "grad_accumulation_steps", "mezo_eps", "dtype",
                "warmup", "optimizer_config", "hf_dataset", "skip_bad_rows", "lora_dropout",
-               "pack")
+               "pack", "loss", "beta", "dpo_cpo_loss_type", "reference_adapter_path")
 
 
 class Checkpointer:

@@ -15,6 +15,7 @@ from .engines import ENGINES
 from .engines.checkpoints import PLACES
 from .errors import ConfigError
 from .ops.linear import DTYPES, MATMUL_PATHS, Compute
+from .ops.preference import DPO_VARIANTS, KINDS
 
 DEFAULT_DATA = str(Path(__file__).parent / "data" / "persona")
 OPTIMIZERS = {"sgd": optim.SGD, "adam": optim.Adam, "adamw": optim.AdamW}
@@ -82,6 +83,15 @@ class TrainConfig:
     matmul: str = opt(DEFAULT_COMPUTE.matmul, "products with the frozen base: auto picks dequantize+BLAS on the "
                                               "CPU and quantized kernels on GPUs", MATMUL_PATHS)
     mezo_eps: float = opt(1e-2, "MeZO's perturbation size")
+    loss: str = opt("sft", "training objective: sft (next-token cross-entropy), or a preference loss on rows with "
+                           "prompt/chosen/rejected: dpo (against a reference model) or orpo (no reference)",
+                    ("sft",) + KINDS)
+    beta: float = opt(0.1, "DPO's beta (temperature of the implicit reward); ORPO's lambda (weight of the odds-ratio "
+                           "term), as TRL and mlx-lm-lora name both")
+    dpo_cpo_loss_type: str = opt("sigmoid", "DPO's loss: sigmoid (the paper's) or ipo (squared, on mean log-probs)",
+                                 DPO_VARIANTS)
+    reference_adapter_path: str = opt(None, "DPO's reference model: the base with this adapter (default: the base, "
+                                            "adapter off)")
     sample_prompt: str = opt("What is the capital of France?", "prompt answered before and after training "
                                                                "('' to skip)")
     sample_tokens: int = opt(24, "tokens of the sample answers")
@@ -119,7 +129,12 @@ class TrainConfig:
                   (self.q_bits in (2, 3, 4, 5, 6, 8), "q_bits must be one of 2, 3, 4, 5, 6, 8"),
                   (self.q_group_size in (32, 64, 128), "q_group_size must be one of 32, 64, 128"),
                   (self.memory_budget is None or self.method == "mesp",
-                   "--memory-budget plans MeSP's step; use it with --method mesp")]
+                   "--memory-budget plans MeSP's step; use it with --method mesp"),
+                  (self.loss == "sft" or self.method != "mezo",
+                   f"--loss {self.loss} needs exact gradients: use --method mesp, mebp or autodiff (not mezo)"),
+                  (self.loss == "sft" or not (self.pack or self.hf_dataset),
+                   f"--loss {self.loss} reads pairs from local jsonl files, unpacked (no --pack, no hf_dataset)"),
+                  (self.beta > 0, "beta must be > 0")]
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:

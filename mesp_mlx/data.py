@@ -23,8 +23,9 @@ from .errors import DataError
 SOURCE_SUFFIXES = (".py", ".md", ".txt", ".rst", ".c", ".h", ".js", ".ts", ".rs", ".go", ".java", ".sh")
 
 
-def read_jsonl(path, skip_bad=False):
-    """-> ([(row, "file:line")], number of bad lines skipped). A bad line is an error unless skip_bad."""
+def read_jsonl(path, skip_bad=False, preference=False):
+    """-> ([(row, "file:line")], number of bad lines skipped). A bad line is an error unless skip_bad.
+    preference: rows are pairs ('chosen' and 'rejected'; preference.py reads the rest)."""
     rows, skipped = [], 0
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
@@ -35,8 +36,11 @@ def read_jsonl(path, skip_bad=False):
                     row = json.loads(raw.decode("utf-8"))
                 except (UnicodeDecodeError, json.JSONDecodeError) as e:
                     raise DataError(f"{path}:{n}: not a valid JSON line ({e})") from None
+                if preference and not (isinstance(row, dict) and {"chosen", "rejected"} <= row.keys()):
+                    raise DataError(f"{path}:{n}: expected a preference row with 'prompt', 'chosen' and 'rejected' "
+                                    "(or 'chosen' and 'rejected' message lists)")
                 if not isinstance(row, dict) or not ({"text"} <= row.keys() or {"prompt", "completion"} <= row.keys()
-                                                     or "messages" in row):
+                                                     or "messages" in row or preference):
                     raise DataError(f"{path}:{n}: expected an object with 'text', 'prompt'+'completion' or "
                                     "'messages'")
             except DataError:
@@ -274,7 +278,10 @@ def epoch_groups(dataset, batch_size, seed, epoch, pack=0):
 
 
 def make_batch(dataset, items, packed=False):
-    """A batch from epoch_groups' items: example indices, or (packed) lists of them."""
+    """A batch from epoch_groups' items: example indices, or (packed) lists of them. A dataset that makes its own
+    batches (preference pairs) is asked to."""
+    if hasattr(dataset, "make_batch"):
+        return dataset.make_batch(items)
     if packed:
         return collate_packed([[dataset.examples[i] for i in b] for b in items])
     return collate([dataset.examples[i] for i in items])

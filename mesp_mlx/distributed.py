@@ -17,6 +17,14 @@ class Group:
         n = batch[2].sum()
         return n, (self.sum(n) if self.size > 1 else n)
 
+    def weights(self, batch):
+        """What the group's mean weighs each process by, (this process's, the whole group's): its target tokens, or
+        its pairs for a preference batch (whose loss is a mean over pairs)."""
+        if len(batch) < 5:
+            return self.tokens(batch)
+        n = mx.array(batch[0].shape[0] // 2, mx.float32)
+        return n, (self.sum(n) if self.size > 1 else n)
+
     def sum(self, x):
         return mx.distributed.all_sum(x, group=self.group)
 

@@ -6,6 +6,7 @@ import mlx.core as mx
 from .models import stop_ids
 from .ops.block import block_dropout, block_forward, packing
 from .ops.linear import DEFAULT, accum_dtype, frozen_matmul, prepared
+from .ops.preference import preference_stats
 from .ops.rmsnorm import rmsnorm_forward
 
 
@@ -44,10 +45,23 @@ def full_loss(store, x, targets, mask, compute=DEFAULT):
     return mx.sum(ce * mask) / mx.maximum(mx.sum(mask), 1.0)
 
 
-def reference_loss(store, ids, targets, mask, lora, scale, specs=None, layers=None, dropout=None, segments=None):
+def full_preference_stats(store, x, targets, mask, pref, compute=DEFAULT):
+    """A preference batch's loss and stats (ops/preference.py) from the final hidden state, over full logits."""
+    z = head_logits(store, x, compute)
+    z = z.astype(accum_dtype(z.dtype))
+    nll = mx.logsumexp(z, axis=-1) - mx.take_along_axis(z, targets[..., None], axis=-1)[..., 0]
+    return preference_stats(nll, mask, pref)
+
+
+def reference_loss(store, ids, targets, mask, lora, scale, specs=None, layers=None, dropout=None, segments=None,
+                   pref=None):
+    """The mean cross-entropy, or with `pref` a preference batch's (loss, stats), as one plain graph."""
     specs = specs or store.args.block_specs()
-    return full_loss(store, hidden_states(store, ids, lora, scale, specs, layers, dropout, segments), targets, mask,
-                     specs[0].compute)
+    x = hidden_states(store, ids, lora, scale, specs, layers, dropout, segments)
+    if pref is not None:
+        stats = full_preference_stats(store, x, targets, mask, pref, specs[0].compute)
+        return stats["loss"], stats
+    return full_loss(store, x, targets, mask, specs[0].compute)
 
 
 def generate(store, tokenizer, prompt, max_tokens=32, lora=None, scale=20.0, chat=True, compute=DEFAULT):

@@ -101,7 +101,8 @@ def plan_run(config, store, params, examples, log):
         raise ConfigError(f"--memory-budget {budget / 1e6:.0f} MB: the process already holds {held / 1e6:.0f} MB "
                           "before the first step (interpreter, libraries, tokenizer, data, weights read so far); "
                           "raise the budget")
-    settings, peak = plan_for_budget(store, config.scale, config.batch_size, longest, params, config.optimizer,
+    rows = config.batch_size * (1 if config.loss == "sft" else 2)  # a preference batch is pairs of rows
+    settings, peak = plan_for_budget(store, config.scale, rows, longest, params, config.optimizer,
                                      config.fused_update, budget - held, config.compute(), held)
     log(f"[mesp-mlx] memory budget {budget / 1e6:.0f} MB: the process holds {held / 1e6:.0f} MB before the first "
         f"step, MLX's share is {(budget - held) / 1e6:.0f} MB; plan {settings}, predicted MLX peak "

@@ -27,7 +27,9 @@ def plot_metrics(metrics_path, png_path):
     val = [r for r in rows if "val_loss" in r]
     if not train:
         return None
-    fig, (ax_loss, ax_mem) = plt.subplots(1, 2, figsize=(10, 4))
+    preference = "train_reward_margin" in train[-1]
+    fig, axes = plt.subplots(1, 3 if preference else 2, figsize=(15 if preference else 10, 4))
+    ax_loss, ax_mem = axes[0], axes[1]
     ax_loss.plot([r["iter"] for r in train], [r["train_loss"] for r in train], label="train")
     if val:
         ax_loss.plot([r["iter"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
@@ -37,6 +39,17 @@ def plot_metrics(metrics_path, png_path):
     ax_mem.plot([r["iter"] for r in train], [r["rss_peak_mb"] for r in train], label="process peak RSS")
     ax_mem.set(xlabel="step", ylabel="MB", title="Memory")
     ax_mem.legend()
+    if preference:  # DPO / ORPO: what TRL plots beside the loss
+        ax = axes[2]
+        for split, rs in (("train", train), ("val", [r for r in val if "val_reward_margin" in r])):
+            if rs:
+                style = "o" if split == "val" else ""  # validation points may be single ones
+                ax.plot([r["iter"] for r in rs], [r[f"{split}_reward_margin"] for r in rs], style + "-",
+                        label=f"{split} margin")
+                ax.plot([r["iter"] for r in rs], [r[f"{split}_accuracy"] for r in rs], style + "--",
+                        label=f"{split} accuracy")
+        ax.set(xlabel="step", title="Reward margin and accuracy")
+        ax.legend()
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
     plt.close(fig)

@@ -25,6 +25,21 @@ def rss_mb():
     return r / (1024 * 1024) if sys.platform == "darwin" else r / 1024
 
 
+def as_stats(loss):
+    """An engine's loss -> {name: float}: {"loss"} for SFT, the loss and its stats for a preference batch."""
+    return {k: v.item() for k, v in loss.items()} if isinstance(loss, dict) else {"loss": loss.item()}
+
+
+STAT_NAMES = {"rewards_chosen": "Rewards chosen", "rewards_rejected": "rejected", "reward_margin": "Margin",
+              "accuracy": "Accuracy"}
+
+
+def stats_text(stats):
+    """A preference run's stats as TRL and mlx-lm-lora print them: rewards chosen/rejected, margin, accuracy."""
+    return (f"Rewards chosen {stats['rewards_chosen']:.3f} / rejected {stats['rewards_rejected']:.3f}, "
+            f"Margin {stats['reward_margin']:.3f}, Accuracy {stats['accuracy']:.3f}")
+
+
 def _iter(line):
     try:
         return json.loads(line)["iter"]
@@ -78,7 +93,7 @@ class Reporter:
         from tqdm import tqdm
         self.metrics = open(self.metrics_path if self.first else os.devnull, "a")
         self.started = self.t0 = time.perf_counter()
-        self.window_loss, self.window_tok = [], 0.0
+        self.window_loss, self.window_tok, self.window_stats = [], 0.0, []
         self.bar = None
         self.tqdm = tqdm
         return self
@@ -88,11 +103,15 @@ class Reporter:
                              unit="step", dynamic_ncols=True, leave=False)
         self.line = self.log if self.bar.disable else self.bar.write  # report lines above the bar, not through it
 
-    def step(self, step, loss, tokens, seconds, lr, report):
+    def step(self, step, loss, tokens, seconds, lr, report, stats=None):
+        """stats: a preference step's rewards, margin and accuracy (ops.preference.STATS), or None."""
         self.window_loss.append(loss)
         self.window_tok += tokens
+        if stats:
+            self.window_stats.append(stats)
         self.bar.update(1)
-        self.bar.set_postfix_str(f"loss {loss:.3f}, lr {lr:.2e}, {tokens / seconds:.0f} tok/s, "
+        extra = f"margin {stats['reward_margin']:.3f}, acc {stats['accuracy']:.2f}, " if stats else ""
+        self.bar.set_postfix_str(f"loss {loss:.3f}, {extra}lr {lr:.2e}, {tokens / seconds:.0f} tok/s, "
                                  f"peak {mx.get_peak_memory() / 1e9:.3f} GB, RSS {rss_mb():.0f} MB")
         if not report:
             return
@@ -101,13 +120,25 @@ class Reporter:
                "it_per_sec": len(self.window_loss) / dt, "tokens_per_sec": self.window_tok / dt,
                "peak_memory_gb": mx.get_peak_memory() / 1e9, "active_memory_gb": mx.get_active_memory() / 1e9,
                "rss_peak_mb": rss_mb(), "elapsed_s": time.perf_counter() - self.started}
-        self.line(f"Iter {step}: Train loss {rec['train_loss']:.3f}, Learning Rate {rec['learning_rate']:.3e}, "
+        means = {k: sum(s[k] for s in self.window_stats) / len(self.window_stats) for k in STAT_NAMES
+                 } if self.window_stats else None
+        rec.update({f"train_{k}": v for k, v in (means or {}).items()})
+        self.line(f"Iter {step}: Train loss {rec['train_loss']:.3f}, "
+                  + (f"{stats_text(means)}, " if means else "")
+                  + f"Learning Rate {rec['learning_rate']:.3e}, "
                   f"It/sec {rec['it_per_sec']:.3f}, Tokens/sec {rec['tokens_per_sec']:.3f}, "
                   f"Peak mem {rec['peak_memory_gb']:.3f} GB, RSS {rec['rss_peak_mb']:.0f} MB")
         self._write(rec)
-        self.window_loss, self.window_tok, self.t0 = [], 0.0, time.perf_counter()
+        self.window_loss, self.window_tok, self.window_stats, self.t0 = [], 0.0, [], time.perf_counter()
 
     def validation(self, step, loss, seconds):
+        """loss: the validation loss, or a preference run's dict of it and its stats."""
+        if isinstance(loss, dict):
+            self.line(f"Iter {step}: Val loss {loss['loss']:.3f}, {stats_text(loss)}, Val took {seconds:.3f}s")
+            self._write({"iter": step, "val_loss": loss["loss"], **{f"val_{k}": loss[k] for k in STAT_NAMES},
+                         "elapsed_s": time.perf_counter() - self.started})
+            self.t0 += seconds
+            return
         self.line(f"Iter {step}: Val loss {loss:.3f}, Val ppl {math.exp(min(loss, 50)):.3f}, Val took {seconds:.3f}s")
         self._write({"iter": step, "val_loss": loss, "elapsed_s": time.perf_counter() - self.started})
         self.t0 += seconds  # validation time does not count against training speed

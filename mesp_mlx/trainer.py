@@ -30,8 +30,10 @@ from .io.sources import load_model
 from .lora import LoRAConfig, from_flat, init_lora, num_params, resolve_keys, to_flat, tree_map
 from .model import generate
 from .ops.keys import purpose_key
+from .ops.preference import Preference
 from .plan import mlx_limits, plan_run
-from .report import Reporter, make_tracker
+from .preference import attach_reference, load_preference_datasets
+from .report import Reporter, as_stats, make_tracker, stats_text
 
 
 def learning_rate_schedule(lr, kind, warmup, steps):
@@ -77,8 +79,13 @@ class Trainer:
             raise ConfigError(str(e)) from None
         self.lora_cfg = LoRAConfig(c.rank, c.scale, keys, c.num_layers, c.lora_dropout)
         self.tokenizer = self.store.tokenizer()
-        self.data = load_datasets(self.tokenizer, c.data, c.max_seq_length, c.mask_prompt, c.skip_bad_rows,
-                                  c.hf_dataset)
+        if c.loss == "sft":
+            self.data = load_datasets(self.tokenizer, c.data, c.max_seq_length, c.mask_prompt, c.skip_bad_rows,
+                                      c.hf_dataset)
+        else:  # pairs: a batch holds batch_size chosen rows and their rejected rows
+            self.data = load_preference_datasets(self.tokenizer, c.data, c.max_seq_length, c.skip_bad_rows)
+            for d in self.data.values():
+                d.objective = Preference(c.loss, c.beta, c.dpo_cpo_loss_type)
         if c.test and not self.data.get("test"):
             raise ConfigError(f"{c.data}: --test needs a test split (test.jsonl)")
         if len(self.data["train"]) < c.batch_size:
@@ -111,19 +118,22 @@ class Trainer:
         return float(self.lr(mx.array(self.step_no)) if callable(self.lr) else self.lr)
 
     def evaluate(self, split="valid", max_batches=None):
-        """Mean loss per target token over a split's first batches (all with -1), or None without the split."""
+        """Mean loss per target token over a split's first batches (all with -1), or None without the split; for
+        preference pairs, the means over pairs of the loss and its stats (a dict)."""
         data = self.data.get(split)
         if not data:
             return None
         max_batches = self.cfg.val_batches if max_batches is None else max_batches
-        total, count = 0.0, 0.0
+        total, count = {}, 0.0
         for k, batch in enumerate(batches(data, self.cfg.batch_size, 0, 0, self.pack)):
             if 0 <= max_batches <= k:
                 break
-            ntok = batch[2].sum().item()
-            total += self.engine.loss(self.params, batch).item() * ntok
-            count += ntok
-        return total / max(count, 1)
+            weight = batch[0].shape[0] // 2 if len(batch) > 4 else batch[2].sum().item()  # pairs, or tokens
+            for key, v in as_stats(self.engine.loss(self.params, batch)).items():
+                total[key] = total.get(key, 0.0) + v * weight
+            count += weight
+        out = {key: v / max(count, 1) for key, v in total.items()}
+        return out if len(out) > 1 else out.get("loss", 0.0)
 
     def report_split(self, split, max_batches):
         t0 = time.perf_counter()
@@ -131,6 +141,9 @@ class Trainer:
         name = {"valid": "Val", "test": "Test"}[split]
         if loss is None:
             raise ConfigError(f"{self.cfg.data}: there is no {split} split to evaluate ({split}.jsonl)")
+        if isinstance(loss, dict):
+            self.log(f"{name} loss {loss['loss']:.3f}, {stats_text(loss)}, took {time.perf_counter() - t0:.3f}s")
+            return loss
         self.log(f"{name} loss {loss:.3f}, {name} ppl {math.exp(min(loss, 50)):.3f}, "
                  f"took {time.perf_counter() - t0:.3f}s")
         return loss
@@ -159,19 +172,21 @@ class Trainer:
         return purpose_key(self.cfg.seed, "dropout", self.step_no, micro)
 
     def step(self):
-        """One optimizer step (with gradient accumulation); returns (loss, tokens of the whole group)."""
+        """One optimizer step (with gradient accumulation); returns (loss, tokens of the whole group). The loss of
+        a preference batch is a dict: the loss and its stats (ops.preference.STATS)."""
         if self.fused or self.cfg.grad_accumulation_steps == 1 and not self.engine.fuses_update:
             batch = self.cursor.next_batch()
-            n, total = self.group.tokens(batch)
+            n, total = self.group.weights(batch)
             step0 = self.opt.state["step"]
             loss = self.engine.train_step(self.params, batch, lambda i, g: self.update_block(i, g, step0),
                                           lambda tree: self.group.mean(tree, n, total), self.dropout_key(0))
             self.opt.state["step"] = step0 + 1
-            return self.group.mean(loss, n, total).item(), total.item()
-        acc, loss_sum, tokens = None, 0.0, 0.0
+            loss = as_stats(self.group.mean(loss, n, total))
+            return (loss if len(loss) > 1 else loss["loss"]), self.tokens(batch, total)
+        acc, loss_sum, tokens = None, {}, 0.0
         for micro in range(self.cfg.grad_accumulation_steps):
             batch = self.cursor.next_batch()
-            n, total = self.group.tokens(batch)
+            n, total = self.group.weights(batch)
             grads = {}
 
             def collect(i, g):
@@ -180,14 +195,19 @@ class Trainer:
 
             loss, _ = self.engine.loss_and_grad(self.params, batch, on_block=collect, seed=self.dropout_key(micro))
             acc = grads if acc is None else tree_map(lambda a, b: a + b, acc, grads)
-            loss_sum += self.group.mean(loss, n, total).item()
-            tokens += total.item()
+            for key, v in as_stats(self.group.mean(loss, n, total)).items():
+                loss_sum[key] = loss_sum.get(key, 0.0) + v / self.cfg.grad_accumulation_steps
+            tokens += self.tokens(batch, total)
         if self.cfg.grad_accumulation_steps > 1:
             acc = tree_map(lambda a: a / self.cfg.grad_accumulation_steps, acc)
         flat = self.opt.apply_gradients(to_flat(acc), to_flat(self.params))
         mx.eval(flat, self.opt.state)
         self.params = from_flat(flat)
-        return loss_sum / self.cfg.grad_accumulation_steps, tokens
+        return (loss_sum if len(loss_sum) > 1 else loss_sum["loss"]), tokens
+
+    def tokens(self, batch, total):
+        """The group's target tokens in this batch: `total` itself unless the group weighed it by pairs."""
+        return (total if len(batch) < 5 else self.group.tokens(batch)[1]).item()
 
     def save(self, checkpointer, numbered):
         checkpointer.save(self.params, self.lora_cfg, self.store.path, self.opt.state, self.step_no,
@@ -216,6 +236,8 @@ class Trainer:
     def _run(self, out):
         c = self.cfg
         self.log(f"[mesp-mlx] {blas_status()}; device {mx.default_device()}")
+        if c.loss == "dpo":
+            self.attach_reference(out)
         first = self.group.rank == 0
         checkpointer, reporter = Checkpointer(out, c, self.group), Reporter(out, self.log, first)
         if c.resume:
@@ -266,6 +288,17 @@ class Trainer:
                  f"  python -m mesp_mlx.export --adapter-path {out} --format {formats}")
         return self.params
 
+    def attach_reference(self, out):
+        """DPO's reference scores of every pair: read from the cache beside the adapter, the rest computed with a
+        forward only (the base with the adapter off, or with --reference-adapter-path)."""
+        c, ref = self.cfg, None
+        if c.reference_adapter_path:
+            expected = {k: tuple(v.shape) for k, v in to_flat(self.params).items()}
+            ref = load_adapter_weights(c.reference_adapter_path, expected, c.scale, store=self.store)
+        # a forward keeps no checkpoints: more rows per pass of the weights, unless a memory budget sized the batch
+        pairs = c.batch_size if c.memory_budget else max(c.batch_size, 8)
+        attach_reference(self.data.values(), self.store, self.compute, out, ref, c.scale, pairs, self.log)
+
     def train_loop(self, checkpointer, reporter):
         c = self.cfg
         mx.reset_peak_memory()
@@ -274,13 +307,14 @@ class Trainer:
             while self.step_no < self.steps:
                 ts, lr = time.perf_counter(), self.current_lr()  # the rate this step applies
                 loss, tokens = self.step()
+                stats, loss = (loss, loss["loss"]) if isinstance(loss, dict) else (None, loss)
                 step = self.step_no = self.step_no + 1
                 if not math.isfinite(loss):
                     raise FloatingPointError(
                         f"loss became {loss} at step {step}; the last good checkpoint is in {checkpointer.out}. "
                         f"Continue from it with --resume and a lower --learning-rate (now {c.learning_rate:g})")
                 reporter.step(step, loss, tokens, time.perf_counter() - ts, lr,
-                              report=step % c.steps_per_report == 0 or step == self.steps)
+                              report=step % c.steps_per_report == 0 or step == self.steps, stats=stats)
                 if step % c.steps_per_eval == 0 or step == self.steps:
                     tv = time.perf_counter()
                     val = self.evaluate()

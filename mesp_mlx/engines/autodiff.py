@@ -7,7 +7,7 @@ import mlx.core as mx
 from ..lora import from_flat, to_flat
 from ..model import reference_loss
 from ..ops.linear import DEFAULT
-from .base import Engine, segments_of
+from .base import Engine, preference_of, segments_of
 
 
 class AutodiffEngine(Engine):
@@ -18,17 +18,19 @@ class AutodiffEngine(Engine):
         self.layers = [store.layer(i) for i in range(store.num_layers)]
 
     def loss(self, params, batch):
-        return reference_loss(self.store, *batch[:3], params, self.scale, self.specs, self.layers,
-                              segments=segments_of(batch))
+        out = reference_loss(self.store, *batch[:3], params, self.scale, self.specs, self.layers,
+                             segments=segments_of(batch), pref=preference_of(batch))
+        return out[1] if isinstance(out, tuple) else out
 
     def loss_and_grad(self, params, batch, on_block=None, seed=None):
         dropout = None if seed is None else (self.lora_dropout, seed)
 
         def fn(flat):
             return reference_loss(self.store, *batch[:3], from_flat(flat), self.scale, self.specs, self.layers,
-                                  dropout, segments=segments_of(batch))
+                                  dropout, segments=segments_of(batch), pref=preference_of(batch))
 
         loss, g = mx.value_and_grad(fn)(to_flat(params))
+        loss = loss[1] if isinstance(loss, tuple) else loss  # a preference batch: its stats
         mx.eval(loss, g)
         grads = from_flat(g)
         if on_block is None:

@@ -12,13 +12,20 @@
     settings        {keyword argument: run setting (TrainConfig field)}: what the engine takes from a run's config
     state() / load_state(state)    the engine's own resumable state (JSON-able)
 A batch is (inputs, targets, mask) of shape (B, T), mask 1.0 where a target token counts; a batch of packed rows
-(--pack) has a 4th element, segments (B, T): which packed row each position belongs to.
+(--pack) has a 4th element, segments (B, T): which packed row each position belongs to. A preference batch
+(--loss dpo|orpo) has a 5th, its `ops.preference.Preference` (segments None): its 2P rows are P chosen answers then
+their P rejected ones, and `loss` is then a dict of scalars (ops.preference.STATS), the loss under "loss".
 """
 
 
 def segments_of(batch):
     """A packed batch's segment ids, or None for a plain batch."""
     return batch[3] if len(batch) > 3 else None
+
+
+def preference_of(batch):
+    """A preference batch's `Preference`, or None for an SFT batch."""
+    return batch[4] if len(batch) > 4 else None
 
 
 class Engine:

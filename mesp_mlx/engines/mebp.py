@@ -5,13 +5,23 @@ T x V logits, as that paper does. MLX's fused attention kernel is used in the fo
 """
 import mlx.core as mx
 
-from ..model import full_loss
+from ..model import full_loss, full_preference_stats
 from ..ops.block import block_forward
 from .streaming import StreamingEngine
 
 
 class MeBPEngine(StreamingEngine):
-    def head_loss(self, x, targets, mask, need_grad):
+    def head_loss(self, x, targets, mask, need_grad, pref=None):
+        if pref is not None:  # the same full-logits graph, differentiated through the preference loss
+            def stats(x):
+                out = full_preference_stats(self.store, x, targets, mask, pref, self.compute)
+                return out["loss"], out
+
+            if not need_grad:
+                return stats(x)[1], None
+            (_, out), dx = mx.value_and_grad(stats)(x)
+            mx.eval(out, dx)
+            return out, dx
         if not need_grad:
             return full_loss(self.store, x, targets, mask, self.compute), None
         (loss,), (dx,) = mx.vjp(lambda x: [full_loss(self.store, x, targets, mask, self.compute)], [x], [mx.array(1.0)])

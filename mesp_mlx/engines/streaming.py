@@ -6,8 +6,9 @@ import mlx.core as mx
 from ..ops.block import block_dropout, block_forward, packing
 from ..ops.linear import DEFAULT
 from ..ops.loss import cross_entropy_forward, cross_entropy_forward_backward
+from ..ops.preference import preference_forward, preference_forward_backward
 from ..ops.rmsnorm import rmsnorm_backward, rmsnorm_forward
-from .base import Engine, segments_of
+from .base import Engine, preference_of, segments_of
 from .checkpoints import Checkpoints
 
 
@@ -33,15 +34,21 @@ class StreamingEngine(Engine):
             mx.eval(x)
         return x, checkpoints
 
-    def head_loss(self, x, targets, mask, need_grad):
+    def head_loss(self, x, targets, mask, need_grad, pref=None):
+        """-> (loss, dx or None); with a preference batch's `pref`, (stats, dx or None)."""
         eps, offset = self.store.args.rms_norm_eps, self.store.args.norm_offset
         norm_w, head = self.store.final_norm(), self.store.head_rows()
         d = x.shape[-1]
         h = rmsnorm_forward(x, norm_w, eps, offset).reshape(-1, d)
         t, m = targets.reshape(-1), mask.reshape(-1).astype(mx.float32)
+        if pref is not None and not need_grad:
+            return preference_forward(h, head, t, mask.astype(mx.float32), pref, self.compute), None
         if not need_grad:
             return cross_entropy_forward(h, head, t, m, self.compute)[0], None
-        loss, dh = cross_entropy_forward_backward(h, head, t, m, self.compute)
+        if pref is not None:
+            loss, dh = preference_forward_backward(h, head, t, mask.astype(mx.float32), pref, self.compute)
+        else:
+            loss, dh = cross_entropy_forward_backward(h, head, t, m, self.compute)
         dx = rmsnorm_backward(dh.reshape(x.shape), x, norm_w, eps, offset)
         mx.eval(loss, dx)
         return loss, dx
@@ -49,7 +56,7 @@ class StreamingEngine(Engine):
     def loss(self, params, batch):
         inputs, targets, mask = batch[:3]
         x, _ = self.forward(params, inputs, keep_from=self.store.num_layers, packed=packing(segments_of(batch)))
-        return self.head_loss(x, targets, mask, need_grad=False)[0]
+        return self.head_loss(x, targets, mask, need_grad=False, pref=preference_of(batch))[0]
 
     def loss_and_grad(self, params, batch, on_block=None, seed=None):
         inputs, targets, mask = batch[:3]
@@ -57,7 +64,7 @@ class StreamingEngine(Engine):
         dropout = None if seed is None else (self.lora_dropout, seed)
         lowest = min(params) if params else self.store.num_layers
         x, checkpoints = self.forward(params, inputs, keep_from=lowest, dropout=dropout, packed=packed)
-        loss, dx = self.head_loss(x, targets, mask, need_grad=True)
+        loss, dx = self.head_loss(x, targets, mask, need_grad=True, pref=preference_of(batch))
         del x
         grads = {}
         for i in reversed(range(lowest, self.store.num_layers)):

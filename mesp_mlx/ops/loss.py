@@ -31,6 +31,15 @@ def cross_entropy_forward(h, head, targets, mask, compute=DEFAULT):
     """h (N, d); head: a `Frozen` or the store's `StoredRows` (anything with out_dims and rows(start, stop));
     targets (N,) int, mask (N,) float. Returns (loss, lse): mean loss over masked tokens, lse (N,).
     Vocabulary chunks are the outer loop, so each head chunk is read and dequantized once per pass."""
+    nll, lse = token_nll_forward(h, head, targets, compute)
+    loss = mx.sum(nll * mask) / mx.maximum(mx.sum(mask), 1.0)
+    mx.eval(loss, lse)
+    return loss, lse
+
+
+def token_nll_forward(h, head, targets, compute=DEFAULT):
+    """-> (nll, lse), both (N,): every token's negative log-likelihood of its target, unmasked (a sequence-level
+    loss such as DPO's sums them per row)."""
     n, vocab, vocab_chunk = h.shape[0], head.out_dims, compute.vocab_chunk
     chunks = _token_chunks(n, compute.token_chunk)
     run_max = [mx.full((t1 - t0,), -mx.inf) for t0, t1 in chunks]
@@ -50,9 +59,7 @@ def cross_entropy_forward(h, head, targets, mask, compute=DEFAULT):
         if not compute.sync_chunks:
             mx.eval(run_max, run_sum, picked)  # one head chunk read and dequantized at a time
     lse = mx.concatenate([m + mx.log(s) for m, s in zip(run_max, run_sum)])
-    loss = mx.sum((lse - mx.concatenate(picked)) * mask) / mx.maximum(mx.sum(mask), 1.0)
-    mx.eval(loss, lse)
-    return loss, lse
+    return lse - mx.concatenate(picked), lse
 
 
 def cross_entropy_backward(dloss, h, head, targets, mask, lse, compute=DEFAULT):
@@ -85,6 +92,18 @@ def _target_rows(head, targets, dtype):
 
 def cross_entropy_forward_backward(h, head, targets, mask, compute=DEFAULT):
     """Returns (loss, dh): the forward and the backward of the loss (dloss = 1) in one pass over the vocabulary."""
+    nll, grad = token_nll_forward_backward(h, head, targets, compute)
+    count = mx.maximum(mx.sum(mask), 1.0)
+    loss = mx.sum(nll * mask) / count
+    dh = (grad * (mask / count)[:, None]).astype(h.dtype)
+    mx.eval(loss, dh)
+    return loss, dh
+
+
+def token_nll_forward_backward(h, head, targets, compute=DEFAULT):
+    """-> (nll (N,), grad (N, d)): every token's negative log-likelihood and its gradient with respect to that
+    token's h, sum_v p_v W_v - W_t, unmasked and unweighted, in one pass over the vocabulary. Any loss that is a
+    function of the nll's gets its dh as grad times dloss/dnll, one scalar per token."""
     n, vocab, vocab_chunk = h.shape[0], head.out_dims, compute.vocab_chunk
     chunks = _token_chunks(n, compute.token_chunk)
     acc = accum_dtype(h.dtype)
@@ -109,9 +128,5 @@ def cross_entropy_forward_backward(h, head, targets, mask, compute=DEFAULT):
         if not compute.sync_chunks:
             mx.eval(run_max, run_sum, picked, weighted)  # one head chunk read and dequantized at a time
     lse = mx.concatenate([m + mx.log(s) for m, s in zip(run_max, run_sum)])
-    count = mx.maximum(mx.sum(mask), 1.0)
-    loss = mx.sum((lse - mx.concatenate(picked)) * mask) / count
     softmax_w = mx.concatenate([w / s[:, None] for w, s in zip(weighted, run_sum)])
-    dh = ((softmax_w - _target_rows(head, targets, acc)) * (mask / count)[:, None]).astype(h.dtype)
-    mx.eval(loss, dh)
-    return loss, dh
+    return lse - mx.concatenate(picked), softmax_w - _target_rows(head, targets, acc)

@@ -1,0 +1,190 @@
+"""Preference data (DPO, ORPO): rows encoded as mlx-lm-lora encodes them, batched as pairs, and the reference
+model's log-probabilities of each row computed once and cached beside the adapter.
+
+A row is {"prompt", "chosen", "rejected"} with an optional "system" (strings, or "prompt" a list of messages), or
+chat-style {"chosen": [...], "rejected": [...]} message lists (with a "prompt" string or list, the lists are the
+answers; without one, the messages the two lists share form the prompt, as TRL's implicit prompt). Each answer is
+rendered through the chat template after the prompt's messages; the loss counts only the answer's tokens, from the
+length of the prompt rendered with the generation prompt on (mlx-lm-lora's DPODataset / ORPODataset rule).
+
+DPO's reference is the base with the adapter off, or a reference adapter: its scores come from a streamed forward
+without a backward (model.hidden_states reads one block at a time) and the chunked head, once per row, and are kept
+in `reference_logps.json` beside the adapter, keyed by the model, the reference adapter and each row's tokens, and
+saved after every batch, so an interrupted run and every later run on the same rows reuse them.
+"""
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from .data import Dataset, _ids, collate, read_jsonl, resolve_data
+from .errors import DataError
+from .model import hidden_states
+from .ops.preference import Preference, reference_logps
+from .ops.rmsnorm import rmsnorm_forward
+
+REFERENCE_FILE = "reference_logps.json"
+
+
+def _messages(value, what, where):
+    if isinstance(value, str):
+        return [{"role": "assistant" if what != "prompt" else "user", "content": value}]
+    if isinstance(value, list) and value and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                 and isinstance(m.get("content", ""), str) for m in value):
+        return list(value)
+    raise DataError(f"{where}: '{what}' must be a string or a non-empty list of {{\"role\": str, \"content\": str}}")
+
+
+def pair_messages(row, where):
+    """-> (prompt messages, chosen answer messages, rejected answer messages)."""
+    if not isinstance(row, dict) or not {"chosen", "rejected"} <= row.keys():
+        raise DataError(f"{where}: expected a preference row with 'chosen' and 'rejected' (and 'prompt')")
+    chosen, rejected = _messages(row["chosen"], "chosen", where), _messages(row["rejected"], "rejected", where)
+    if "prompt" in row:
+        prompt = _messages(row["prompt"], "prompt", where)
+    elif isinstance(row["chosen"], list) and isinstance(row["rejected"], list):
+        k = 0
+        while k < min(len(chosen), len(rejected)) - 1 and chosen[k] == rejected[k]:
+            k += 1
+        prompt, chosen, rejected = chosen[:k], chosen[k:], rejected[k:]
+    else:
+        raise DataError(f"{where}: 'prompt' is missing (it may be left out only when 'chosen' and 'rejected' are "
+                        "message lists that share it)")
+    if "system" in row:
+        if not isinstance(row["system"], str):
+            raise DataError(f"{where}: 'system' must be a string")
+        prompt = [{"role": "system", "content": row["system"]}] + prompt
+    return prompt, chosen, rejected
+
+
+def encode_pair(tokenizer, row, where):
+    """-> (chosen ids, rejected ids, prompt length): both answers after the same prompt, through the chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"{where}: preference rows need a tokenizer with a chat template")
+    prompt, chosen, rejected = pair_messages(row, where)
+    try:
+        c = _ids(tokenizer.apply_chat_template(prompt + chosen, tokenize=True))
+        r = _ids(tokenizer.apply_chat_template(prompt + rejected, tokenize=True))
+        start = len(_ids(tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True)))
+    except Exception as e:
+        raise DataError(f"{where}: the chat template rejected this row ({type(e).__name__}: {e})") from None
+    return c, r, start
+
+
+class PreferenceDataset(Dataset):
+    """Pairs (chosen ids, rejected ids, prompt length). `examples` holds the longer row of each pair with the
+    prompt length, so length grouping and the memory planner see the longer answer. `objective`: the run's
+    `Preference` (kind, beta, variant); `reference` each pair's reference scores (chosen, rejected) once computed."""
+
+    def __init__(self, pairs, truncated=0):
+        super().__init__([(max(c, r, key=len), s) for c, r, s in pairs], truncated, chat=True)
+        self.pairs, self.reference, self.objective = pairs, None, Preference()
+
+    def make_batch(self, items):
+        """2P rows, the P chosen then the P rejected, right-padded, and the `Preference` they are scored by."""
+        pref = self.objective
+        rows = [(self.pairs[i][0], self.pairs[i][2]) for i in items] + [(self.pairs[i][1], self.pairs[i][2])
+                                                                          for i in items]
+        inputs, targets, mask = collate(rows)
+        ref = None
+        if pref.kind == "dpo" and self.reference is not None:
+            ref = mx.array([self.reference[i][0] for i in items] + [self.reference[i][1] for i in items])
+        return inputs, targets, mask, None, Preference(pref.kind, pref.beta, pref.variant, ref)
+
+
+def encode_pairs(tokenizer, rows, max_seq_length, skip_bad=False, skipped=0):
+    pairs, truncated = [], 0
+    for row, where in rows:
+        try:
+            c, r, start = encode_pair(tokenizer, row, where)
+        except DataError:
+            if not skip_bad:
+                raise
+            skipped += 1
+            continue
+        if max(len(c), len(r)) > max_seq_length + 1:
+            c, r, truncated = c[: max_seq_length + 1], r[: max_seq_length + 1], truncated + 1
+        if min(len(c), len(r)) - 1 > start:  # both answers keep at least one target
+            pairs.append((c, r, start))
+    out = PreferenceDataset(pairs, truncated)
+    out.skipped = skipped
+    return out
+
+
+def load_preference_datasets(tokenizer, data, max_seq_length, skip_bad=False):
+    """train.jsonl / valid.jsonl / test.jsonl of preference rows (a folder, or one file as the train split)."""
+    root = resolve_data(data)
+    if not root.exists():
+        raise DataError(f"{root}: no such data file or directory (preference data is read from local jsonl files)")
+    out = {}
+    for split in ("train", "valid", "test"):
+        f = root / f"{split}.jsonl" if root.is_dir() else (root if split == "train" else None)
+        if f is not None and f.exists():
+            rows, skipped = read_jsonl(f, skip_bad, preference=True)
+            out[split] = encode_pairs(tokenizer, rows, max_seq_length, skip_bad, skipped)
+    if not out.get("train"):
+        raise DataError(f"{root}: no preference pairs (expected train.jsonl with 'prompt', 'chosen', 'rejected')")
+    return out
+
+
+def model_fingerprint(store, lora=None):
+    """What the reference scores depend on: the store's config and weight files, and the reference adapter."""
+    h = hashlib.sha256((store.path / "config.json").read_bytes())
+    for p in sorted(store.path.glob("*.safetensors")):
+        h.update(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}".encode())
+    for i in sorted(lora or {}):
+        for path in sorted(lora[i]):
+            for t in lora[i][path]:
+                h.update(np.array(t.astype(mx.float32)).tobytes())
+    return h.hexdigest()
+
+
+def _row_key(fingerprint, pair):
+    c, r, start = pair
+    return hashlib.sha256(json.dumps([fingerprint, c, r, start]).encode()).hexdigest()[:32]
+
+
+def _save(path, cache):
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # processes of a group on one machine may both write
+    tmp.write_text(json.dumps(cache))
+    os.replace(tmp, path)
+
+
+def attach_reference(datasets, store, compute, out_dir, lora=None, scale=20.0, batch_pairs=4, log=print):
+    """Fills each dataset's `reference` with the reference model's (chosen, rejected) summed log-probabilities:
+    those cached in out_dir/reference_logps.json are read, the rest computed (a forward without a backward) and
+    added to the cache after every batch. Returns how many pairs were computed."""
+    path = Path(out_dir) / REFERENCE_FILE
+    try:
+        cache = json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError):
+        cache = {}  # a damaged cache is recomputed, never trusted
+    fingerprint = model_fingerprint(store, lora)  # part of every row's key: another model never matches
+    rows = cache.get("rows") if isinstance(cache, dict) and isinstance(cache.get("rows"), dict) else {}
+    rows = {k: v for k, v in rows.items() if isinstance(v, list) and len(v) == 2
+            and all(isinstance(x, (int, float)) for x in v)}  # anything else is recomputed, never trusted
+    cache = {"rows": rows}
+    specs = store.args.block_specs(compute)
+    eps, offset = store.args.rms_norm_eps, store.args.norm_offset
+    computed = 0
+    for data in datasets:
+        keys = [_row_key(fingerprint, p) for p in data.pairs]
+        todo = [i for i, k in enumerate(keys) if k not in rows]
+        for b in range(0, len(todo), batch_pairs):
+            items = todo[b: b + batch_pairs]
+            inputs, targets, mask = collate([(data.pairs[i][0], data.pairs[i][2]) for i in items]
+                                            + [(data.pairs[i][1], data.pairs[i][2]) for i in items])
+            x = hidden_states(store, inputs, lora, scale, specs)
+            h = rmsnorm_forward(x, store.final_norm(), eps, offset).reshape(-1, x.shape[-1])
+            logps = reference_logps(h, store.head_rows(), targets.reshape(-1), mask, compute).tolist()
+            for j, i in enumerate(items):
+                rows[keys[i]] = [logps[j], logps[len(items) + j]]
+            computed += len(items)
+            _save(path, cache)
+        data.reference = [rows[k] for k in keys]
+    if computed:
+        log(f"[mesp-mlx] reference log-probabilities of {computed} pair(s) computed and cached in {path}")
+    return computed
