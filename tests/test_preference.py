@@ -212,14 +212,15 @@ def test_preference_refusals_are_one_line(tmp_path, tiny_gguf, capsys):
 def test_memory_budget_counts_both_rows_of_a_pair(tmp_path, tiny_gguf):
     """The planner sees 2P rows for P pairs: its predicted peak for a DPO batch is that of an SFT batch twice as
     large, and a DPO run under a budget stays under it."""
-    from mesp_mlx.plan import plan_for_budget
+    from mesp_mlx.plan import GROWTH, plan_for_budget, resident_now
     from mesp_mlx.train import main
     store = load_model(str(tiny_gguf))
     params = init_lora(store.args, LoRAConfig(rank=4), 0)
     data = write_pairs(tmp_path / "data")
     out = tmp_path / "a"
+    budget = int(resident_now() * (1 + GROWTH)) + 50_000_000  # the process's part, then MLX's 50 MB
     assert main(["--model", str(tiny_gguf), "--data", str(data), "--sample-prompt", "", "--rank", "4", "--iters", "2",
-                 "--loss", "dpo", "--batch-size", "2", "--memory-budget", "50MB", "--adapter-path", str(out)]) == 0
+                 "--loss", "dpo", "--batch-size", "2", "--memory-budget", f"{budget}B", "--adapter-path", str(out)]) == 0
     assert max(r["peak_memory_gb"] for r in metrics(out) if "peak_memory_gb" in r) * 1e9 <= 50e6
     one = plan_for_budget(store, 20.0, 2, 40, params, "adamw", True, 50e6, Compute())[1]
     two = plan_for_budget(store, 20.0, 4, 40, params, "adamw", True, 50e6, Compute())[1]
