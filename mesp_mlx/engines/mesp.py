@@ -68,11 +68,13 @@ class MeSPEngine(StreamingEngine):
         return self.compute.share_dequant and self.compute.path == "dequantize"
 
     def block_backward(self, dy, x, w, lora, spec, dropout=None, segments=None, positions=None):
-        if self._shares_dequant():
-            w = {k: prepared(v, self.compute) if isinstance(v, Frozen) else v for k, v in w.items()}
-        saved = block_forward(x, w, lora, self.scale, spec, save=True, dropout=dropout, segments=segments,
-                              positions=positions)
-        if self.compute.sync_chunks:  # the recompute's temporaries are gone before the backward starts
-            mx.eval(saved)
-        return block_backward(dy, x, saved, w, lora, self.scale, spec, dropout=dropout, segments=segments,
-                              positions=positions)
+        def body(dy, x, w, lora, segments, positions):
+            if self._shares_dequant():
+                w = {k: prepared(v, self.compute) if isinstance(v, Frozen) else v for k, v in w.items()}
+            saved = block_forward(x, w, lora, self.scale, spec, save=True, dropout=dropout, segments=segments,
+                                  positions=positions)
+            if self.compute.sync_chunks:  # the recompute's temporaries are gone before the backward starts
+                mx.eval(saved)
+            return block_backward(dy, x, saved, w, lora, self.scale, spec, dropout=dropout, segments=segments,
+                                  positions=positions)
+        return self.compiled("backward", spec, body, w, lora, dropout)(dy, x, w, lora, segments, positions)
