@@ -8,8 +8,9 @@ exported graph, so each primitive is counted by the evaluation that runs it.
 
     python tools/count_kernels.py WHICH T [MODEL]      (from the project root, PYTHONPATH=.)
       WHICH: mesp, mebp or autodiff, each with optional :SYNC, @MATMUL and +COMPILE (auto, on, off); e.g.
-             mesp:block@quantized (the GPU path) or mesp:block@quantized+off; or mlx-lm (its compiled LoRA step,
-             Adam included) or mlx-lm-nocompile. MODEL: a store path or tools/bench_memory.py model spec (default
+             mesp:block@quantized (the GPU path) or mesp:block@quantized+off; a trailing /step counts a training
+             step (Adam applied block by block, as the trainer does) instead of loss_and_grad alone; or mlx-lm (its
+             compiled LoRA step, Adam included) or mlx-lm-nocompile. MODEL: a store path or tools/bench_memory.py model spec (default
              model when omitted). Prints one JSON line.
 
 It agrees with `../shared/tools/count_kernels.py` (the reference it was written against) on the same configuration:
@@ -88,6 +89,35 @@ def engine_step_counts(engine, params, batch):
     return k.summary()
 
 
+def train_step_counts(engine, params, batch):
+    """The summary of one training step: `train_step` with Adam applied block by block as `Trainer.update_block`
+    does (compiled exactly when the engine's blocks are), after one uncounted warm-up step."""
+    import mlx.core as mx
+    import mlx.optimizers as optim
+    from mesp_mlx.lora import from_flat, to_flat
+    opt = optim.Adam(learning_rate=1e-5)
+    opt.init(to_flat(params))
+    apply = opt.apply_gradients
+    if engine.compute.compiled:
+        apply = mx.compile(opt.apply_gradients, inputs=opt.state, outputs=opt.state)
+
+    def step():
+        step0 = opt.state["step"]
+
+        def update(i, grads):
+            opt.state["step"] = step0
+            flat = apply(to_flat({i: grads}), to_flat({i: params[i]}))
+            mx.eval(flat, opt.state)
+            params[i] = from_flat(flat)[i]
+        engine.train_step(params, batch, update, lambda tree: tree)
+        opt.state["step"] = step0 + 1
+    mx.eval(params)
+    step()
+    with KernelCounter() as k:
+        step()
+    return k.summary()
+
+
 def _mlx_lm(model, seq):
     # mlx-lm's own trainer step (compiled unless "mlx-lm-nocompile"), as its tuner/trainer.py builds it
     from functools import partial
@@ -138,7 +168,8 @@ def main(argv=None):
         from mesp_mlx.io.sources import load_model
         from mesp_mlx.lora import LoRAConfig, init_lora
         from mesp_mlx.ops.linear import Compute
-        method, _, rest = which.partition(":")
+        which_, _, step = which.partition("/")
+        method, _, rest = which_.partition(":")
         rest, _, compile_ = rest.partition("+")
         sync, _, matmul = rest.partition("@")
         store = load_model(model)
@@ -146,7 +177,8 @@ def main(argv=None):
         ids = mx.array([bench_ids(store.tokenizer(), seq)])
         batch = (ids[:, :-1], ids[:, 1:], mx.ones((1, seq)))
         compute = Compute(sync=sync or "auto", matmul=matmul or "auto", compile=compile_ or "auto")
-        out = engine_step_counts(make_engine(method, store, 20.0, compute=compute), params, batch)
+        engine = make_engine(method, store, 20.0, compute=compute)
+        out = (train_step_counts if step else engine_step_counts)(engine, params, batch)
     print(json.dumps(dict(which=which, seq=seq, **out)))
     return out
 
