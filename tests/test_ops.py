@@ -4,7 +4,7 @@ import pytest
 
 from helpers import EXACT, assert_close, rel_err
 from mesp_mlx.ops.attention import attention_backward, attention_forward
-from mesp_mlx.ops.block import BlockSpec, block_backward, block_forward
+from mesp_mlx.ops.block import BlockSpec, block_backward, block_forward, block_recompute
 from mesp_mlx.ops.linear import Compute, Frozen
 from mesp_mlx.ops.lora_linear import LoRALinear, lora_linear, lora_linear_backward, lora_linear_forward
 from mesp_mlx.ops.loss import cross_entropy_backward, cross_entropy_forward, cross_entropy_forward_backward
@@ -178,7 +178,7 @@ def test_cross_entropy(tchunk, vchunk, quant):
 
 def assert_block_backward(w, lora, spec, t, d):
     """The block's structured backward (dx and every LoRA gradient) against vjp of its forward, batch 2, length t;
-    returns what the recompute saved (keys only are inspected: the backward consumes the arrays)."""
+    returns the names of what the recompute saved (the backward consumes the arrays)."""
     x, dy = R(2, t, d), R(2, t, d)
     paths = sorted(lora)
 
@@ -186,8 +186,8 @@ def assert_block_backward(w, lora, spec, t, d):
         return block_forward(x, w, {p: (flat[2 * j], flat[2 * j + 1]) for j, p in enumerate(paths)}, 2.0, spec)
 
     ref = vjp(fn, [x] + [a for p in paths for a in lora[p]], dy)
-    saved = block_forward(x, w, lora, 2.0, spec, save=True)
-    keys = dict.fromkeys(saved)
+    saved = block_recompute(x, w, lora, 2.0, spec)
+    keys = set(saved.arrays())
     dx, grads = block_backward(dy, x, saved, w, lora, 2.0, spec)
     assert_close(dx, ref[0], "dx")
     assert set(grads) == set(paths)

@@ -39,6 +39,7 @@ def test_bench_memory(tiny_gguf, tmp_path):
     assert res["device"]["device"] and res["device"]["mlx"]
     for r in rows.values():  # every row: a finite loss that passed the check, the device, its host syncs
         assert r["loss_ok"] and r["device"] == res["device"]["device"] and r["evals_per_step"] >= 1, r
+        assert r.get("kernels_per_step", 1) > 0, r  # every row but mlx-lm's counts its kernels
     assert all(rows[m]["loss_rel_diff"] <= rows[m]["loss_tol"] for m in ("mebp", "mezo", "autodiff", "mlx-lm"))
     assert rows["mlx-lm"]["same_data"] is True
     assert math.isfinite(rows["mezo"]["loss_step"])  # reported, not compared (its step perturbs the loss)
@@ -125,3 +126,50 @@ def test_bench_convergence(tiny_gguf, tmp_path):
     assert set(res) == {"mesp", "mezo", "mlx-lm"}
     assert all(len(r["train"]) == 2 and r["val"] for r in res.values())
     assert res["mesp"]["train"][-1][2] < res["mesp"]["train"][0][2]  # a first-order method descends
+
+
+def test_kernel_counter_counts_primitives_and_syncs():
+    """Each evaluation's pending graph: an Exp and an Add are two kernels, one fused kernel once compiled; arrays
+    already evaluated are leaves, counted by nobody; views are reported apart."""
+    import mlx.core as mx
+    from count_kernels import KernelCounter
+    a, b = mx.ones((4, 4)), mx.zeros((4,))
+    mx.eval(a, b)
+    with KernelCounter() as k:
+        mx.eval(mx.exp(a) + b)
+        mx.eval(a)
+    s = k.summary()
+    assert (s["evals"], s["compute_prims"], s["view_prims"]) == (2, 2, 1), s  # b broadcast to a's shape: a view
+    with KernelCounter() as k:
+        mx.eval(mx.compile(lambda a, b: mx.exp(a) + b)(a, b))
+    assert k.summary()["compute_prims"] == 1, k.summary()
+    assert mx.eval is not None and "KernelCounter" not in repr(mx.eval)  # restored on exit
+
+
+@pytest.mark.parametrize("arch", ["qwen3"])
+def test_compiled_blocks_launch_fewer_kernels(tiny_dir):
+    """Compute.compile on the GPUs' configuration (one graph per block, quantized products): fewer kernels, the
+    same host syncs (one per block forward, one per block backward, one per head chunk and the head's last), and the
+    same gradients."""
+    import mlx.core as mx
+    from count_kernels import engine_step_counts
+    from helpers import assert_grads_close
+    from mesp_mlx.engines import make_engine
+    from mesp_mlx.io.sources import load_model
+    from mesp_mlx.lora import LoRAConfig, init_lora
+    from mesp_mlx.ops.linear import Compute
+    store = load_model(str(tiny_dir))
+    params = init_lora(store.args, LoRAConfig(rank=4), 0)
+    ids = mx.arange(33)[None] % store.args.vocab_size
+    batch = (ids[:, :-1], ids[:, 1:], mx.ones((1, 32)))
+    for method in ("mesp", "mebp"):
+        counts, grads = {}, {}
+        for setting in ("off", "on"):
+            engine = make_engine(method, store, 20.0, compute=Compute(sync="block", matmul="quantized",
+                                                                      compile=setting))
+            counts[setting] = engine_step_counts(engine, params, batch)
+            grads[setting] = engine.loss_and_grad(params, batch)[1]
+        head_chunks = -(-store.args.vocab_size // Compute().vocab_chunk)
+        assert counts["on"]["evals"] == counts["off"]["evals"] <= 2 * store.args.num_hidden_layers + head_chunks + 2
+        assert counts["on"]["compute_prims"] < 0.9 * counts["off"]["compute_prims"], (method, counts)
+        assert_grads_close(grads["on"], grads["off"])

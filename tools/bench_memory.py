@@ -36,6 +36,10 @@ builds the engine (our code calls them as `mx.eval(...)`, a module attribute loo
 and `tolist()` also sync but cannot be counted this way (they are methods of the array type), so the count is a
 lower bound; mezo syncs with `.item()` three times per sample. `--markdown FILE` writes the table as Markdown (the
 GPU table of BENCHMARKS.md).
+
+Kernels: `kernels_per_step` counts the compute primitives of one more step after the measured ones
+(tools/count_kernels.py: every evaluation's pending graph exported and its primitives counted; on a GPU each is at
+least one kernel launch). mlx-lm's row runs its command line and has no count (`tools/count_kernels.py mlx-lm` has).
 """
 import argparse
 import dataclasses
@@ -138,6 +142,7 @@ def one(model, method, seq, rank, steps, warmup, engine_kw):
     ensure_fast_blas()
     import mlx.core as mx
     counts = count_syncs()  # before anything of ours is imported or built
+    from count_kernels import KernelCounter
     from mesp_mlx.engines import make_engine
     from mesp_mlx.io.sources import load_model
     from mesp_mlx.lora import LoRAConfig, init_lora
@@ -174,9 +179,12 @@ def one(model, method, seq, rank, steps, warmup, engine_kw):
     n_eval, n_async = counts["eval"], counts["async_eval"]
     # read after the clock stops: a loss still lazy here would otherwise be computed inside the timing
     res["loss_step" if method == "mezo" else "loss"] = float(losses[0])
-    return dict(res, s_per_step=dt / steps, peak_mb=mx.get_peak_memory() / 1e6, active_before_mb=base / 1e6,
-                rss_peak_mb=rss_mb(), evals_per_step=(n_eval + n_async) / steps,
-                async_evals_per_step=n_async / steps, bits_per_weight=store.bits_per_weight(), **device_info())
+    res = dict(res, s_per_step=dt / steps, peak_mb=mx.get_peak_memory() / 1e6, active_before_mb=base / 1e6,
+               rss_peak_mb=rss_mb(), evals_per_step=(n_eval + n_async) / steps,
+               async_evals_per_step=n_async / steps, bits_per_weight=store.bits_per_weight(), **device_info())
+    with KernelCounter() as k:  # one more step, after the measured ones: exporting its graphs takes time
+        run()
+    return dict(res, kernels_per_step=k.summary()["compute_prims"])
 
 
 def run_mlx_lm_lora(argv):
@@ -323,7 +331,7 @@ def check_losses(rows):
 
 
 COLUMNS = ["model", "T", "r", "method", "peak MB", "RSS MB", "s/step", "peak/mebp", "time/mebp", "loss",
-           "evals/step", "check"]
+           "evals/step", "kernels", "check"]
 
 
 def table_rows(rows):
@@ -332,7 +340,7 @@ def table_rows(rows):
     for r in rows:
         head = [str(r["model"]), str(r["seq"]), str(r["rank"]), r["method"]]
         if "error" in r:
-            out.append(head + ["-"] * 7 + ["failed: " + " ".join(r["error"].split())[-120:]])
+            out.append(head + ["-"] * 8 + ["failed: " + " ".join(r["error"].split())[-120:]])
             continue
         refs = [x for x in rows if x["method"].split("@")[0] == "mebp" and "error" not in x
                 and (x["model"], x["seq"], x["rank"]) == (r["model"], r["seq"], r["rank"])]
@@ -341,10 +349,11 @@ def table_rows(rows):
         ratio = (lambda k: f"{r[k] / ref[k]:.2f}" if ref else "")
         loss = r.get("loss")
         check = "" if "loss_ok" not in r else ("ok" if r["loss_ok"] else "FAIL: " + r["loss_why"])
-        eps = r.get("evals_per_step")
+        eps, kernels = r.get("evals_per_step"), r.get("kernels_per_step")
         out.append(head + [f"{r['peak_mb']:.1f}", f"{r['rss_peak_mb']:.0f}" if r.get("rss_peak_mb") else "-",
                            f"{r['s_per_step']:.2f}", ratio("peak_mb"), ratio("s_per_step"),
-                           "-" if loss is None else f"{loss:.5f}", "-" if eps is None else f"{eps:g}", check])
+                           "-" if loss is None else f"{loss:.5f}", "-" if eps is None else f"{eps:g}",
+                           "-" if kernels is None else str(kernels), check])
     return out
 
 
@@ -353,7 +362,7 @@ def header(info):
 
 
 def table(rows, info=None):
-    widths = [max([30] + [len(str(r["model"])) for r in rows]), 5, 3, 15, 9, 8, 8, 9, 9, 10, 10, 0]
+    widths = [max([30] + [len(str(r["model"])) for r in rows]), 5, 3, 15, 9, 8, 8, 9, 9, 10, 10, 8, 0]
     fmt = lambda cells: " ".join(c.rjust(w) if 0 < k and k != 3 and w else c.ljust(w)
                                  for k, (c, w) in enumerate(zip(cells, widths))).rstrip()
     lines = ([header(info)] if info else []) + [fmt(COLUMNS)] + [fmt(c) for c in table_rows(rows)]

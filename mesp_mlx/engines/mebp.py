@@ -31,11 +31,13 @@ class MeBPEngine(StreamingEngine):
     def block_backward(self, dy, x, w, lora, spec, dropout=None, segments=None, positions=None):
         paths = sorted(lora)
 
-        def fn(x, *flat):
-            pairs = {p: (flat[2 * j], flat[2 * j + 1]) for j, p in enumerate(paths)}
-            return block_forward(x, w, pairs, self.scale, spec, dropout=dropout, segments=segments,
-                                 positions=positions)
+        def body(dy, x, w, lora, segments, positions):
+            def fn(x, *flat):
+                pairs = {p: (flat[2 * j], flat[2 * j + 1]) for j, p in enumerate(paths)}
+                return block_forward(x, w, pairs, self.scale, spec, dropout=dropout, segments=segments,
+                                     positions=positions)
 
-        primals = [x] + [t for p in paths for t in lora[p]]
-        _, cots = mx.vjp(fn, primals, [dy])
-        return cots[0], {p: (cots[1 + 2 * j], cots[2 + 2 * j]) for j, p in enumerate(paths)}
+            primals = [x] + [t for p in paths for t in lora[p]]
+            _, cots = mx.vjp(fn, primals, [dy])
+            return cots[0], {p: (cots[1 + 2 * j], cots[2 + 2 * j]) for j, p in enumerate(paths)}
+        return self.compiled("backward", spec, body, w, lora, dropout)(dy, x, w, lora, segments, positions)

@@ -8,8 +8,8 @@ checks it against MLX's measured peak.
                                                       half with 16-bit checkpoints, ~0 with checkpoints on disk
     then the larger of two phases:
     block phase   one block's quantized weights (+ its dense copy when share_dequant, else one matrix at a time)
-                  + saved B*T*(4d + (Hq + 2Hkv)D + Hq + 2f)*s (what block_backward keeps, ops/block.py; no 2f
-                    with recompute_mlp;
+                  + saved B*T*(4d + (Hq + 2Hkv)D + Hq + 2f)*s (ops/block.py's BlockSaved, what block_backward
+                    keeps; o counted as Hq D; no 2f with recompute_mlp;
                     + (Hq + Hkv)D with q/k norms, + d with Gemma's sandwich norms)
                   + attention tiles 5 * B*Hq*chunk*K*s (scores, masked, probabilities, dp, ds of a query block;
                     K = T keys, or chunk + window - 1 when every layer attends over a sliding window)
@@ -24,7 +24,7 @@ Blocks below the lowest adapted one are run forward only; the backward stops the
 import mlx.core as mx
 
 from ..lora import num_params
-from ..ops.block import block_backward, block_forward
+from ..ops.block import BlockSaved, block_backward, block_recompute
 from ..ops.linear import Frozen, prepared
 from .streaming import StreamingEngine
 
@@ -45,9 +45,7 @@ class MeSPEngine(StreamingEngine):
         lowest = min(params) if params else a.num_hidden_layers
         shapes = a.projection_shapes().values()
         dense = [i * o * s for i, o in shapes]
-        saved = (4 * d + (hq + 2 * hkv) * hd + hq + (0 if c.recompute_mlp else 2 * f)
-                 + ((hq + hkv) * hd if a.qk_norm else 0)
-                 + (d if a.sandwich_norms else 0))
+        saved = BlockSaved.floats_per_token(d, f, hq, hkv, hd, c.recompute_mlp, a.qk_norm, a.sandwich_norms)
         chunk = min(c.attn_chunk, seq_len)
         keys = max(seq_len if s.window is None else min(seq_len, chunk + s.window - 1) for s in self.specs)
         block = (self.store.layer_bytes() + (sum(dense) if self._shares_dequant() else max(dense))
@@ -68,11 +66,13 @@ class MeSPEngine(StreamingEngine):
         return self.compute.share_dequant and self.compute.path == "dequantize"
 
     def block_backward(self, dy, x, w, lora, spec, dropout=None, segments=None, positions=None):
-        if self._shares_dequant():
-            w = {k: prepared(v, self.compute) if isinstance(v, Frozen) else v for k, v in w.items()}
-        saved = block_forward(x, w, lora, self.scale, spec, save=True, dropout=dropout, segments=segments,
-                              positions=positions)
-        if self.compute.sync_chunks:  # the recompute's temporaries are gone before the backward starts
-            mx.eval(saved)
-        return block_backward(dy, x, saved, w, lora, self.scale, spec, dropout=dropout, segments=segments,
-                              positions=positions)
+        def body(dy, x, w, lora, segments, positions):
+            if self._shares_dequant():
+                w = {k: prepared(v, self.compute) if isinstance(v, Frozen) else v for k, v in w.items()}
+            saved = block_recompute(x, w, lora, self.scale, spec, dropout=dropout, segments=segments,
+                                    positions=positions)
+            if self.compute.sync_chunks:  # the recompute's temporaries are gone before the backward starts
+                mx.eval(saved.arrays())
+            return block_backward(dy, x, saved, w, lora, self.scale, spec, dropout=dropout, segments=segments,
+                                  positions=positions)
+        return self.compiled("backward", spec, body, w, lora, dropout)(dy, x, w, lora, segments, positions)

@@ -1,6 +1,12 @@
 """What every streaming engine shares: the base read from the weight store one block at a time, a forward that
 keeps block checkpoints, the chunked head loss, and a backward that walks the blocks top-down and hands each
-block's gradients out as they exist (the fused update and the data-parallel all-reduce hook in there)."""
+block's gradients out as they exist (the fused update and the data-parallel all-reduce hook in there).
+
+With `Compute.compiled` each block body (forward, and the subclass's backward) runs as an `mx.compile`d function
+whose inputs are everything that varies between calls (activations, the block's streamed weights, its LoRA pairs,
+the packing arrays): one trace per block spec and input structure, reused by every layer of that shape and every
+step, with the element-wise chains fused into single kernels. LoRA dropout draws its masks from the step's seed, a
+Python constant to a trace, so a step with dropout runs the plain bodies."""
 import mlx.core as mx
 
 from ..ops.block import block_dropout, block_forward, packing
@@ -20,6 +26,23 @@ class StreamingEngine(Engine):
         self.specs = store.args.block_specs(compute)  # one per block: windows and rope differ by layer
         Checkpoints(checkpoints)  # an unknown place is refused here, not at the first step
         self.checkpoints, self.checkpoint_dtype = checkpoints, checkpoint_dtype
+        self._compiled = {}  # (body, spec, input structure) -> its compiled function
+
+    def compiled(self, name, spec, body, w, lora, dropout=None):
+        """`body` or, with Compute.compiled, its compiled form, cached under what its trace depends on besides its
+        inputs' shapes: the body's name, the (shared) spec object and which weights and LoRA pairs it receives."""
+        if not self.compute.compiled or dropout is not None:
+            return body
+        key = (name, id(spec), tuple(sorted(w)), tuple(sorted(lora)))
+        if key not in self._compiled:
+            self._compiled[key] = mx.compile(body)
+        return self._compiled[key]
+
+    def block_forward(self, x, w, lora, spec, dropout=None, segments=None, positions=None):
+        """One block's forward without saving anything (the checkpointing pass and the loss)."""
+        body = lambda x, w, lora, segments, positions: block_forward(
+            x, w, lora, self.scale, spec, dropout=dropout, segments=segments, positions=positions)
+        return self.compiled("forward", spec, body, w, lora, dropout)(x, w, lora, segments, positions)
 
     def forward(self, params, inputs, keep_from, dropout=None, packed=None):
         """Runs the blocks, keeping the inputs of blocks >= keep_from. Returns (final hidden, checkpoints).
@@ -29,8 +52,8 @@ class StreamingEngine(Engine):
         for i in range(self.store.num_layers):
             if i >= keep_from:
                 checkpoints[i] = x
-            x = block_forward(x, self.store.layer(i), params.get(i, {}), self.scale, self.specs[i],
-                              dropout=block_dropout(dropout, i), **(packed or {}))
+            x = self.block_forward(x, self.store.layer(i), params.get(i, {}), self.specs[i],
+                                   dropout=block_dropout(dropout, i), **(packed or {}))
             mx.eval(x)
         return x, checkpoints
 

@@ -10,18 +10,19 @@
 N are RMSNorms (Gemma: multiplier 1 + w), f is SiLU or GELU(tanh). N_mlp is post_attention_layernorm in the Llama
 naming and pre_feedforward_layernorm in Gemma's, where post_attention_layernorm normalises the attention output.
 
-`block_forward(..., save=True)` also returns what the backward needs, hand-picked: z1, z2 (inputs of the LoRA
-projections), the roped q and k, v, the attention output o and its per-query lse, the residual a, and the MLP's
-g and u; with q/k norms the pre-norm q and k; with sandwich norms r (the post-attention norm's input). Per token that
-is 4d + (Hq + 2 Hkv) D + Hq + 2f floats [+ (Hq + Hkv) D with q/k norms, + d with sandwich norms; - 2f with
-Compute.recompute_mlp, which redoes g and u per token block in the backward]; nothing of size
+`block_forward` returns y; `block_recompute` returns instead what the backward needs, hand-picked, as one
+`BlockSaved` record: z1, z2 (inputs of the LoRA projections), the roped q and k, v, the attention output o and its
+per-query lse, the residual a, and the MLP's g and u; with q/k norms the pre-norm q and k; with sandwich norms r (the
+post-attention norm's input). Per token that is 4d + (Hq + 2 Hkv) D + Hq + 2f floats [+ (Hq + Hkv) D with q/k
+norms, + d with sandwich norms; - 2f with Compute.recompute_mlp, which redoes g and u per token block in the
+backward] (`BlockSaved.floats_per_token`, which the memory model uses); nothing of size
 T x T (attention recomputes its probabilities per query block); f(g)*u is recomputed, and with sandwich norms so is m
 (one more down-projection product per MLP token block, instead of keeping B*T*d). The block input x is the
 checkpoint and is owned by the caller.
 Packed rows (--pack) pass `segments` (B, T), the packed row of each token, and `positions` (B, T), each token's
 position in its row: attention then stays inside a row and RoPE restarts at each row's start (None: one row).
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Optional
 
 import mlx.core as mx
@@ -76,6 +77,43 @@ class BlockSpec:
     @property
     def projections(self):
         return FUSED_PROJECTIONS if self.fused else PROJECTIONS
+
+
+@dataclass
+class BlockSaved:
+    """What `block_recompute` keeps for `block_backward` (module docstring): the one list of the saved activations,
+    for the forward that fills it, the backward that consumes it (`take` drops each item once used, so its memory
+    is freed as the backward goes) and the memory model (`floats_per_token`). None: not kept in this configuration."""
+
+    z1: mx.array
+    q: mx.array
+    k: mx.array
+    v: mx.array
+    o: mx.array
+    lse: mx.array
+    a: mx.array
+    z2: mx.array
+    g: Optional[mx.array] = None  # without recompute_mlp
+    u: Optional[mx.array] = None
+    q_pre: Optional[mx.array] = None  # with q/k norms
+    k_pre: Optional[mx.array] = None
+    r: Optional[mx.array] = None  # with sandwich norms
+
+    def take(self, name):
+        value = getattr(self, name)
+        setattr(self, name, None)
+        return value
+
+    def arrays(self):
+        """The items kept, by name (what to evaluate)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+    @staticmethod
+    def floats_per_token(d, f, hq, hkv, head_dim, recompute_mlp=False, qk_norm=False, sandwich=False):
+        """Floats kept per token (one batch row's sequence position) by a block of these dimensions: z1, a, z2 (d
+        each), o (Hq D, which is d in most families), q, k, v, the per-head lse, and the optional items."""
+        return (3 * d + hq * head_dim + (hq + 2 * hkv) * head_dim + hq + (0 if recompute_mlp else 2 * f)
+                + ((hq + hkv) * head_dim if qk_norm else 0) + (d if sandwich else 0))
 
 
 def _lora(lora, name):
@@ -142,13 +180,11 @@ def _gate_up(z, proj, spec):
     return proj("mlp.gate_proj", z), proj("mlp.up_proj", z)
 
 
-def block_forward(x, w, lora, scale, spec: BlockSpec, save=False, dropout=None, segments=None, positions=None):
-    """w: the block's frozen weights by module path; lora: {path: (A, B)} for the adapted projections;
-    dropout: (p, seed) of the LoRA dropout (training only), or None."""
+def _attention_half(x, w, lora, scale, spec, keep, save, segments, positions):
+    """The block up to the MLP's input: (z1, q_pre, k_pre, q, k, v, o, lse, r, a, z2), lse None unless saved."""
     norm = lambda inp, name: rmsnorm_forward(inp, w[name], spec.eps, spec.norm_offset)
-    keep = _dropout_masks(dropout, lora, x.shape[0], x.shape[1])
-    proj = lambda name, inp, t0=0: lora_linear_forward(inp, w[name], *_lora(lora, name), scale, spec.compute,
-                                                       keep(name, inp, t0))
+    proj = lambda name, inp: lora_linear_forward(inp, w[name], *_lora(lora, name), scale, spec.compute,
+                                                 keep(name, inp))
     z1 = norm(x, "input_layernorm")
     q, k, v = _qkv(z1, proj, spec)
     q_pre, k_pre = q, k
@@ -156,7 +192,7 @@ def block_forward(x, w, lora, scale, spec: BlockSpec, save=False, dropout=None, 
         q, k = norm(q, "self_attn.q_norm"), norm(k, "self_attn.k_norm")
     if spec.rope is not None:
         q, k = rope_forward(q, spec.rope, positions), rope_forward(k, spec.rope, positions)
-    t = q.shape[2]
+    t, lse = q.shape[2], None
     if spec.sdpa and not save and (t <= spec.attn_chunk or mx.default_device() != mx.cpu):
         # MLX's CPU fallback materialises all T x T scores; past one query block the chunked form is used there
         mask = "causal" if spec.window is None or t <= spec.window else visible(0, t, 0, t, spec.window)
@@ -169,30 +205,49 @@ def block_forward(x, w, lora, scale, spec: BlockSpec, save=False, dropout=None, 
     o = _merge(o)
     r = proj("self_attn.o_proj", o)
     a = x + (norm(r, "post_attention_layernorm") if spec.sandwich else r)
-    z2 = norm(a, spec.mlp_norm)
-    if not save:
-        def mlp(t0, t1):
-            g, u = _gate_up(z2[:, t0:t1], lambda name, inp: proj(name, inp, t0), spec)
-            m = proj("mlp.down_proj", gated_forward(spec.activation, g, u), t0)
-            m = norm(m, "post_feedforward_layernorm") if spec.sandwich else m
-            if spec.compute.sync_chunks and a.shape[1] > spec.mlp_chunk:
-                # one token block's T x f temporaries and dequantized MLP weights alive at a time, as in the backward
-                mx.eval(m)
-            return m
-        return a + _by_tokens(mlp, a.shape[1], spec.mlp_chunk)
-    # the backward never needs y: the recompute stops before the down projection (and, with recompute_mlp, before
-    # the gate and up projections, which the backward redoes one token block at a time)
-    saved = dict(z1=z1, q=q, k=k, v=v, o=o, lse=lse, a=a, z2=z2)
+    return z1, q_pre, k_pre, q, k, v, o, lse, r, a, norm(a, spec.mlp_norm)
+
+
+def block_forward(x, w, lora, scale, spec: BlockSpec, dropout=None, segments=None, positions=None):
+    """y = the block's output. w: the block's frozen weights by module path; lora: {path: (A, B)} for the adapted
+    projections; dropout: (p, seed) of the LoRA dropout (training only), or None."""
+    keep = _dropout_masks(dropout, lora, x.shape[0], x.shape[1])
+    proj = lambda name, inp, t0=0: lora_linear_forward(inp, w[name], *_lora(lora, name), scale, spec.compute,
+                                                       keep(name, inp, t0))
+    a, z2 = _attention_half(x, w, lora, scale, spec, keep, False, segments, positions)[-2:]
+
+    def mlp(t0, t1):
+        g, u = _gate_up(z2[:, t0:t1], lambda name, inp: proj(name, inp, t0), spec)
+        m = proj("mlp.down_proj", gated_forward(spec.activation, g, u), t0)
+        m = rmsnorm_forward(m, w["post_feedforward_layernorm"], spec.eps, spec.norm_offset) if spec.sandwich else m
+        if spec.compute.sync_chunks and a.shape[1] > spec.mlp_chunk:
+            # one token block's T x f temporaries and dequantized MLP weights alive at a time, as in the backward
+            mx.eval(m)
+        return m
+    return a + _by_tokens(mlp, a.shape[1], spec.mlp_chunk)
+
+
+def block_recompute(x, w, lora, scale, spec: BlockSpec, dropout=None, segments=None, positions=None):
+    """The forward again from the block's checkpoint x, keeping what `block_backward` needs (`BlockSaved`). The
+    backward never needs y: it stops before the down projection (and, with recompute_mlp, before the gate and up
+    projections, which the backward redoes one token block at a time)."""
+    keep = _dropout_masks(dropout, lora, x.shape[0], x.shape[1])
+    z1, q_pre, k_pre, q, k, v, o, lse, r, a, z2 = _attention_half(x, w, lora, scale, spec, keep, True, segments,
+                                                                 positions)
+    saved = BlockSaved(z1=z1, q=q, k=k, v=v, o=o, lse=lse, a=a, z2=z2)
     if not spec.compute.recompute_mlp:
-        saved["g"], saved["u"] = _gate_up(z2, proj, spec)
+        proj = lambda name, inp: lora_linear_forward(inp, w[name], *_lora(lora, name), scale, spec.compute,
+                                                     keep(name, inp))
+        saved.g, saved.u = _gate_up(z2, proj, spec)
     if spec.qk_norm:
-        saved.update(q_pre=q_pre, k_pre=k_pre)
+        saved.q_pre, saved.k_pre = q_pre, k_pre
     if spec.sandwich:
-        saved.update(r=r)
+        saved.r = r
     return saved
 
 
-def block_backward(dy, x, saved, w, lora, scale, spec: BlockSpec, dropout=None, segments=None, positions=None):
+def block_backward(dy, x, saved: BlockSaved, w, lora, scale, spec: BlockSpec, dropout=None, segments=None,
+                   positions=None):
     """Returns (dx, grads) with grads {path: (dA, dB)}. Consumes `saved`: each intermediate is dropped once used."""
     grads = {}
     norm_back = lambda d, inp, name: rmsnorm_backward(d, inp, w[name], spec.eps, spec.norm_offset)
@@ -206,7 +261,7 @@ def block_backward(dy, x, saved, w, lora, scale, spec: BlockSpec, dropout=None, 
         return dx
 
     # MLP, one block of tokens at a time (its T x f temporaries are the largest of the block)
-    g, u, z2, a = saved.pop("g", None), saved.pop("u", None), saved.pop("z2"), saved.pop("a")
+    g, u, z2, a = saved.take("g"), saved.take("u"), saved.take("z2"), saved.take("a")
     proj = lambda name, inp, t0: lora_linear_forward(inp, w[name], *_lora(lora, name), scale, spec.compute,
                                                      keep(name, inp, t0))
 
@@ -237,20 +292,20 @@ def block_backward(dy, x, saved, w, lora, scale, spec: BlockSpec, dropout=None, 
         mx.eval(da)
 
     # attention
-    dr = norm_back(da, saved.pop("r"), "post_attention_layernorm") if spec.sandwich else da
-    o = saved.pop("o")
+    dr = norm_back(da, saved.take("r"), "post_attention_layernorm") if spec.sandwich else da
+    o = saved.take("o")
     do = _heads(back("self_attn.o_proj", dr, o), spec.n_heads)
-    q, k, v = saved.pop("q"), saved.pop("k"), saved.pop("v")
-    dq, dk, dv = attention_backward(do, q, k, v, _heads(o, spec.n_heads), saved.pop("lse"),
+    q, k, v = saved.take("q"), saved.take("k"), saved.take("v")
+    dq, dk, dv = attention_backward(do, q, k, v, _heads(o, spec.n_heads), saved.take("lse"),
                                     spec.attn_scale, spec.attn_chunk, spec.compute.sync_chunks, spec.window,
                                     segments)
     del o, do, q, k, v, dr
     if spec.rope is not None:
         dq, dk = rope_backward(dq, spec.rope, positions), rope_backward(dk, spec.rope, positions)
     if spec.qk_norm:
-        dq = norm_back(dq, saved.pop("q_pre"), "self_attn.q_norm")
-        dk = norm_back(dk, saved.pop("k_pre"), "self_attn.k_norm")
-    z1 = saved.pop("z1")
+        dq = norm_back(dq, saved.take("q_pre"), "self_attn.q_norm")
+        dk = norm_back(dk, saved.take("k_pre"), "self_attn.k_norm")
+    z1 = saved.take("z1")
     if spec.fused:
         dz1 = back("self_attn.qkv_proj", mx.concatenate([_merge(dq), _merge(dk), _merge(dv)], axis=-1), z1)
     else:

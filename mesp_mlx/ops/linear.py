@@ -15,6 +15,7 @@ from .ggml import dequantize_packed
 MATMUL_PATHS = ("auto", "quantized", "dequantize")
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 SYNCS = ("auto", "chunk", "block")
+COMPILES = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,13 @@ class Compute:
         sync           where a block waits for its work: "chunk" evaluates every attention query block and MLP
                        token block as it goes (one chunk's temporaries alive at a time); "block" builds the block's
                        forward or backward as one graph and evaluates it once (each evaluation is a host sync that
-                       idles a GPU); auto: chunk on the CPU, block on GPUs"""
+                       idles a GPU); auto: chunk on the CPU, block on GPUs
+        compile        whether the engines run each block's forward, recompute and backward as `mx.compile`d
+                       functions (one trace per block shape; the streamed weights are inputs, so one trace serves
+                       every layer of a shape), which fuses their element-wise chains into single kernels: far fewer
+                       kernel launches on GPUs. A compiled body cannot sync inside, so "on" implies block sync (and
+                       refuses sync="chunk"); auto: on exactly when the block is evaluated as one graph (GPUs, or
+                       sync="block"), off where chunks are evaluated one at a time (the CPU's default, memory plans)"""
 
     dtype: mx.Dtype = mx.float32
     matmul: str = "auto"
@@ -46,6 +53,7 @@ class Compute:
     share_dequant: bool = True
     sync: str = "auto"
     recompute_mlp: bool = False
+    compile: str = "auto"
 
     def __post_init__(self):
         if isinstance(self.dtype, str):
@@ -56,6 +64,10 @@ class Compute:
             raise ValueError(f"matmul path must be one of {', '.join(MATMUL_PATHS)}, got {self.matmul!r}")
         if self.sync not in SYNCS:
             raise ValueError(f"sync must be one of {', '.join(SYNCS)}, got {self.sync!r}")
+        if self.compile not in COMPILES:
+            raise ValueError(f"compile must be one of {', '.join(COMPILES)}, got {self.compile!r}")
+        if self.compile == "on" and self.sync == "chunk":
+            raise ValueError("compile='on' evaluates each block as one graph; it cannot be combined with sync='chunk'")
 
     @property
     def path(self):
@@ -69,7 +81,12 @@ class Compute:
         """Whether ops evaluate chunk by chunk inside a block (see sync)."""
         if self.sync != "auto":
             return self.sync == "chunk"
-        return mx.default_device() == mx.cpu
+        return self.compile != "on" and mx.default_device() == mx.cpu
+
+    @property
+    def compiled(self):
+        """Whether block bodies run as compiled functions (see compile)."""
+        return self.compile == "on" or self.compile == "auto" and not self.sync_chunks
 
     @property
     def accum(self):

@@ -29,7 +29,8 @@ def lora_linear_backward(dy, x, w: Frozen, a, b, scale, compute=DEFAULT, need_dx
         return dx, None, None
     xd = x if keep is None else x * keep
     x2, g2 = xd.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
-    h = x2 @ a
+    # the forward's own product, reshaped: in a compiled recompute + backward both are one kernel (CSE)
+    h = (xd @ a).reshape(-1, a.shape[-1])
     db = scale * (h.T @ g2)  # the scale goes on the r-sized products, not on the T x out gradient
     dh = scale * (g2 @ b.T)
     da = x2.T @ dh
