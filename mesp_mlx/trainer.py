@@ -63,6 +63,67 @@ def catch_signals(trainer):
     return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
 
 
+def load_run_data(c, tokenizer):
+    """The run's splits: text / completion / chat rows for SFT, pairs (a batch holds batch_size chosen rows, then
+    their rejected rows) for a preference loss."""
+    if c.loss == "sft":
+        return load_datasets(tokenizer, c.data, c.max_seq_length, c.mask_prompt, c.skip_bad_rows, c.hf_dataset)
+    data = load_preference_datasets(tokenizer, c.data, c.max_seq_length, c.skip_bad_rows)
+    for d in data.values():
+        d.objective = Preference(c.loss, c.beta, c.dpo_cpo_loss_type)
+    return data
+
+
+class OptimizerUpdate:
+    """The optimizer's apply_gradients, compiled with its state as implicit inputs and outputs (mlx-lm's pattern)
+    where the engine compiles its blocks: an Adam update of one block is ~15 kernels instead of ~170. Bound to the
+    current state tree, so a resumed run (which replaces it) compiles afresh."""
+
+    def __init__(self, opt):
+        self.opt, self.cached = opt, None
+
+    def __call__(self, compiled):
+        if not compiled:
+            return self.opt.apply_gradients
+        if self.cached is None or self.cached[0] is not self.opt.state:
+            self.cached = (self.opt.state, mx.compile(self.opt.apply_gradients, inputs=self.opt.state,
+                                                      outputs=self.opt.state))
+        return self.cached[1]
+
+
+def describe_store(store):
+    """The model line of a run's log: what is trained on, at how many bits per weight."""
+    info = store.info
+    return (f"{store.path} ({store.args.model_type}, {store.num_layers} layers; {store.bits_per_weight():.2f} bits "
+            "per weight as stored"
+            + (f", {info['source_bits_per_weight']:.2f} in the source" if info.get("source_bits_per_weight") else "")
+            + (f", re-quantized: weights {info['requantized_rel_l2']:.4f} off the file's"
+               if "requantized_rel_l2" in info else "") + ")")
+
+
+def usage_hint(store, out, prompt):
+    """What to do with the adapter: mlx-lm's command where mlx-lm reads the store, and the export command."""
+    formats = "|".join(f for f in FORMATS if f != "mlx-lm")
+    use = (f"Use it with mlx-lm:\n  mlx_lm.generate --model {store.path} --adapter-path {out} "
+           f"--prompt {json.dumps(prompt or 'Hello')}\n" if store.mlx_lm_readable else
+           "The base keeps GGML blocks that mlx-lm cannot read (--requantize makes a store it reads); run the "
+           "adapter in llama.cpp on the very GGUF it was trained on.\n")
+    return (f"{use}Export it (GGUF LoRA for llama.cpp / Ollama / LM Studio, PEFT, or merged):\n"
+            f"  python -m mesp_mlx.export --adapter-path {out} --format {formats}")
+
+
+def dpo_reference(c, store, params, data, compute, out, log):
+    """DPO's reference scores of every pair: read from the cache beside the adapter, the rest computed with a
+    forward only (the base with the adapter off, or with --reference-adapter-path)."""
+    ref = None
+    if c.reference_adapter_path:
+        expected = {k: tuple(v.shape) for k, v in to_flat(params).items()}
+        ref = load_adapter_weights(c.reference_adapter_path, expected, c.scale, store=store)
+    # a forward keeps no checkpoints: more rows per pass of the weights, unless a memory budget sized the batch
+    pairs = c.batch_size if c.memory_budget else max(c.batch_size, 8)
+    attach_reference(data.values(), store, compute, out, ref, c.scale, pairs, log)
+
+
 class Trainer:
     def __init__(self, config: TrainConfig, log=print):
         c = self.cfg = config
@@ -79,13 +140,7 @@ class Trainer:
             raise ConfigError(str(e)) from None
         self.lora_cfg = LoRAConfig(c.rank, c.scale, keys, c.num_layers, c.lora_dropout)
         self.tokenizer = self.store.tokenizer()
-        if c.loss == "sft":
-            self.data = load_datasets(self.tokenizer, c.data, c.max_seq_length, c.mask_prompt, c.skip_bad_rows,
-                                      c.hf_dataset)
-        else:  # pairs: a batch holds batch_size chosen rows and their rejected rows
-            self.data = load_preference_datasets(self.tokenizer, c.data, c.max_seq_length, c.skip_bad_rows)
-            for d in self.data.values():
-                d.objective = Preference(c.loss, c.beta, c.dpo_cpo_loss_type)
+        self.data = load_run_data(c, self.tokenizer)
         if c.test and not self.data.get("test"):
             raise ConfigError(f"{c.data}: --test needs a test split (test.jsonl)")
         if len(self.data["train"]) < c.batch_size:
@@ -110,7 +165,7 @@ class Trainer:
         self.lr = learning_rate_schedule(c.learning_rate, c.lr_schedule, c.warmup, self.steps)
         self.opt = OPTIMIZERS[c.optimizer](learning_rate=self.lr, **c.optimizer_config)
         self.opt.init(to_flat(self.params))
-        self._compiled_update = None  # (state tree, its compiled update): see apply_gradients
+        self.updates = OptimizerUpdate(self.opt)
         self.step_no = 0
         self.cursor = DataCursor(self.data["train"], c.batch_size, c.seed, self.group.rank, self.group.size,
                                  self.pack)
@@ -163,21 +218,9 @@ class Trainer:
         """The optimizer's update of block i: every block sees the same step count and learning rate, so updating
         block by block is the same arithmetic as one update of the whole tree."""
         self.opt.state["step"] = step0
-        flat = self.apply_gradients()(to_flat({i: grads}), to_flat({i: self.params[i]}))
+        flat = self.updates(self.compute.compiled)(to_flat({i: grads}), to_flat({i: self.params[i]}))
         mx.eval(flat, self.opt.state)
         self.params[i] = from_flat(flat)[i]
-
-    def apply_gradients(self):
-        """The optimizer's apply_gradients, compiled with its state as implicit inputs and outputs (mlx-lm's
-        pattern) where the engine compiles its blocks: an Adam update of one block is ~15 kernels instead of ~170.
-        Bound to the current state tree, so a resumed run (which replaces it) compiles afresh."""
-        if not self.compute.compiled:
-            return self.opt.apply_gradients
-        cached = self._compiled_update
-        if cached is None or cached[0] is not self.opt.state:
-            cached = self._compiled_update = (self.opt.state, mx.compile(
-                self.opt.apply_gradients, inputs=self.opt.state, outputs=self.opt.state))
-        return cached[1]
 
     def dropout_key(self, micro):
         """The LoRA dropout masks of this step's micro-batch: the run's seed folded with the step and the micro-batch,
@@ -250,21 +293,16 @@ class Trainer:
         c = self.cfg
         self.log(f"[mesp-mlx] {blas_status()}; device {mx.default_device()}")
         if c.loss == "dpo":
-            self.attach_reference(out)
+            dpo_reference(c, self.store, self.params, self.data, self.compute, out, self.log)
         first = self.group.rank == 0
         checkpointer, reporter = Checkpointer(out, c, self.group), Reporter(out, self.log, first)
         if c.resume:
             self.resume(checkpointer, reporter)
         elif (out / RESUME_FILE).exists():
             self.log(f"[mesp-mlx] note: {out} holds a checkpoint of an earlier run; add --resume to continue it")
-        self.log(f"[mesp-mlx] model {self.store.path} ({self.store.args.model_type}, {self.store.num_layers} "
-                 f"layers; {self.store.bits_per_weight():.2f} bits per weight as stored"
-                 + (f", {self.store.info['source_bits_per_weight']:.2f} in the source"
-                    if self.store.info.get("source_bits_per_weight") else "")
-                 + (f", re-quantized: weights {self.store.info['requantized_rel_l2']:.4f} off the file's"
-                    if "requantized_rel_l2" in self.store.info else "")
-                 + f"); method {c.method}{' (update fused into backward)' if self.fused else ''}; "
-                 f"trainable {num_params(self.params) / 1e6:.3f}M params; {len(self.data['train'])} train examples")
+        self.log(f"[mesp-mlx] model {describe_store(self.store)}; method {c.method}"
+                 f"{' (update fused into backward)' if self.fused else ''}; trainable "
+                 f"{num_params(self.params) / 1e6:.3f}M params; {len(self.data['train'])} train examples")
         skipped = sum(d.skipped for d in self.data.values())
         if skipped:
             self.log(f"[mesp-mlx] warning: skipped {skipped} bad data row(s) (--skip-bad-rows)")
@@ -292,25 +330,8 @@ class Trainer:
         self.test()
         if c.sample_prompt:
             self.log(f"After:  {c.sample_prompt!r} -> {self.sample(True)!r}")
-        formats = "|".join(f for f in FORMATS if f != "mlx-lm")
-        use = (f"Use it with mlx-lm:\n  mlx_lm.generate --model {self.store.path} --adapter-path {out} "
-               f"--prompt {json.dumps(c.sample_prompt or 'Hello')}\n" if self.store.mlx_lm_readable else
-               "The base keeps GGML blocks that mlx-lm cannot read (--requantize makes a store it reads); run the "
-               "adapter in llama.cpp on the very GGUF it was trained on.\n")
-        self.log(f"{use}Export it (GGUF LoRA for llama.cpp / Ollama / LM Studio, PEFT, or merged):\n"
-                 f"  python -m mesp_mlx.export --adapter-path {out} --format {formats}")
+        self.log(usage_hint(self.store, out, c.sample_prompt))
         return self.params
-
-    def attach_reference(self, out):
-        """DPO's reference scores of every pair: read from the cache beside the adapter, the rest computed with a
-        forward only (the base with the adapter off, or with --reference-adapter-path)."""
-        c, ref = self.cfg, None
-        if c.reference_adapter_path:
-            expected = {k: tuple(v.shape) for k, v in to_flat(self.params).items()}
-            ref = load_adapter_weights(c.reference_adapter_path, expected, c.scale, store=self.store)
-        # a forward keeps no checkpoints: more rows per pass of the weights, unless a memory budget sized the batch
-        pairs = c.batch_size if c.memory_budget else max(c.batch_size, 8)
-        attach_reference(self.data.values(), self.store, self.compute, out, ref, c.scale, pairs, self.log)
 
     def train_loop(self, checkpointer, reporter):
         c = self.cfg
