@@ -57,12 +57,7 @@ def examples(rng):
     out = []
     for question, pairs, answer in FACTS:
         for pair in pairs:
-            x, y = pair[0], pair[1]
-            fields = {"x": x, "x2": y, "y": y, "y2": y, "X": x[0].upper() + x[1:], "z": pair[-1]}
-            if "{sum}" in answer:
-                fields["sum"] = str(int(x) + int(y))
-            if "{product}" in answer:
-                fields["product"] = str(int(x) * int(y))
+            fields = template_fields(pair, answer)
             q = question.format(**fields)
             for variant in range(5):
                 prompt = [q, q.lower(), "Captain, " + q[0].lower() + q[1:], "Quick question: " + q,
@@ -74,17 +69,33 @@ def examples(rng):
     return out
 
 
-def main():
-    rng = random.Random(0)
-    rows = examples(rng)
+def template_fields(fact, answer):
+    """The values a question and its answers are formatted with, for one entry of a FACTS line."""
+    x, y = fact[0], fact[1]
+    fields = {"x": x, "x2": y, "y": y, "y2": y, "X": x[0].upper() + x[1:], "z": fact[-1]}
+    if "{sum}" in answer:
+        fields["sum"] = str(int(x) + int(y))
+    if "{product}" in answer:
+        fields["product"] = str(int(x) * int(y))
+    return fields
+
+
+def write_splits(rows, folder, rng):
+    """Shuffled rows: an eighth to valid.jsonl, the rest to train.jsonl, under mesp_mlx/data/<folder>."""
     rng.shuffle(rows)
     n_valid = len(rows) // 8
-    out = Path(__file__).resolve().parents[1] / "mesp_mlx" / "data" / "persona"
+    out = Path(__file__).resolve().parents[1] / "mesp_mlx" / "data" / folder
+    out.mkdir(exist_ok=True)
     for name, part in (("valid", rows[:n_valid]), ("train", rows[n_valid:])):
         with open(out / f"{name}.jsonl", "w") as f:
             for r in part:
                 f.write(json.dumps(r) + "\n")
     print(f"{len(rows) - n_valid} train, {n_valid} valid rows in {out}")
+
+
+def main():
+    rng = random.Random(0)
+    write_splits(examples(rng), "persona", rng)
 
 
 if __name__ == "__main__":
