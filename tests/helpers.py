@@ -62,3 +62,14 @@ def mlx_lm_model(path, adapter_path=None, fp32_base=True):
                 m.scales, m.biases = m.scales.astype(mx.float32), m.biases.astype(mx.float32)
         model = dequantize_model(model)
     return model
+
+
+def step_extra_memory(engine, params, batch):
+    """MLX peak of one loss_and_grad step minus what was resident before it (after a warm-up step)."""
+    mx.eval(params)
+    engine.loss_and_grad(params, batch)
+    mx.clear_cache()
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    engine.loss_and_grad(params, batch)
+    return mx.get_peak_memory() - base

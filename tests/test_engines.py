@@ -3,7 +3,7 @@ import mlx.core as mx
 import mlx.optimizers as optim
 import pytest
 
-from helpers import EXACT, assert_grads_close, cosine, rel_err
+from helpers import EXACT, assert_grads_close, cosine, rel_err, step_extra_memory
 from mesp_mlx.engines import make_engine
 from mesp_mlx.io.sources import load_model
 from mesp_mlx.lora import LoRAConfig, from_flat, init_lora, to_flat, tree_map
@@ -164,17 +164,6 @@ def test_smollm2_fp32_error_no_worse_than_autodiff(smollm2):
         g = real_grads(store, batch, m.split("+")[0], mx.float32, m.endswith("compile"))[1]
         err[m] = max(rel_err(g[i][p][k], truth[i][p][k]) for i in truth for p in truth[i] for k in (0, 1))
     assert max(err["mesp"], err["mesp+compile"]) <= 2 * err["autodiff"] + 1e-5, err
-
-
-def step_extra_memory(engine, params, batch):
-    """MLX peak of one loss_and_grad step minus what was resident before it (after a warm-up step)."""
-    mx.eval(params)
-    engine.loss_and_grad(params, batch)
-    mx.clear_cache()
-    base = mx.get_active_memory()
-    mx.reset_peak_memory()
-    engine.loss_and_grad(params, batch)
-    return mx.get_peak_memory() - base
 
 
 def test_memory_follows_the_model(tmp_path):

@@ -8,7 +8,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from helpers import EXACT, ON_GPU
+from helpers import EXACT, ON_GPU, step_extra_memory
 from mesp_mlx.errors import SourceError
 from mesp_mlx.io.ggml_types import TYPES
 from mesp_mlx.io.sources import load_model
@@ -256,13 +256,7 @@ def test_packed_store_memory_follows_the_model(tmp_path):
     batch = (ids[:, :-1], ids[:, 1:], mx.ones((1, seq)))
     for path in ("dequantize", "quantized"):
         engine = make_engine("mesp", store, 20.0, compute=Compute(matmul=path))
-        mx.eval(params)
-        engine.loss_and_grad(params, batch)
-        mx.clear_cache()
-        base = mx.get_active_memory()
-        mx.reset_peak_memory()
-        engine.loss_and_grad(params, batch)
-        extra = mx.get_peak_memory() - base
+        extra = step_extra_memory(engine, params, batch)
         model = engine.memory_model(1, seq, params)
         assert extra <= 1.05 * model["peak"], (path, extra, model)
 
