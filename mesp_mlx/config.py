@@ -134,6 +134,9 @@ class TrainConfig:
                    f"--loss {self.loss} needs exact gradients: use --method mesp, mebp or autodiff (not mezo)"),
                   (self.loss == "sft" or not (self.pack or self.hf_dataset),
                    f"--loss {self.loss} reads pairs from local jsonl files, unpacked (no --pack, no hf_dataset)"),
+                  (self.loss == "dpo" or not self.reference_adapter_path and self.dpo_cpo_loss_type == "sigmoid",
+                   f"--reference-adapter-path and --dpo-cpo-loss-type are DPO's: --loss {self.loss} has no "
+                   "reference model"),
                   (self.beta > 0, "beta must be > 0")]
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")

@@ -102,14 +102,19 @@ def plan_run(config, store, params, examples, log):
     longest = max(len(ids) - 1 for ids, _ in examples)
     if config.pack:  # packed rows fill up to max_seq_length
         longest = min(config.max_seq_length, sum(len(ids) - 1 for ids, _ in examples))
+    if not store.mlx_lm_readable:
+        raise ConfigError(f"--memory-budget: {store.path} keeps GGML blocks (Q6_K, Q2_K, Q3_K, IQ4_*) as bytes, whose "
+                          "dequantization temporaries the memory model does not count yet; train without a budget, "
+                          "or add --requantize for a store the planner can bound")
     if held >= budget:
         raise ConfigError(f"--memory-budget {budget / 1e6:.0f} MB: the process already holds "
                           f"{held / (1 + GROWTH) / 1e6:.0f} MB (+{GROWTH:.0%} for its growth) "
                           "before the first step (interpreter, libraries, tokenizer, data, weights read so far); "
                           "raise the budget")
     rows = config.batch_size * (1 if config.loss == "sft" else 2)  # a preference batch is pairs of rows
-    settings, peak = plan_for_budget(store, config.scale, rows, longest, params, config.optimizer,
-                                     config.fused_update, budget - held, config.compute(), held)
+    fused = config.fused_update and config.grad_accumulation_steps == 1  # as the trainer decides it
+    settings, peak = plan_for_budget(store, config.scale, rows, longest, params, config.optimizer, fused,
+                                     budget - held, config.compute(), held)
     c = settings["compute"]
     log(f"[mesp-mlx] memory budget {budget / 1e6:.0f} MB: the process holds {held / (1 + GROWTH) / 1e6:.0f} MB "
         f"before the first step (+{GROWTH:.0%} for its growth), MLX's share is {(budget - held) / 1e6:.0f} MB; "

@@ -223,9 +223,10 @@ class Trainer:
         self.params[i] = from_flat(flat)[i]
 
     def dropout_key(self, micro):
-        """The LoRA dropout masks of this step's micro-batch: the run's seed folded with the step and the micro-batch,
-        so a resumed run draws the masks the uninterrupted one would."""
-        return purpose_key(self.cfg.seed, "dropout", self.step_no, micro)
+        """The LoRA dropout masks of this step's micro-batch: the run's seed folded with the step, the micro-batch and
+        the process (each process's rows draw their own masks), so a resumed run draws the masks the uninterrupted
+        one would."""
+        return purpose_key(self.cfg.seed, "dropout", self.step_no, micro, self.group.rank)
 
     def step(self):
         """One optimizer step (with gradient accumulation); returns (loss, tokens of the whole group). The loss of

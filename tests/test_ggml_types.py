@@ -326,3 +326,8 @@ def test_cli_trains_on_every_type(tmp_path, capsys):
     assert f"{store.bits_per_weight():.2f} bits per weight as stored, {store.info['source_bits_per_weight']:.2f} " \
            "in the source" in out.out + out.err
     assert "mlx-lm cannot read" in out.out + out.err and "mlx_lm.generate" not in out.out + out.err
+    # the memory model does not count the packed types' dequantization temporaries: a budget is refused, not broken
+    assert main(["--model", str(g), "--data", str(data), "--iters", "1", "--adapter-path", str(tmp_path / "b"),
+                 "--sample-prompt", "", "--memory-budget", "4GB"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "keeps GGML blocks" in err[0] and "--requantize" in err[0]

@@ -201,6 +201,9 @@ def test_preference_refusals_are_one_line(tmp_path, tiny_gguf, capsys):
             "--adapter-path", str(tmp_path / "a")]
     assert main(base + ["--loss", "dpo", "--method", "mezo"]) == 2
     assert "--loss dpo needs exact gradients" in capsys.readouterr().err
+    for extra in (["--reference-adapter-path", str(tmp_path)], ["--dpo-cpo-loss-type", "ipo"]):
+        assert main(base + ["--loss", "orpo"] + extra) == 2  # DPO's settings would be silently ignored
+        assert "are DPO's" in capsys.readouterr().err
     bad = tmp_path / "bad"
     write_pairs(bad, PAIRS[:3] + [{"prompt": "x", "chosen": "y"}])
     assert main(base[:2] + ["--data", str(bad)] + base[4:] + ["--loss", "orpo"]) == 2

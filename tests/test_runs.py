@@ -89,6 +89,8 @@ def test_dropout_keys_never_repeat_across_steps_and_micro_batches(tmp_path, tiny
               mask(0, 64, 0, "self_attn.k_proj")]
     assert all(not mx.array_equal(first, m).item() for m in others)
     assert mx.array_equal(first, mask(0, 64, 0, "self_attn.q_proj")).item()
+    t.group.rank = 1  # data-parallel: the other process's rows draw their own masks
+    assert not mx.array_equal(first, mask(0, 64, 0, "self_attn.q_proj")).item()
 
 
 def test_one_run_per_adapter_folder_and_a_killed_holder_never_blocks(tmp_path, tiny_gguf):
