@@ -305,3 +305,15 @@ def test_gemma3_text_head_comes_from_the_weights(tmp_path):
     assert not store.args.tie_word_embeddings
     ids = mx.array([[5, 17, 42, 99, 3, 150, 7, 8]])  # the vocabulary has 190 tokens
     assert rel_err(logits(store, ids), mlx_lm_model(d)(ids)) <= EXACT
+
+
+def test_chatml_mistral_stops_on_im_end(case):
+    """A ChatML fine-tune of a Mistral keeps model_type mistral and eos </s> (or another id): its turns end with
+    <|im_end|>, which our sampling and the fused export's stop list must include."""
+    from mesp_mlx.io.tokenizer import load_tokenizer
+    from mesp_mlx.models import stop_ids
+    c = case("mistral", "hf")
+    tok = load_tokenizer(load_model(str(c["hf"]), quantize=None).path)
+    tok.eos_token = "<|endoftext|>"  # the tiny vocabulary's eos is <|im_end|> itself: give it another, as Mistral's
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert im_end != tok.eos_token_id and im_end in stop_ids(tok, "mistral")

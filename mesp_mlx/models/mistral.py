@@ -4,7 +4,8 @@ may instead name the sliding layers one by one."""
 from .base import SLIDING, Family, common, layer_types_from
 
 # llama.cpp has no mistral architecture: its Llama converter writes these models as `llama`, q/k rows permuted
-FAMILY = Family(("mistral",), "llama", "MistralForCausalLM", permutes_qk=True, stop_tokens=("</s>",))
+FAMILY = Family(("mistral",), "llama", "MistralForCausalLM", permutes_qk=True,
+                stop_tokens=("</s>", "<|im_end|>"))  # ChatML fine-tunes keep model_type mistral
 
 
 def model_args(config):
