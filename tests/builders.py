@@ -2,9 +2,14 @@
 format or as GGUF files the way llama.cpp's converter writes them. Tests import them from here (`from builders
 import write_tiny`); conftest.py only turns some into fixtures."""
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+import pytest
 
 TINY = {
     "llama": dict(model_type="llama", hidden_size=64, num_hidden_layers=2, intermediate_size=96,
@@ -204,3 +209,23 @@ def write_tiny_gguf(path, arch, qtype="Q8_0", seed=0, drop_tensor=None, bad_type
     w.write_tensors_to_file()
     w.close()
     return config, weights
+
+
+def launcher():
+    """(mlx.launch, the mesp-train entry point) of this environment; the test is skipped where either is missing."""
+    bin_dir = Path(sys.executable).parent
+    launch, entry = bin_dir / "mlx.launch", bin_dir / "mesp-train"
+    if not launch.exists() or not entry.exists():
+        pytest.skip("mlx.launch or the mesp-train entry point is not installed")
+    return launch, entry
+
+
+def run_two_processes(args, timeout=300):
+    """mesp-train with `args` on two processes (mx.distributed's ring backend on loopback, started by mlx.launch);
+    asserts that the group succeeded."""
+    launch, entry = launcher()
+    env = dict(os.environ, MESP_MLX_NO_BLAS_PRELOAD="1")
+    r = subprocess.run([str(launch), "-n", "2", "--python", sys.executable, str(entry)] + args, env=env,
+                       capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return r

@@ -233,20 +233,12 @@ def test_memory_budget_counts_both_rows_of_a_pair(tmp_path, tiny_gguf):
 def test_two_processes_equal_one_with_twice_the_pairs(tmp_path, tiny_gguf):
     """Data-parallel DPO: two processes with one pair each log the losses and stats of one process with two pairs
     (the group's mean is weighted by pairs, not tokens)."""
-    import os
-    import subprocess
-    import sys
-    from test_train import two_process_setup
+    from builders import run_two_processes
     from mesp_mlx.train import main
-    launch, entry, _ = two_process_setup(tmp_path)
     data = write_pairs(tmp_path / "pairs")
     common = ["--model", str(tiny_gguf), "--data", str(data), "--sample-prompt", "", "--rank", "4", "--iters", "3",
               "--steps-per-report", "1", "--optimizer", "sgd", "--learning-rate", "1e-2", "--loss", "dpo"]
-    env = dict(os.environ, MESP_MLX_NO_BLAS_PRELOAD="1")
-    r = subprocess.run([str(launch), "-n", "2", "--python", sys.executable, str(entry)] + common +
-                       ["--batch-size", "1", "--adapter-path", str(tmp_path / "two")], env=env, capture_output=True,
-                       text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    run_two_processes(common + ["--batch-size", "1", "--adapter-path", str(tmp_path / "two")])
     assert main(common + ["--batch-size", "2", "--adapter-path", str(tmp_path / "one")]) == 0
     one = [x for x in metrics(tmp_path / "one") if "train_loss" in x]
     two = [x for x in metrics(tmp_path / "two") if "train_loss" in x]

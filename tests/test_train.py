@@ -9,6 +9,7 @@ from mesp_mlx.io.sources import load_model
 from mesp_mlx.lora import from_flat
 from mesp_mlx.model import logits
 from mesp_mlx.train import main
+from builders import launcher, run_two_processes
 from helpers import EXACT, mlx_lm_model, rel_err
 
 ROWS = {"text": [{"text": "the quick brown fox jumps over the lazy dog"}] * 6,
@@ -286,12 +287,7 @@ def test_memory_budget_bounds_the_process(tmp_path, tiny_gguf, capsys):
 
 def two_process_setup(tmp_path):
     """(mlx.launch, the mesp-train entry point, a data folder of 8 rows) for the loopback data-parallel tests."""
-    import sys
-    from pathlib import Path
-    bin_dir = Path(sys.executable).parent
-    launch, entry = bin_dir / "mlx.launch", bin_dir / "mesp-train"
-    if not launch.exists() or not entry.exists():
-        pytest.skip("mlx.launch or the mesp-train entry point is not installed")
+    launch, entry = launcher()
     data = tmp_path / "data"
     data.mkdir()
     (data / "train.jsonl").write_text("\n".join(json.dumps(r) for r in MORE[:8]))
@@ -302,10 +298,7 @@ def two_process_setup(tmp_path):
 def test_two_processes_equal_one_with_twice_the_batch(tmp_path, tiny_gguf, method):
     """Data-parallel over mx.distributed (ring backend on loopback, started by mlx.launch): two processes with batch
     2 log the same losses and write the same adapter as one process with batch 4."""
-    import os
-    import subprocess
-    import sys
-    launch, entry, data = two_process_setup(tmp_path)
+    _, _, data = two_process_setup(tmp_path)
     # SGD: AdamW divides by sqrt(v), which turns 1e-7 differences in near-zero gradients into visible ones
     common = ["--model", str(tiny_gguf), "--data", str(data), "--sample-prompt", "", "--rank", "4", "--iters", "5",
               "--steps-per-report", "1", "--optimizer", "sgd", "--method", method,
@@ -313,11 +306,7 @@ def test_two_processes_equal_one_with_twice_the_batch(tmp_path, tiny_gguf, metho
               # the two losses (~5e-7) into ~2.5e-5: at lr 1e-2 that difference grew ~10x a step on this tiny model
               # (chaotic, not a reduction error); at 1e-3 the five steps stay within the tolerance below
               "--learning-rate", "1e-3" if method == "mezo" else "1e-2"]
-    env = dict(os.environ, MESP_MLX_NO_BLAS_PRELOAD="1")
-    r = subprocess.run([str(launch), "-n", "2", "--python", sys.executable, str(entry)] + common +
-                       ["--batch-size", "2", "--adapter-path", str(tmp_path / "two")], env=env, capture_output=True,
-                       text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    run_two_processes(common + ["--batch-size", "2", "--adapter-path", str(tmp_path / "two")])
     assert main(common + ["--batch-size", "4", "--adapter-path", str(tmp_path / "one")]) == 0
     one, two = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
     # mezo's projection is a finite difference: fp32 rounding of the two losses is amplified by 1/(2 eps) = 50

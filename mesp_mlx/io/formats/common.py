@@ -6,7 +6,6 @@ Mistral, SmolLM3) for its interleaved rope; a store converted from such a GGUF k
 rope_traditional), a store from a Hugging Face directory does not. Writers and readers move q/k lora_b output units
 between the two orders according to where the store came from.
 """
-import json
 from pathlib import Path
 
 import mlx.core as mx
@@ -14,25 +13,16 @@ import numpy as np
 
 from ...lora import to_flat
 from ...models import family
-from ..store import STORE_MARK
-
-
-def store_info(store):
-    """The store's mesp_store.json ({} for a folder that is not one of our stores)."""
-    try:
-        return json.loads((store.path / STORE_MARK).read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
 
 
 def store_source(store):
     """What the store was converted from: a directory or a GGUF file (its own path when unknown)."""
-    return store_info(store).get("source") or str(store.path)
+    return store.info.get("source") or str(store.path)
 
 
 def llamacpp_rows(store):
     """True when the store's q/k rows are in llama.cpp's permuted order (a store converted from such a GGUF)."""
-    kind = store_info(store).get("kind")
+    kind = store.info.get("kind")
     if kind is None:  # not one of our stores: our GGUF loader is what sets rope_traditional on these families
         kind = "gguf" if store.config.get("rope_traditional") else "hf-dir"
     return family(store.args.model_type).permutes_qk and kind == "gguf"
