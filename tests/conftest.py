@@ -2,7 +2,7 @@
 OpenBLAS preloaded as the CLI does."""
 import pytest
 
-from builders import TINY, write_tiny, write_tiny_gguf  # noqa: F401 (older tests import them from here)
+from builders import TINY, write_tiny, write_tiny_gguf
 
 
 @pytest.fixture(autouse=True)
