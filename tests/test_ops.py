@@ -6,7 +6,8 @@ from helpers import EXACT, assert_close, rel_err
 from mesp_mlx.ops.attention import attention_backward, attention_forward
 from mesp_mlx.ops.block import BlockSpec, block_backward, block_forward, block_recompute
 from mesp_mlx.ops.linear import Compute, Frozen
-from mesp_mlx.ops.lora_linear import LoRALinear, lora_linear, lora_linear_backward, lora_linear_forward
+from mesp_mlx.ops.lora_linear import (LoRALinear, lora_group_backward, lora_group_forward, lora_linear,
+                                      lora_linear_backward, lora_linear_forward)
 from mesp_mlx.ops.loss import cross_entropy_backward, cross_entropy_forward, cross_entropy_forward_backward
 from mesp_mlx.ops.mlp import geglu_backward, geglu_forward, swiglu_backward, swiglu_forward
 from mesp_mlx.ops.rmsnorm import rmsnorm_backward, rmsnorm_forward
@@ -35,6 +36,33 @@ def test_lora_linear(path, bias):
     got = lora_linear_backward(dy, x, w, a, b, 2.5, compute)
     for g, r, n in zip(got, ref, "x A B".split()):
         assert_close(g, r, n)
+
+
+@pytest.mark.parametrize("path", ["dequantize", "quantized"])
+@pytest.mark.parametrize("adapted", [(0, 2), (0, 1, 2), (1,)])
+def test_lora_group(path, adapted):
+    """Projections reading the same x (q, k, v) with one shared down-projection product: outputs equal the separate
+    LoRA linears', and dx, every dA and dB equal vjp of them; ranks differ, unadapted members get None."""
+    mx.random.seed(5)
+    compute = Compute(matmul=path)
+    ws = [quantized(48, 96), quantized(32, 96, bias=True), quantized(16, 96)]
+    pairs = [(R(96, r) * 0.1, R(r, w.out_dims) * 0.1) if i in adapted else (None, None)
+             for i, (w, r) in enumerate(zip(ws, (5, 4, 3)))]
+    x, dys = R(3, 7, 96), [R(3, 7, w.out_dims) for w in ws]
+    for y, w, (a, b) in zip(lora_group_forward(x, ws, pairs, 2.5, compute), ws, pairs):
+        assert_close(y, lora_linear_forward(x, w, a, b, 2.5, compute))
+    live = [i for i in adapted]
+
+    def separate(x, *flat):
+        ab = dict(zip(live, zip(flat[::2], flat[1::2])))
+        return [lora_linear_forward(x, w, *ab.get(i, (None, None)), 2.5, compute) for i, w in enumerate(ws)]
+    ref = mx.vjp(separate, [x] + [t for i in live for t in pairs[i]], dys)[1]
+    dx, grads = lora_group_backward(dys, x, ws, pairs, 2.5, compute)
+    assert_close(dx, ref[0], "x")
+    for j, i in enumerate(live):
+        assert_close(grads[i][0], ref[1 + 2 * j], f"A{i}")
+        assert_close(grads[i][1], ref[2 + 2 * j], f"B{i}")
+    assert all(grads[i] == (None, None) for i in range(3) if i not in live)
 
 
 def test_lora_linear_dropout():
@@ -110,12 +138,13 @@ def plain_attention(q, k, v, scale, window=None):
     """The T x T reference; a window W also masks keys j <= i - W (built independently of ops/attention.py)."""
     g = q.shape[1] // k.shape[1]
     k, v = mx.repeat(k, g, axis=1), mx.repeat(v, g, axis=1)
-    t = q.shape[2]
-    mask = mx.triu(mx.full((t, t), -1e9), k=1)
-    if window is not None:
-        mask = mask + mx.tril(mx.full((t, t), -1e9), k=-window)
-    s = (q @ k.swapaxes(-1, -2)) * scale + mask
+    s = (q @ k.swapaxes(-1, -2)) * scale + plain_mask(q.shape[2], window)
     return mx.softmax(s, axis=-1) @ v
+
+
+def plain_mask(t, window=None):
+    mask = mx.triu(mx.full((t, t), -1e9), k=1)
+    return mask if window is None else mask + mx.tril(mx.full((t, t), -1e9), k=-window)
 
 
 @pytest.mark.parametrize("hq,hkv,t,chunk,window", [(3, 3, 10, 256, None), (6, 2, 1, 256, None),
@@ -124,11 +153,14 @@ def plain_attention(q, k, v, scale, window=None):
                                                    # one block holding the whole sequence, a window of 1 (itself)
                                                    (4, 2, 23, 4, 7), (6, 3, 21, 8, 3), (4, 2, 17, 256, 5),
                                                    (2, 1, 9, 4, 1), (4, 2, 12, 5, 40)])
-def test_attention(hq, hkv, t, chunk, window):
+@pytest.mark.parametrize("logsumexp", [False, True])  # the CPU's one-exp form, compiled graphs' fewer kernels
+def test_attention(hq, hkv, t, chunk, window, logsumexp):
     q, k, v, do = R(2, hq, t, 8), R(2, hkv, t, 8), R(2, hkv, t, 8), R(2, hq, t, 8)
     scale = 8 ** -0.5
-    o, lse = attention_forward(q, k, v, scale, chunk, window=window)
+    o, lse = attention_forward(q, k, v, scale, chunk, window=window, logsumexp=logsumexp)
     assert_close(o, plain_attention(q, k, v, scale, window), "o")
+    assert_close(lse, mx.logsumexp((q @ mx.repeat(k, hq // hkv, axis=1).swapaxes(-1, -2)) * scale
+                                   + plain_mask(t, window), axis=-1), "lse")
     ref = vjp(lambda q, k, v: plain_attention(q, k, v, scale, window), [q, k, v], do)
     for g, r, n in zip(attention_backward(do, q, k, v, o, lse, scale, chunk, window=window), ref, "qkv"):
         assert_close(g, r, "d" + n)

@@ -32,6 +32,8 @@ class MeBPEngine(StreamingEngine):
         paths = sorted(lora)
 
         def body(dy, x, w, lora, segments, positions):
+            w = self.weights(w)
+
             def fn(x, *flat):
                 pairs = {p: (flat[2 * j], flat[2 * j + 1]) for j, p in enumerate(paths)}
                 return block_forward(x, w, pairs, self.scale, spec, dropout=dropout, segments=segments,

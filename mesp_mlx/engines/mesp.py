@@ -67,6 +67,7 @@ class MeSPEngine(StreamingEngine):
 
     def block_backward(self, dy, x, w, lora, spec, dropout=None, segments=None, positions=None):
         def body(dy, x, w, lora, segments, positions):
+            w = self.weights(w)
             if self._shares_dequant():
                 w = {k: prepared(v, self.compute) if isinstance(v, Frozen) else v for k, v in w.items()}
             saved = block_recompute(x, w, lora, self.scale, spec, dropout=dropout, segments=segments,

@@ -7,10 +7,12 @@ whose inputs are everything that varies between calls (activations, the block's 
 the packing arrays): one trace per block spec and input structure, reused by every layer of that shape and every
 step, with the element-wise chains fused into single kernels. LoRA dropout draws its masks from the step's seed, a
 Python constant to a trace, so a step with dropout runs the plain bodies."""
+from functools import partial
+
 import mlx.core as mx
 
 from ..ops.block import block_dropout, block_forward, packing
-from ..ops.linear import DEFAULT
+from ..ops.linear import DEFAULT, cast_scales
 from ..ops.loss import cross_entropy_forward, cross_entropy_forward_backward
 from ..ops.preference import preference_forward, preference_forward_backward
 from ..ops.rmsnorm import rmsnorm_backward, rmsnorm_forward
@@ -38,10 +40,20 @@ class StreamingEngine(Engine):
             self._compiled[key] = mx.compile(body)
         return self._compiled[key]
 
+    def fuse(self, name, fn):
+        """`fn`, a pure function of arrays (the head's tiles, norm and finishing arithmetic), or with
+        Compute.compiled its compiled form, cached under `name`: its element-wise chains become single kernels."""
+        return self.compiled(name, None, fn, {}, {})
+
+    def weights(self, w):
+        """A block's streamed weights as a body uses them: in a compiled body (one graph) every quantized weight's
+        scales and biases are cast to the compute dtype by one kernel for the block (ops.linear.cast_scales)."""
+        return cast_scales(w, self.compute.dtype) if self.compute.compiled else w
+
     def block_forward(self, x, w, lora, spec, dropout=None, segments=None, positions=None):
         """One block's forward without saving anything (the checkpointing pass and the loss)."""
         body = lambda x, w, lora, segments, positions: block_forward(
-            x, w, lora, self.scale, spec, dropout=dropout, segments=segments, positions=positions)
+            x, self.weights(w), lora, self.scale, spec, dropout=dropout, segments=segments, positions=positions)
         return self.compiled("forward", spec, body, w, lora, dropout)(x, w, lora, segments, positions)
 
     def forward(self, params, inputs, keep_from, dropout=None, packed=None):
@@ -61,18 +73,19 @@ class StreamingEngine(Engine):
         """-> (loss, dx or None); with a preference batch's `pref`, (stats, dx or None)."""
         eps, offset = self.store.args.rms_norm_eps, self.store.args.norm_offset
         norm_w, head = self.store.final_norm(), self.store.head_rows()
-        d = x.shape[-1]
-        h = rmsnorm_forward(x, norm_w, eps, offset).reshape(-1, d)
+        d, fuse = x.shape[-1], self.fuse
+        h = fuse("final_norm", partial(rmsnorm_forward, eps=eps, offset=offset))(x, norm_w).reshape(-1, d)
         t, m = targets.reshape(-1), mask.reshape(-1).astype(mx.float32)
         if pref is not None and not need_grad:
-            return preference_forward(h, head, t, mask.astype(mx.float32), pref, self.compute), None
+            return preference_forward(h, head, t, mask.astype(mx.float32), pref, self.compute, fuse), None
         if not need_grad:
-            return cross_entropy_forward(h, head, t, m, self.compute)[0], None
+            return cross_entropy_forward(h, head, t, m, self.compute, fuse)[0], None
         if pref is not None:
-            loss, dh = preference_forward_backward(h, head, t, mask.astype(mx.float32), pref, self.compute)
+            loss, dh = preference_forward_backward(h, head, t, mask.astype(mx.float32), pref, self.compute, fuse)
         else:
-            loss, dh = cross_entropy_forward_backward(h, head, t, m, self.compute)
-        dx = rmsnorm_backward(dh.reshape(x.shape), x, norm_w, eps, offset)
+            loss, dh = cross_entropy_forward_backward(h, head, t, m, self.compute, fuse)
+        dx = fuse("final_norm_backward", partial(rmsnorm_backward, eps=eps, offset=offset))(
+            dh.reshape(x.shape), x, norm_w)
         mx.eval(loss, dx)
         return loss, dx
 

@@ -125,12 +125,16 @@ class StoredRows:
         arrays = {f"{self.module}.{n}": self.reader.take(f"{self.module}.{n}", index) for n in names}
         return self.store._frozen(arrays, self.module, self.module)
 
+    def table(self, ids):
+        """(the distinct rows among token ids as a `Frozen`, each id's index into them (ids' shape)): only those
+        rows are read."""
+        uniq, inverse = np.unique(np.asarray(ids).reshape(-1), return_inverse=True)
+        return self._take(uniq), mx.array(inverse.reshape(np.shape(ids)))
+
     def gather(self, ids, dtype=mx.float32):
         """Rows for token ids (any shape), dequantized to `dtype`; reads only the distinct rows."""
-        flat = np.asarray(ids).reshape(-1)
-        uniq, inverse = np.unique(flat, return_inverse=True)
-        table = self._take(uniq)
-        return embedding_rows(table, mx.array(inverse.reshape(-1)), dtype).reshape(*ids.shape, -1)
+        table, idx = self.table(ids)
+        return embedding_rows(table, idx.reshape(-1), dtype).reshape(*ids.shape, -1)
 
 
 class WeightStore:

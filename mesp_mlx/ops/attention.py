@@ -45,9 +45,11 @@ def _visible(i0, i1, k0, window, segments):
     return mask & (segments[:, None, None, i0:i1, None] == segments[:, None, None, None, k0:i1])
 
 
-def attention_forward(q, k, v, scale, chunk=256, sync=True, window=None, segments=None):
+def attention_forward(q, k, v, scale, chunk=256, sync=True, window=None, segments=None, logsumexp=False):
     """Returns (o, lse): o like q, lse (B, Hq, T) in fp32. sync: evaluate each query block as it is done.
-    segments: (B, T) ids of the packed row of each token, or None (one row per batch row)."""
+    segments: (B, T) ids of the packed row of each token, or None (one row per batch row).
+    logsumexp: normalise with MLX's log-sum-exp reduction, p = exp(s - lse), three kernels fewer per query block
+    (for compiled graphs on GPUs); else with the running max and one exp pass (~1.5x faster on the CPU)."""
     b, hq, t, d = q.shape
     hkv = k.shape[1]
     qg = _grouped(q, hkv)
@@ -58,11 +60,16 @@ def attention_forward(q, k, v, scale, chunk=256, sync=True, window=None, segment
         k0 = _first_key(i0, window)
         s = (qg[..., i0:i1, :] @ kk[..., k0:i1, :].swapaxes(-1, -2)) * scale
         s = mx.where(_visible(i0, i1, k0, window, segments), s, -mx.inf)
-        m = mx.max(s, axis=-1, keepdims=True)
-        e = mx.exp(s - m)  # the only exp pass: exp is the costliest op on the CPU
-        total = mx.sum(e, axis=-1, keepdims=True)
-        outs.append((e @ vv[..., k0:i1, :]) / total)
-        lses.append((m + mx.log(total))[..., 0])
+        if logsumexp:
+            lse = mx.logsumexp(s, axis=-1, keepdims=True)
+            outs.append(mx.exp(s - lse) @ vv[..., k0:i1, :])
+        else:
+            m = mx.max(s, axis=-1, keepdims=True)
+            e = mx.exp(s - m)  # the only exp pass: exp is the costliest op on the CPU
+            total = mx.sum(e, axis=-1, keepdims=True)
+            outs.append((e @ vv[..., k0:i1, :]) / total)
+            lse = m + mx.log(total)
+        lses.append(lse[..., 0])
         if sync:
             mx.eval(outs[-1], lses[-1])  # one query block's scores alive at a time, not all of them
     o = mx.concatenate(outs, axis=-2) if len(outs) > 1 else outs[0]
@@ -78,8 +85,7 @@ def attention_backward(do, q, k, v, o, lse, scale, chunk=256, sync=True, window=
     lseg = lse.reshape(b, hkv, hq // hkv, t, 1)
     delta = mx.sum(dog * _grouped(o, hkv), axis=-1, keepdims=True)
     kk, vv = k[:, :, None], v[:, :, None]
-    dk = mx.zeros(k.shape, dtype=q.dtype)
-    dv = mx.zeros(v.shape, dtype=q.dtype)
+    dk = dv = None  # sums over the query blocks (keys before a block's window get nothing from it)
     dqs = []
     for i0 in range(0, t, chunk):
         i1 = min(t, i0 + chunk)
@@ -92,11 +98,10 @@ def attention_backward(do, q, k, v, o, lse, scale, chunk=256, sync=True, window=
         dqs.append(ds @ kk[..., k0:i1, :])
         dv_c = mx.sum(p.swapaxes(-1, -2) @ doc, axis=2)
         dk_c = mx.sum(ds.swapaxes(-1, -2) @ qc, axis=2)
-        if k0 == 0 and i1 == t:
-            dv, dk = dv + dv_c, dk + dk_c
-        else:
+        if k0 != 0 or i1 != t:
             pad = [(0, 0), (0, 0), (k0, t - i1), (0, 0)]
-            dv, dk = dv + mx.pad(dv_c, pad), dk + mx.pad(dk_c, pad)
+            dv_c, dk_c = mx.pad(dv_c, pad), mx.pad(dk_c, pad)
+        dv, dk = (dv_c, dk_c) if dv is None else (dv + dv_c, dk + dk_c)
         if sync:
             mx.eval(dqs[-1], dk, dv)
     dq = mx.concatenate(dqs, axis=-2) if len(dqs) > 1 else dqs[0]

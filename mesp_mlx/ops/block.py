@@ -30,7 +30,7 @@ import mlx.core as mx
 from .attention import attention_backward, attention_forward, visible
 from .keys import fold
 from .linear import DEFAULT, Compute
-from .lora_linear import lora_linear_backward, lora_linear_forward
+from .lora_linear import lora_group_backward, lora_group_forward
 from .mlp import gated_act_and_backward, gated_forward
 from .rmsnorm import rmsnorm_backward, rmsnorm_forward
 from .rope import Rope, rope_backward, rope_forward, segment_positions
@@ -164,29 +164,35 @@ def _by_tokens(fn, t, chunk):
     return mx.concatenate([fn(t0, min(t, t0 + chunk)) for t0 in range(0, t, chunk)], axis=1)
 
 
-def _qkv(z1, proj, spec):
+def _projector(w, lora, scale, spec, keep):
+    """projs(names, inp, t0=0) -> [y]: the LoRA linears `names` applied to the same input rows t0.. (one shared
+    down-projection product for the adapted ones, ops/lora_linear.lora_group_forward)."""
+    return lambda names, inp, t0=0: lora_group_forward(inp, [w[n] for n in names], [_lora(lora, n) for n in names],
+                                                       scale, spec.compute, [keep(n, inp, t0) for n in names])
+
+
+def _qkv(z1, projs, spec):
     """q, k, v in (B, H, T, D) layout, from three projections or one fused one (q rows, then k, then v)."""
     if spec.fused:
         nq, nk = spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim
-        q, k, v = mx.split(proj("self_attn.qkv_proj", z1), [nq, nq + nk], axis=-1)
+        q, k, v = mx.split(projs(("self_attn.qkv_proj",), z1)[0], [nq, nq + nk], axis=-1)
     else:
-        q, k, v = proj("self_attn.q_proj", z1), proj("self_attn.k_proj", z1), proj("self_attn.v_proj", z1)
+        q, k, v = projs(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), z1)
     return _heads(q, spec.n_heads), _heads(k, spec.n_kv_heads), _heads(v, spec.n_kv_heads)
 
 
-def _gate_up(z, proj, spec):
+def _gate_up(z, projs, spec, t0=0):
     if spec.fused:  # gate rows first, then up
-        return mx.split(proj("mlp.gate_up_proj", z), 2, axis=-1)
-    return proj("mlp.gate_proj", z), proj("mlp.up_proj", z)
+        return mx.split(projs(("mlp.gate_up_proj",), z, t0)[0], 2, axis=-1)
+    return projs(("mlp.gate_proj", "mlp.up_proj"), z, t0)
 
 
 def _attention_half(x, w, lora, scale, spec, keep, save, segments, positions):
     """The block up to the MLP's input: (z1, q_pre, k_pre, q, k, v, o, lse, r, a, z2), lse None unless saved."""
     norm = lambda inp, name: rmsnorm_forward(inp, w[name], spec.eps, spec.norm_offset)
-    proj = lambda name, inp: lora_linear_forward(inp, w[name], *_lora(lora, name), scale, spec.compute,
-                                                 keep(name, inp))
+    projs = _projector(w, lora, scale, spec, keep)
     z1 = norm(x, "input_layernorm")
-    q, k, v = _qkv(z1, proj, spec)
+    q, k, v = _qkv(z1, projs, spec)
     q_pre, k_pre = q, k
     if spec.qk_norm:
         q, k = norm(q, "self_attn.q_norm"), norm(k, "self_attn.k_norm")
@@ -201,9 +207,9 @@ def _attention_half(x, w, lora, scale, spec, keep, save, segments, positions):
         o = mx.fast.scaled_dot_product_attention(q, k, v, scale=spec.attn_scale, mask=mask)
     else:
         o, lse = attention_forward(q, k, v, spec.attn_scale, spec.attn_chunk, spec.compute.sync_chunks,
-                                   spec.window, segments)
+                                   spec.window, segments, logsumexp=spec.compute.compiled)
     o = _merge(o)
-    r = proj("self_attn.o_proj", o)
+    r = projs(("self_attn.o_proj",), o)[0]
     a = x + (norm(r, "post_attention_layernorm") if spec.sandwich else r)
     return z1, q_pre, k_pre, q, k, v, o, lse, r, a, norm(a, spec.mlp_norm)
 
@@ -212,13 +218,12 @@ def block_forward(x, w, lora, scale, spec: BlockSpec, dropout=None, segments=Non
     """y = the block's output. w: the block's frozen weights by module path; lora: {path: (A, B)} for the adapted
     projections; dropout: (p, seed) of the LoRA dropout (training only), or None."""
     keep = _dropout_masks(dropout, lora, x.shape[0], x.shape[1])
-    proj = lambda name, inp, t0=0: lora_linear_forward(inp, w[name], *_lora(lora, name), scale, spec.compute,
-                                                       keep(name, inp, t0))
+    projs = _projector(w, lora, scale, spec, keep)
     a, z2 = _attention_half(x, w, lora, scale, spec, keep, False, segments, positions)[-2:]
 
     def mlp(t0, t1):
-        g, u = _gate_up(z2[:, t0:t1], lambda name, inp: proj(name, inp, t0), spec)
-        m = proj("mlp.down_proj", gated_forward(spec.activation, g, u), t0)
+        g, u = _gate_up(z2[:, t0:t1], projs, spec, t0)
+        m = projs(("mlp.down_proj",), gated_forward(spec.activation, g, u), t0)[0]
         m = rmsnorm_forward(m, w["post_feedforward_layernorm"], spec.eps, spec.norm_offset) if spec.sandwich else m
         if spec.compute.sync_chunks and a.shape[1] > spec.mlp_chunk:
             # one token block's T x f temporaries and dequantized MLP weights alive at a time, as in the backward
@@ -236,9 +241,7 @@ def block_recompute(x, w, lora, scale, spec: BlockSpec, dropout=None, segments=N
                                                                  positions)
     saved = BlockSaved(z1=z1, q=q, k=k, v=v, o=o, lse=lse, a=a, z2=z2)
     if not spec.compute.recompute_mlp:
-        proj = lambda name, inp: lora_linear_forward(inp, w[name], *_lora(lora, name), scale, spec.compute,
-                                                     keep(name, inp))
-        saved.g, saved.u = _gate_up(z2, proj, spec)
+        saved.g, saved.u = _gate_up(z2, _projector(w, lora, scale, spec, keep), spec)
     if spec.qk_norm:
         saved.q_pre, saved.k_pre = q_pre, k_pre
     if spec.sandwich:
@@ -253,34 +256,36 @@ def block_backward(dy, x, saved: BlockSaved, w, lora, scale, spec: BlockSpec, dr
     norm_back = lambda d, inp, name: rmsnorm_backward(d, inp, w[name], spec.eps, spec.norm_offset)
     keep = _dropout_masks(dropout, lora, x.shape[0], x.shape[1])
 
-    def back(name, d_out, inp, t0=0):
-        dx, da, db = lora_linear_backward(d_out, inp, w[name], *_lora(lora, name), scale, spec.compute,
-                                          keep=keep(name, inp, t0))
-        if da is not None:  # summed over the token blocks that call it
-            grads[name] = (da, db) if name not in grads else (grads[name][0] + da, grads[name][1] + db)
+    def back(names, d_outs, inp, t0=0):
+        """dx of the projections `names` reading `inp` (rows t0..), given their output gradients; their LoRA
+        gradients go to grads, summed over the token blocks that call it."""
+        dx, pairs = lora_group_backward(d_outs, inp, [w[n] for n in names], [_lora(lora, n) for n in names],
+                                        scale, spec.compute, [keep(n, inp, t0) for n in names])
+        for name, (da, db) in zip(names, pairs):
+            if da is not None:
+                grads[name] = (da, db) if name not in grads else (grads[name][0] + da, grads[name][1] + db)
         return dx
 
     # MLP, one block of tokens at a time (its T x f temporaries are the largest of the block)
     g, u, z2, a = saved.take("g"), saved.take("u"), saved.take("z2"), saved.take("a")
-    proj = lambda name, inp, t0: lora_linear_forward(inp, w[name], *_lora(lora, name), scale, spec.compute,
-                                                     keep(name, inp, t0))
+    projs = _projector(w, lora, scale, spec, keep)
 
     def mlp_backward(t0, t1):
         zc, dyc = z2[:, t0:t1], dy[:, t0:t1]
         if g is None:  # recompute_mlp: this token block's gate and up outputs, from the saved input
-            gc, uc = _gate_up(zc, lambda name, inp: proj(name, inp, t0), spec)
+            gc, uc = _gate_up(zc, projs, spec, t0)
         else:
             gc, uc = g[:, t0:t1], u[:, t0:t1]
         act, gate_backward = gated_act_and_backward(spec.activation, gc, uc)
         dm = dyc
         if spec.sandwich:  # dm = N_post_ff'(m)^T dy, with m = down(act) recomputed
-            m = proj("mlp.down_proj", act, t0)
+            m = projs(("mlp.down_proj",), act, t0)[0]
             dm = norm_back(dyc, m, "post_feedforward_layernorm")
-        dg, du = gate_backward(back("mlp.down_proj", dm, act, t0))
+        dg, du = gate_backward(back(("mlp.down_proj",), [dm], act, t0))
         if spec.fused:
-            dz2 = back("mlp.gate_up_proj", mx.concatenate([dg, du], axis=-1), zc, t0)
+            dz2 = back(("mlp.gate_up_proj",), [mx.concatenate([dg, du], axis=-1)], zc, t0)
         else:
-            dz2 = back("mlp.gate_proj", dg, zc, t0) + back("mlp.up_proj", du, zc, t0)
+            dz2 = back(("mlp.gate_proj", "mlp.up_proj"), [dg, du], zc, t0)
         out = dyc + norm_back(dz2, a[:, t0:t1], spec.mlp_norm)
         if spec.compute.sync_chunks:
             mx.eval(out, grads)
@@ -294,7 +299,7 @@ def block_backward(dy, x, saved: BlockSaved, w, lora, scale, spec: BlockSpec, dr
     # attention
     dr = norm_back(da, saved.take("r"), "post_attention_layernorm") if spec.sandwich else da
     o = saved.take("o")
-    do = _heads(back("self_attn.o_proj", dr, o), spec.n_heads)
+    do = _heads(back(("self_attn.o_proj",), [dr], o), spec.n_heads)
     q, k, v = saved.take("q"), saved.take("k"), saved.take("v")
     dq, dk, dv = attention_backward(do, q, k, v, _heads(o, spec.n_heads), saved.take("lse"),
                                     spec.attn_scale, spec.attn_chunk, spec.compute.sync_chunks, spec.window,
@@ -307,9 +312,9 @@ def block_backward(dy, x, saved: BlockSaved, w, lora, scale, spec: BlockSpec, dr
         dk = norm_back(dk, saved.take("k_pre"), "self_attn.k_norm")
     z1 = saved.take("z1")
     if spec.fused:
-        dz1 = back("self_attn.qkv_proj", mx.concatenate([_merge(dq), _merge(dk), _merge(dv)], axis=-1), z1)
+        dz1 = back(("self_attn.qkv_proj",), [mx.concatenate([_merge(dq), _merge(dk), _merge(dv)], axis=-1)], z1)
     else:
-        dz1 = (back("self_attn.q_proj", _merge(dq), z1) + back("self_attn.k_proj", _merge(dk), z1)
-               + back("self_attn.v_proj", _merge(dv), z1))
+        dz1 = back(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), [_merge(dq), _merge(dk), _merge(dv)],
+                   z1)
     dx = da + norm_back(dz1, x, "input_layernorm")
     return dx, grads

@@ -146,6 +146,23 @@ def prepared(w: Frozen, compute: Compute = DEFAULT):
     return w
 
 
+def cast_scales(ws, dtype):
+    """A block's weights ({name: Frozen or array}) with every affine weight's scales and biases in `dtype`, cast as
+    one concatenated array: a quantized product casts them to its input's type itself, two kernels per weight and
+    product; this is one concatenation and one cast for the whole block (the items are views of it)."""
+    items = [(k, f, getattr(w, f)) for k, w in sorted(ws.items())
+             if isinstance(w, Frozen) and w.scales is not None and w.scales.dtype != dtype
+             for f in ("scales", "biases") if getattr(w, f) is not None]
+    if len(items) < 2:
+        return ws
+    flat = mx.concatenate([v.reshape(-1) for _, _, v in items]).astype(dtype)
+    out, at = dict(ws), 0
+    for k, f, v in items:
+        out[k] = out[k]._replace(**{f: flat[at:at + v.size].reshape(v.shape)})
+        at += v.size
+    return out
+
+
 def frozen_matmul(x, w: Frozen, compute: Compute = DEFAULT):
     """x @ W^T (+ bias): the forward product."""
     if w.scales is not None and compute.path == "quantized":

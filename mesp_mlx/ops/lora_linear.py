@@ -18,7 +18,7 @@ def lora_linear_forward(x, w: Frozen, a, b, scale, compute=DEFAULT, keep=None):
     if a is None:
         return y
     xd = x if keep is None else x * keep
-    return y + scale * ((xd @ a) @ b)
+    return mx.addmm(y, xd @ a, b, alpha=scale)  # y + s (x A) B as one product: the scale and the sum in its epilogue
 
 
 def lora_linear_backward(dy, x, w: Frozen, a, b, scale, compute=DEFAULT, need_dx=True, keep=None):
@@ -28,16 +28,80 @@ def lora_linear_backward(dy, x, w: Frozen, a, b, scale, compute=DEFAULT, need_dx
     if a is None:
         return dx, None, None
     xd = x if keep is None else x * keep
-    x2, g2 = xd.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+    x2 = xd.reshape(-1, x.shape[-1])
+    g2 = (scale * dy).reshape(-1, dy.shape[-1])  # one scaling for dA and dB (fused with dy's producer if compiled)
     # the forward's own product, reshaped: in a compiled recompute + backward both are one kernel (CSE)
     h = (xd @ a).reshape(-1, a.shape[-1])
-    db = scale * (h.T @ g2)  # the scale goes on the r-sized products, not on the T x out gradient
-    dh = scale * (g2 @ b.T)
+    db = h.T @ g2
+    dh = g2 @ b.T
     da = x2.T @ dh
     if need_dx:
-        dx_low = (dh @ a.T).reshape(x.shape)
-        dx = dx + (dx_low if keep is None else dx_low * keep)
+        if keep is None:  # dx + dh A^T as one product
+            dx = mx.addmm(dx.reshape(x2.shape), dh, a.T).reshape(x.shape)
+        else:
+            dx = dx + (dh @ a.T).reshape(x.shape) * keep
     return dx, da, db
+
+
+def _down_all(x, pairs):
+    """Projections reading the same x: (indices of the adapted ones, h = x [A_1 ... A_k] (one product for all their
+    down-projections), [A_1 ... A_k], each one's columns of h)."""
+    live = [i for i, (a, _) in enumerate(pairs) if a is not None]
+    a_all = mx.concatenate([pairs[i][0] for i in live], axis=1)
+    ends = [0]
+    for i in live:
+        ends.append(ends[-1] + pairs[i][0].shape[1])
+    return live, x @ a_all, a_all, [slice(e0, e1) for e0, e1 in zip(ends, ends[1:])]
+
+
+def _groups(pairs, keeps):
+    """Whether projections can share their down-projection product: two or more adapted, no dropout mask."""
+    return sum(a is not None for a, _ in pairs) > 1 and all(k is None for k in keeps)
+
+
+def lora_group_forward(x, ws, pairs, scale, compute=DEFAULT, keeps=None):
+    """LoRA linears that read the same x (q, k and v; gate and up): [y_i]. The adapted ones' down-projections are
+    one product x [A_1 ... A_k] (one kernel, not k), each y_i takes its columns of it. keeps: each one's dropout
+    mask (or None); with masks the inputs differ, so each projection is its own."""
+    keeps = keeps or [None] * len(ws)
+    if not _groups(pairs, keeps):
+        return [lora_linear_forward(x, w, a, b, scale, compute, k) for w, (a, b), k in zip(ws, pairs, keeps)]
+    live, h, _, cols = _down_all(x, pairs)
+    ys = [frozen_matmul(x, w, compute) for w in ws]
+    for i, c in zip(live, cols):
+        ys[i] = mx.addmm(ys[i], h[..., c], pairs[i][1], alpha=scale)
+    return ys
+
+
+def lora_group_backward(dys, x, ws, pairs, scale, compute=DEFAULT, keeps=None):
+    """The backward of `lora_group_forward`: (dx summed over the projections, [(dA_i, dB_i)], None pairs for the
+    ones without LoRA). Shared: h (the forward's product), one x^T [dh_1 ... dh_k] for every dA and one
+    [dh_1 ... dh_k] [A_1 ... A_k]^T for dx's low-rank terms."""
+    keeps = keeps or [None] * len(ws)
+    if not _groups(pairs, keeps):
+        outs = [lora_linear_backward(dy, x, w, a, b, scale, compute, keep=k)
+                for dy, w, (a, b), k in zip(dys, ws, pairs, keeps)]
+        dx = outs[0][0]
+        for out in outs[1:]:
+            dx = dx + out[0]
+        return dx, [(da, db) for _, da, db in outs]
+    dx = frozen_matmul_t(dys[0], ws[0], compute)
+    for dy, w in zip(dys[1:], ws[1:]):
+        dx = dx + frozen_matmul_t(dy, w, compute)
+    live, h, a_all, cols = _down_all(x, pairs)
+    x2, h = x.reshape(-1, x.shape[-1]), h.reshape(-1, h.shape[-1])
+    dbs, dhs = [], []
+    for i, c in zip(live, cols):
+        g = (scale * dys[i]).reshape(-1, dys[i].shape[-1])
+        dbs.append(h[:, c].T @ g)
+        dhs.append(g @ pairs[i][1].T)
+    dh = mx.concatenate(dhs, axis=1)
+    da = x2.T @ dh
+    dx = mx.addmm(dx.reshape(x2.shape), dh, a_all.T).reshape(x.shape)
+    grads = [(None, None)] * len(ws)
+    for i, c, db in zip(live, cols, dbs):
+        grads[i] = (da[:, c], db)
+    return dx, grads
 
 
 def lora_merge(w: Frozen, a, b, scale):

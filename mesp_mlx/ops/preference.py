@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from .linear import DEFAULT
-from .loss import token_nll_forward, token_nll_forward_backward
+from .loss import _as_is, token_nll_forward, token_nll_forward_backward
 
 KINDS = ("dpo", "orpo")
 DPO_VARIANTS = ("sigmoid", "ipo")
@@ -80,18 +80,19 @@ def preference_stats(nll, mask, pref):
             "reward_margin": mx.mean(rc - rr), "accuracy": mx.mean((rc > rr).astype(losses.dtype))}
 
 
-def preference_forward(h, head, targets, mask, pref, compute=DEFAULT):
-    """h (2P*T, d) after the final norm, targets (2P*T,), mask (2P, T) -> the stats (no gradient)."""
-    nll, _ = token_nll_forward(h, head, targets, compute)
+def preference_forward(h, head, targets, mask, pref, compute=DEFAULT, fuse=_as_is):
+    """h (2P*T, d) after the final norm, targets (2P*T,), mask (2P, T) -> the stats (no gradient). fuse: as in
+    ops/loss.py."""
+    nll, _ = token_nll_forward(h, head, targets, compute, fuse)
     stats = preference_stats(nll.reshape(mask.shape), mask, pref)
     mx.eval(stats)
     return stats
 
 
-def preference_forward_backward(h, head, targets, mask, pref, compute=DEFAULT):
+def preference_forward_backward(h, head, targets, mask, pref, compute=DEFAULT, fuse=_as_is):
     """-> (stats, dh): one pass over the vocabulary gives every token's nll and its unit gradient; the loss's
     derivative with respect to the nll's scales the latter, token by token."""
-    nll, grad = token_nll_forward_backward(h, head, targets, compute)
+    nll, grad = token_nll_forward_backward(h, head, targets, compute, fuse)
     stats, vjp = mx.value_and_grad(lambda v: _loss_and_stats(v, mask, pref))(nll.reshape(mask.shape))
     dh = (grad * vjp.reshape(-1, 1)).astype(h.dtype)
     stats = stats[1]
