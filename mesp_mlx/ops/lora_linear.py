@@ -28,12 +28,11 @@ def lora_linear_backward(dy, x, w: Frozen, a, b, scale, compute=DEFAULT, need_dx
     if a is None:
         return dx, None, None
     xd = x if keep is None else x * keep
-    x2 = xd.reshape(-1, x.shape[-1])
-    g2 = (scale * dy).reshape(-1, dy.shape[-1])  # one scaling for dA and dB (fused with dy's producer if compiled)
+    x2, g2 = xd.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
     # the forward's own product, reshaped: in a compiled recompute + backward both are one kernel (CSE)
     h = (xd @ a).reshape(-1, a.shape[-1])
-    db = h.T @ g2
-    dh = g2 @ b.T
+    db = scale * (h.T @ g2)  # the scale goes on the r-sized products, not on the T x out gradient
+    dh = scale * (g2 @ b.T)
     da = x2.T @ dh
     if need_dx:
         if keep is None:  # dx + dh A^T as one product
@@ -89,14 +88,11 @@ def lora_group_backward(dys, x, ws, pairs, scale, compute=DEFAULT, keeps=None):
     for dy, w in zip(dys[1:], ws[1:]):
         dx = dx + frozen_matmul_t(dy, w, compute)
     live, h, a_all, cols = _down_all(x, pairs)
-    x2, h = x.reshape(-1, x.shape[-1]), h.reshape(-1, h.shape[-1])
-    dbs, dhs = [], []
-    for i, c in zip(live, cols):
-        g = (scale * dys[i]).reshape(-1, dys[i].shape[-1])
-        dbs.append(h[:, c].T @ g)
-        dhs.append(g @ pairs[i][1].T)
-    dh = mx.concatenate(dhs, axis=1)
-    da = x2.T @ dh
+    x2 = x.reshape(-1, x.shape[-1])
+    h = scale * h.reshape(-1, h.shape[-1])  # the scale on the r-sized products, once for the group's dB ...
+    dbs = [h[:, c].T @ dys[i].reshape(-1, dys[i].shape[-1]) for i, c in zip(live, cols)]
+    dh = scale * mx.concatenate([dys[i].reshape(-1, dys[i].shape[-1]) @ pairs[i][1].T for i in live], axis=1)
+    da = x2.T @ dh  # ... and once for its dA and dx
     dx = mx.addmm(dx.reshape(x2.shape), dh, a_all.T).reshape(x.shape)
     grads = [(None, None)] * len(ws)
     for i, c, db in zip(live, cols, dbs):
