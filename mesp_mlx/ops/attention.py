@@ -29,17 +29,20 @@ def _first_key(i0, window):
     return 0 if window is None else max(0, i0 - window + 1)
 
 
-def visible(i0, i1, k0, k1, window=None):
-    """(i1 - i0, k1 - k0) booleans: which keys each query attends to."""
-    qi = mx.arange(i0, i1)[:, None]
-    kj = mx.arange(k0, k1)[None, :]
+def visible(i0, i1, k0, k1, window=None, iota=None):
+    """(i1 - i0, k1 - k0) booleans: which keys each query attends to. iota: mx.arange(T) made once by the caller,
+    so that each query block's mask is an element-wise comparison of its slices (fused with its use when compiled)
+    instead of new position arrays per block."""
+    iota = mx.arange(max(i1, k1)) if iota is None else iota
+    qi = iota[i0:i1, None]
+    kj = iota[None, k0:k1]
     mask = kj <= qi
     return mask if window is None else mask & (qi - kj < window)
 
 
-def _visible(i0, i1, k0, window, segments):
+def _visible(i0, i1, k0, window, segments, iota):
     """The mask of one query block's tiles: (tq, tk), or (B, 1, 1, tq, tk) with per-token segment ids."""
-    mask = visible(i0, i1, k0, i1, window)
+    mask = visible(i0, i1, k0, i1, window, iota)
     if segments is None:
         return mask
     return mask & (segments[:, None, None, i0:i1, None] == segments[:, None, None, None, k0:i1])
@@ -54,12 +57,13 @@ def attention_forward(q, k, v, scale, chunk=256, sync=True, window=None, segment
     hkv = k.shape[1]
     qg = _grouped(q, hkv)
     kk, vv = k[:, :, None], v[:, :, None]
+    iota = mx.arange(t)  # every query block's mask compares slices of it
     outs, lses = [], []
     for i0 in range(0, t, chunk):
         i1 = min(t, i0 + chunk)
         k0 = _first_key(i0, window)
         s = (qg[..., i0:i1, :] @ kk[..., k0:i1, :].swapaxes(-1, -2)) * scale
-        s = mx.where(_visible(i0, i1, k0, window, segments), s, -mx.inf)
+        s = mx.where(_visible(i0, i1, k0, window, segments, iota), s, -mx.inf)
         if logsumexp:
             lse = mx.logsumexp(s, axis=-1, keepdims=True)
             outs.append(mx.exp(s - lse) @ vv[..., k0:i1, :])
@@ -85,6 +89,7 @@ def attention_backward(do, q, k, v, o, lse, scale, chunk=256, sync=True, window=
     lseg = lse.reshape(b, hkv, hq // hkv, t, 1)
     delta = mx.sum(dog * _grouped(o, hkv), axis=-1, keepdims=True)
     kk, vv = k[:, :, None], v[:, :, None]
+    iota = mx.arange(t)
     dk = dv = None  # sums over the query blocks (keys before a block's window get nothing from it)
     dqs = []
     for i0 in range(0, t, chunk):
@@ -92,7 +97,7 @@ def attention_backward(do, q, k, v, o, lse, scale, chunk=256, sync=True, window=
         k0 = _first_key(i0, window)
         qc, doc = qg[..., i0:i1, :], dog[..., i0:i1, :]
         s = (qc @ kk[..., k0:i1, :].swapaxes(-1, -2)) * scale
-        p = mx.where(_visible(i0, i1, k0, window, segments), mx.exp(s - lseg[..., i0:i1, :]), 0.0)
+        p = mx.where(_visible(i0, i1, k0, window, segments, iota), mx.exp(s - lseg[..., i0:i1, :]), 0.0)
         dp = doc @ vv[..., k0:i1, :].swapaxes(-1, -2)
         ds = p * (dp - delta[..., i0:i1, :]) * scale
         dqs.append(ds @ kk[..., k0:i1, :])

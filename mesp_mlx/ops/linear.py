@@ -37,10 +37,10 @@ class Compute:
                        token block as it goes (one chunk's temporaries alive at a time); "block" builds the block's
                        forward or backward as one graph and evaluates it once (each evaluation is a host sync that
                        idles a GPU); auto: chunk on the CPU, block on GPUs
-        compile        whether the engines run each block's forward, recompute and backward as `mx.compile`d
-                       functions (one trace per block shape; the streamed weights are inputs, so one trace serves
-                       every layer of a shape), which fuses their element-wise chains into single kernels: far fewer
-                       kernel launches on GPUs. A compiled body cannot sync inside, so "on" implies block sync (and
+        compile        whether the engines run each block's forward, recompute and backward, and the head's tiles,
+                       as `mx.compile`d functions (one trace per block shape; the streamed weights are inputs, so
+                       one trace serves every layer of a shape), which fuses their element-wise chains into single
+                       kernels: far fewer kernel launches on GPUs. A compiled body cannot sync inside, so "on" implies block sync (and
                        refuses sync="chunk"); auto: on exactly when the block is evaluated as one graph (GPUs, or
                        sync="block"), off where chunks are evaluated one at a time (the CPU's default, memory plans)"""
 
