@@ -46,7 +46,7 @@ class MeSPEngine(StreamingEngine):
         shapes = a.projection_shapes().values()
         dense = [i * o * s for i, o in shapes]
         saved = BlockSaved.floats_per_token(d, f, hq, hkv, hd, c.recompute_mlp, a.qk_norm, a.sandwich_norms)
-        chunk = min(c.attn_chunk, seq_len)
+        chunk = c.query_block(batch_size, hq, seq_len)
         keys = max(seq_len if s.window is None else min(seq_len, chunk + s.window - 1) for s in self.specs)
         block = (self.store.layer_bytes() + (sum(dense) if self._shares_dequant() else max(dense))
                  + n * saved * s + 5 * batch_size * hq * chunk * keys * s + 12 * act

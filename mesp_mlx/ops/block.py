@@ -63,10 +63,6 @@ class BlockSpec:
         return self.head_dim ** -0.5 if self.scale is None else self.scale
 
     @property
-    def attn_chunk(self):
-        return self.compute.attn_chunk
-
-    @property
     def mlp_chunk(self):
         return self.compute.mlp_chunk
 
@@ -199,14 +195,15 @@ def _attention_half(x, w, lora, scale, spec, keep, save, segments, positions):
     if spec.rope is not None:
         q, k = rope_forward(q, spec.rope, positions), rope_forward(k, spec.rope, positions)
     t, lse = q.shape[2], None
-    if spec.sdpa and not save and (t <= spec.attn_chunk or mx.default_device() != mx.cpu):
+    chunk = spec.compute.query_block(q.shape[0], spec.n_heads, t)
+    if spec.sdpa and not save and (t <= chunk or mx.default_device() != mx.cpu):
         # MLX's CPU fallback materialises all T x T scores; past one query block the chunked form is used there
         mask = "causal" if spec.window is None or t <= spec.window else visible(0, t, 0, t, spec.window)
         if segments is not None:  # packed rows: causal and within one row, a boolean mask per batch row
             mask = visible(0, t, 0, t, spec.window) & (segments[:, None, :, None] == segments[:, None, None, :])
         o = mx.fast.scaled_dot_product_attention(q, k, v, scale=spec.attn_scale, mask=mask)
     else:
-        o, lse = attention_forward(q, k, v, spec.attn_scale, spec.attn_chunk, spec.compute.sync_chunks,
+        o, lse = attention_forward(q, k, v, spec.attn_scale, chunk, spec.compute.sync_chunks,
                                    spec.window, segments, logsumexp=spec.compute.compiled)
     o = _merge(o)
     r = projs(("self_attn.o_proj",), o)[0]
@@ -301,9 +298,9 @@ def block_backward(dy, x, saved: BlockSaved, w, lora, scale, spec: BlockSpec, dr
     o = saved.take("o")
     do = _heads(back(("self_attn.o_proj",), [dr], o), spec.n_heads)
     q, k, v = saved.take("q"), saved.take("k"), saved.take("v")
-    dq, dk, dv = attention_backward(do, q, k, v, _heads(o, spec.n_heads), saved.take("lse"),
-                                    spec.attn_scale, spec.attn_chunk, spec.compute.sync_chunks, spec.window,
-                                    segments)
+    chunk = spec.compute.query_block(q.shape[0], spec.n_heads, q.shape[2])
+    dq, dk, dv = attention_backward(do, q, k, v, _heads(o, spec.n_heads), saved.take("lse"), spec.attn_scale, chunk,
+                                    spec.compute.sync_chunks, spec.window, segments)
     del o, do, q, k, v, dr
     if spec.rope is not None:
         dq, dk = rope_backward(dq, spec.rope, positions), rope_backward(dk, spec.rope, positions)

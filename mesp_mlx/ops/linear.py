@@ -16,6 +16,7 @@ MATMUL_PATHS = ("auto", "quantized", "dequantize")
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 SYNCS = ("auto", "chunk", "block")
 COMPILES = ("auto", "on", "off")
+ATTN_TILE_BYTES = 64 << 20  # one fp32 score tile of an automatic query block (Compute.query_block), at most
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,10 @@ class Compute:
                        (CPU only: the exactness checks of real models)
         matmul         products with the frozen base: auto (dequantize + BLAS on the CPU, quantized kernels on GPUs),
                        quantized, dequantize
-        attn_chunk     queries per attention block: bounds the B*H*chunk*T score tiles
+        attn_chunk     queries per attention block: bounds the B*H*chunk*T score tiles; 0 (auto): 256 where chunks
+                       are evaluated one at a time (the CPU), and where a block is one graph (GPUs) as many as
+                       keep one fp32 score tile within 64 MiB, at least 256 (`query_block`): one block at T=1024
+                       on the 0.5B-3B shapes, so a query block's ~20 kernels are not paid T/256 times
         mlp_chunk      tokens per MLP block: bounds its T x f temporaries
         token_chunk, vocab_chunk   tiles of the chunked loss: never B*T*V logits
         share_dequant  on the dequantize path, dequantize each block weight once for its recompute and backward
@@ -46,7 +50,7 @@ class Compute:
 
     dtype: mx.Dtype = mx.float32
     matmul: str = "auto"
-    attn_chunk: int = 256
+    attn_chunk: int = 0
     mlp_chunk: int = 1024
     token_chunk: int = 512
     vocab_chunk: int = 4096
@@ -87,6 +91,14 @@ class Compute:
     def compiled(self):
         """Whether block bodies run as compiled functions (see compile)."""
         return self.compile == "on" or self.compile == "auto" and not self.sync_chunks
+
+    def query_block(self, batch, heads, seq_len):
+        """Queries per attention block for `heads` query heads over seq_len keys (see attn_chunk)."""
+        if self.attn_chunk:
+            return min(self.attn_chunk, seq_len)
+        if self.sync_chunks:
+            return min(256, seq_len)
+        return min(seq_len, max(256, ATTN_TILE_BYTES // (4 * batch * heads * seq_len)))
 
     @property
     def accum(self):
