@@ -49,11 +49,13 @@ def test_cli_trains_and_mlx_lm_loads_adapter(tmp_path, tiny_gguf, kind, method):
 
     # mlx_lm.load(..., adapter_path=...) takes the adapter as its own: same tensors, same scale, same logits. With
     # its base dequantized through fp32 scales, as ours is, both compute W x + s (x A) B in fp32 from the same
-    # numbers in another order: rounding of sums over d <= 160 terms (~1e-7 relative each), so 1e-5 is ample
-    # while a wrong scale, a transposed or misplaced LoRA tensor is off by orders of magnitude more.
+    # numbers in another order: rounding of sums over d <= 160 terms (~1e-7 relative each) through every layer; ours
+    # also forms q, k and v's down-projections as one product and adds the LoRA term in the GEMM's epilogue (seen:
+    # 1.08e-5 after a 1e-2-learning-rate run), so 2 EXACT, while a wrong scale, a transposed or misplaced LoRA
+    # tensor is off by orders of magnitude more.
     model = mlx_lm_model(store.path, out)
     theirs = model(ids)
-    assert rel_err(ours, theirs) <= EXACT, rel_err(ours, theirs)
+    assert rel_err(ours, theirs) <= 2 * EXACT, rel_err(ours, theirs)
     assert rel_err(logits(store, ids, params, 1.1 * scale), theirs) > 1e-3  # the check sees a 10% scale error
     assert rel_err(logits(store, ids, None, scale), theirs) > 1e-3  # and an adapter that is not applied
 
