@@ -185,15 +185,16 @@ def test_geglu():
 
 
 @pytest.mark.parametrize("tchunk,vchunk", [(512, 8192), (3, 17)])
-@pytest.mark.parametrize("quant", [False, True])
-def test_cross_entropy(tchunk, vchunk, quant):
+@pytest.mark.parametrize("quant,bias", [(False, False), (True, False), (True, True)])
+def test_cross_entropy(tchunk, vchunk, quant, bias):
     n, d, vocab = 11, 64, 101
-    head = quantized(vocab, d) if quant else Frozen(R(vocab, d) * 0.2)
+    head = quantized(vocab, d, bias) if quant else Frozen(R(vocab, d) * 0.2)
     h, t = R(n, d), mx.random.randint(0, vocab, (n,))
     m = (mx.random.uniform(shape=(n,)) > 0.3).astype(mx.float32)
 
     def plain(h):
         z = h @ (mx.dequantize(head.weight, head.scales, head.biases, 32, 4) if quant else head.weight).T
+        z = z if head.bias is None else z + head.bias
         ce = mx.logsumexp(z, axis=-1) - mx.take_along_axis(z, t[:, None], axis=-1)[:, 0]
         return mx.sum(ce * m) / mx.sum(m)
 

@@ -14,7 +14,7 @@ dequantized, multiplied and exponentiated once per step instead of twice. The ta
 is taken from the target rows, gathered once (the backward needs W_t anyway), not picked from every chunk.
 
 Each tile and the finishing arithmetic are pure functions of arrays; `fuse(name, fn)` (the engine's) may hand back
-a compiled form, so a tile is a few kernels (two products, a log-sum-exp and two fused element-wise chains).
+a compiled form, so a tile is a few kernels (its two products, a max, a sum and the fused element-wise chains).
 """
 from functools import partial
 
