@@ -6,8 +6,9 @@ With `Compute.compiled` each block body (forward, and the subclass's backward) r
 whose inputs are everything that varies between calls (activations, the block's streamed weights, its LoRA pairs,
 the packing arrays): one trace per block spec and input structure, reused by every layer of that shape and every
 step, with the element-wise chains fused into single kernels; a block's quantization scales are then cast to the
-compute dtype in one kernel, and the head's norm, vocabulary tiles and finishing arithmetic are compiled alike. LoRA dropout draws its masks from the step's seed, a
-Python constant to a trace, so a step with dropout runs the plain bodies."""
+compute dtype in one kernel, and the head's norm, vocabulary tiles and finishing arithmetic are compiled alike.
+LoRA dropout draws its masks from the step's seed, a Python constant to a trace, so a step with dropout runs the
+plain bodies."""
 from functools import partial
 
 import mlx.core as mx
