@@ -45,8 +45,9 @@ class Compute:
                        as `mx.compile`d functions (one trace per block shape; the streamed weights are inputs, so
                        one trace serves every layer of a shape), which fuses their element-wise chains into single
                        kernels: far fewer kernel launches on GPUs. A compiled body cannot sync inside, so "on"
-                       implies block sync (and refuses sync="chunk"); auto: on exactly when the block is evaluated as one graph (GPUs, or
-                       sync="block"), off where chunks are evaluated one at a time (the CPU's default, memory plans)"""
+                       implies block sync (and refuses sync="chunk"); auto: on exactly when the block is evaluated
+                       as one graph (GPUs, or sync="block"), off where chunks are evaluated one at a time (the
+                       CPU's default, memory plans)"""
 
     dtype: mx.Dtype = mx.float32
     matmul: str = "auto"
