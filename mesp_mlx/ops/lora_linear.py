@@ -5,6 +5,9 @@ store for dx. `lora_linear` wraps the same pair as an `mx.custom_function` for u
 `LoRALinear` is a drop-in for mlx-lm's module of the same name (same parameters, same adapter file).
 """
 import math
+import operator
+from functools import reduce
+from itertools import accumulate
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -47,9 +50,7 @@ def _down_all(x, pairs):
     down-projections), [A_1 ... A_k], each one's columns of h)."""
     live = [i for i, (a, _) in enumerate(pairs) if a is not None]
     a_all = mx.concatenate([pairs[i][0] for i in live], axis=1)
-    ends = [0]
-    for i in live:
-        ends.append(ends[-1] + pairs[i][0].shape[1])
+    ends = [0, *accumulate(pairs[i][0].shape[1] for i in live)]
     return live, x @ a_all, a_all, [slice(e0, e1) for e0, e1 in zip(ends, ends[1:])]
 
 
@@ -80,13 +81,8 @@ def lora_group_backward(dys, x, ws, pairs, scale, compute=DEFAULT, keeps=None):
     if not _groups(pairs, keeps):
         outs = [lora_linear_backward(dy, x, w, a, b, scale, compute, keep=k)
                 for dy, w, (a, b), k in zip(dys, ws, pairs, keeps)]
-        dx = outs[0][0]
-        for out in outs[1:]:
-            dx = dx + out[0]
-        return dx, [(da, db) for _, da, db in outs]
-    dx = frozen_matmul_t(dys[0], ws[0], compute)
-    for dy, w in zip(dys[1:], ws[1:]):
-        dx = dx + frozen_matmul_t(dy, w, compute)
+        return reduce(operator.add, [dx for dx, _, _ in outs]), [(da, db) for _, da, db in outs]
+    dx = reduce(operator.add, [frozen_matmul_t(dy, w, compute) for dy, w in zip(dys, ws)])
     live, h, a_all, cols = _down_all(x, pairs)
     x2 = x.reshape(-1, x.shape[-1])
     h = scale * h.reshape(-1, h.shape[-1])  # the scale on the r-sized products, once for the group's dB ...
