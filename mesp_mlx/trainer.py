@@ -216,11 +216,12 @@ class Trainer:
 
     def update_block(self, i, grads, step0):
         """The optimizer's update of block i: every block sees the same step count and learning rate, so updating
-        block by block is the same arithmetic as one update of the whole tree."""
+        block by block is the same arithmetic as one update of the whole tree. Returns the new parameters and
+        optimizer state unevaluated: the engine evaluates them with the block's backward, in one host sync."""
         self.opt.state["step"] = step0
         flat = self.updates(self.compute.compiled)(to_flat({i: grads}), to_flat({i: self.params[i]}))
-        mx.eval(flat, self.opt.state)
         self.params[i] = from_flat(flat)[i]
+        return flat, self.opt.state
 
     def dropout_key(self, micro):
         """The LoRA dropout masks of this step's micro-batch: the run's seed folded with the step, the micro-batch and
@@ -248,7 +249,7 @@ class Trainer:
 
             def collect(i, g):
                 grads[i] = self.group.mean(g, n, total)
-                mx.eval(grads[i])
+                return grads[i]
 
             loss, _ = self.engine.loss_and_grad(self.params, batch, on_block=collect, seed=self.dropout_key(micro))
             acc = grads if acc is None else tree_map(lambda a, b: a + b, acc, grads)

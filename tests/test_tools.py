@@ -150,9 +150,9 @@ def test_kernel_counter_counts_primitives_and_syncs():
 def test_compiled_blocks_launch_fewer_kernels(tiny_dir):
     """Compute.compile on the GPUs' configuration (one graph per block, quantized products): fewer kernels, the
     same host syncs (one per block forward, one per block backward, one per head chunk and the head's last), and the
-    same gradients."""
+    same gradients. A training step adds no sync: each block's optimizer update is evaluated with its backward."""
     import mlx.core as mx
-    from count_kernels import engine_step_counts
+    from count_kernels import engine_step_counts, train_step_counts
     from helpers import assert_grads_close
     from mesp_mlx.engines import make_engine
     from mesp_mlx.io.sources import load_model
@@ -171,5 +171,6 @@ def test_compiled_blocks_launch_fewer_kernels(tiny_dir):
             grads[setting] = engine.loss_and_grad(params, batch)[1]
         head_chunks = -(-store.args.vocab_size // Compute().vocab_chunk)
         assert counts["on"]["evals"] == counts["off"]["evals"] <= 2 * store.args.num_hidden_layers + head_chunks + 2
+        assert train_step_counts(engine, dict(params), batch)["evals"] == counts["on"]["evals"], method
         assert counts["on"]["compute_prims"] < 0.9 * counts["off"]["compute_prims"], (method, counts)
         assert_grads_close(grads["on"], grads["off"])

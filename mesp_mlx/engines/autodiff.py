@@ -36,5 +36,5 @@ class AutodiffEngine(Engine):
         if on_block is None:
             return loss, grads
         for i in sorted(grads, reverse=True):
-            on_block(i, grads.pop(i))
+            mx.eval(on_block(i, grads.pop(i)))
         return loss, {}

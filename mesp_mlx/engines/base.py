@@ -3,11 +3,13 @@
     loss(params, batch) -> loss
     loss_and_grad(params, batch, on_block=None, seed=None) -> (loss, grads)
         grads shaped like params ({block: {path: (dA, dB)}}); with on_block, on_block(i, grads_i) is called for each
-        block as its gradients exist and the returned grads are empty; seed: the step's LoRA dropout masks (an
-        engine built with lora_dropout > 0 applies them; None: no dropout)
+        block as its gradients exist and the returned grads are empty; what on_block returns (arrays, a tree of
+        them, or None) is evaluated with the block's gradients, in the same host sync; seed: the step's LoRA dropout
+        masks (an engine built with lora_dropout > 0 applies them; None: no dropout)
     train_step(params, batch, update, reduce, seed=None) -> loss
         one optimizer step: reduce(tree) is the data-parallel mean (identity in one process) and update(i, grads_i)
-        applies the optimizer to block i. First-order engines update each block inside the backward.
+        applies the optimizer to block i, returning what is left to evaluate (as on_block). First-order engines
+        update each block inside the backward, in the evaluation that makes its gradients.
     fuses_update    whether train_step updates blocks during the backward (so whole gradients never exist)
     settings        {keyword argument: run setting (TrainConfig field)}: what the engine takes from a run's config
     state() / load_state(state)    the engine's own resumable state (JSON-able)

@@ -75,7 +75,7 @@ class MeZOEngine(StreamingEngine):
                                                    for p in m} for i, m in est.items()}
         if on_block is not None:
             for i in sorted(grads, reverse=True):
-                on_block(i, grads.pop(i))
+                mx.eval(on_block(i, grads.pop(i)))
         return mx.array(loss), grads if on_block is None else {}
 
     def train_step(self, params, batch, update, reduce, seed=None):
@@ -87,5 +87,5 @@ class MeZOEngine(StreamingEngine):
                 z = self._z(seed, params, k, block=i)[i]
                 term = {p: (c * za / len(proj), c * zb / len(proj)) for p, (za, zb) in z.items()}
                 est = term if est is None else {p: (est[p][0] + t[0], est[p][1] + t[1]) for p, t in term.items()}
-            update(i, est)
+            mx.eval(update(i, est))
         return mx.array(loss)

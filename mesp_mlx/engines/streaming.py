@@ -108,11 +108,9 @@ class StreamingEngine(Engine):
         for i in reversed(range(lowest, self.store.num_layers)):
             dx, g = self.block_backward(dx, checkpoints.pop(i), self.store.layer(i), params.get(i, {}),
                                         self.specs[i], block_dropout(dropout, i), **packed)
-            mx.eval(dx, g)
-            if on_block is not None:
-                on_block(i, g)
-            else:
+            if on_block is None:
                 grads[i] = g
+            mx.eval(dx, g, None if on_block is None else on_block(i, g))  # the block's update in the same sync
         return loss, grads
 
     def block_backward(self, dy, x, w, lora, spec, dropout=None, segments=None, positions=None):
