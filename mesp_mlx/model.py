@@ -93,8 +93,9 @@ def next_token(store, ids, lora, scale, specs):
     x = hidden_states(store, ids, lora, scale, specs)[:, -1]
     h = rmsnorm_forward(x, store.final_norm(), a.rms_norm_eps, a.norm_offset)
     head, best, arg = store.head_rows(), -float("inf"), 0
-    for v0 in range(0, head.out_dims, compute.vocab_chunk):
-        z = frozen_matmul(h, prepared(head.rows(v0, min(v0 + compute.vocab_chunk, head.out_dims)), compute), compute)
+    chunk = compute.head_tile(1, head, h.shape[-1])[1]
+    for v0 in range(0, head.out_dims, chunk):
+        z = frozen_matmul(h, prepared(head.rows(v0, min(v0 + chunk, head.out_dims)), compute), compute)
         k = int(mx.argmax(z[0]).item())
         if z[0, k].item() > best:
             best, arg = z[0, k].item(), v0 + k

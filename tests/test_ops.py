@@ -209,6 +209,23 @@ def test_cross_entropy(tchunk, vchunk, quant, bias):
     assert_close(fused_dh, ref_dh)
 
 
+
+def test_automatic_tiles():
+    """attn_chunk / vocab_chunk 0: CPU-sized tiles where chunks are evaluated one at a time, 64 MiB fp32 tiles where a
+    block is one graph (a dense copy of the head's rows bounded too), explicit sizes as given."""
+    from types import SimpleNamespace
+    qwen_head = SimpleNamespace(out_dims=151936, affine=True)  # Qwen2.5's tied 4-bit head, 896 wide
+    gpu, cpu = Compute(sync="block", matmul="quantized"), Compute(sync="chunk")
+    assert gpu.head_tile(255, qwen_head, 896) == (255, 65793)  # 3 tiles at T=256
+    assert gpu.head_tile(1023, qwen_head, 896) == (1023, 16400)
+    assert gpu.head_tile(8 * 1023, qwen_head, 896) == (4096, 4096)
+    assert gpu.head_tile(255, SimpleNamespace(out_dims=151936, affine=False), 896) == (255, 18724)
+    assert Compute(sync="block", matmul="dequantize").head_tile(255, qwen_head, 896) == (255, 18724)
+    assert cpu.head_tile(1023, qwen_head, 896) == (512, 4096)
+    assert Compute(sync="block", token_chunk=7, vocab_chunk=64).head_tile(31, qwen_head, 896) == (7, 64)
+    assert gpu.query_block(1, 14, 1024) == 1024 and cpu.query_block(1, 14, 1024) == 256
+    assert gpu.query_block(1, 14, 4096) == 292 and Compute(attn_chunk=5).query_block(1, 14, 1024) == 5
+
 def assert_block_backward(w, lora, spec, t, d):
     """The block's structured backward (dx and every LoRA gradient) against vjp of its forward, batch 2, length t;
     returns the names of what the recompute saved (the backward consumes the arrays)."""

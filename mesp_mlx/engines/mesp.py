@@ -52,7 +52,7 @@ class MeSPEngine(StreamingEngine):
                  + n * saved * s + 5 * batch_size * hq * chunk * keys * s + 12 * act
                  + 8 * batch_size * min(c.mlp_chunk, seq_len) * f * s)
         head = self.store.head_rows()
-        vc, tc = min(c.vocab_chunk, head.out_dims), min(c.token_chunk, n)
+        tc, vc = c.head_tile(n, head, d)
         head_phase = vc * (head.row_bytes + 2 * d * s) + 4 * tc * vc * max(s, 4) + 8 * act
         kept = 0 if self.checkpoints == "disk" else (a.num_hidden_layers - lowest) * n * d * (
             self.checkpoint_dtype.size if self.checkpoint_dtype is not None else s)

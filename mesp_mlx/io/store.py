@@ -116,6 +116,7 @@ class StoredRows:
         sizes = [m["data_offsets"][1] - m["data_offsets"][0] for k, m in self.reader.header.items()
                  if k.startswith(module + ".")]
         self.row_bytes = sum(sizes) // self.out_dims
+        self.affine = f"{module}.scales" in self.reader.header  # quantized products read it packed
 
     def rows(self, start, stop):
         return self._take(slice(start, stop))

@@ -16,7 +16,7 @@ MATMUL_PATHS = ("auto", "quantized", "dequantize")
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 SYNCS = ("auto", "chunk", "block")
 COMPILES = ("auto", "on", "off")
-ATTN_TILE_BYTES = 64 << 20  # one fp32 score tile of an automatic query block (Compute.query_block), at most
+TILE_BYTES = 64 << 20  # one fp32 tile of an automatic query block or head tile (Compute.query_block, head_tile)
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,11 @@ class Compute:
                        keep one fp32 score tile within 64 MiB, at least 256 (`query_block`): one block at T=1024
                        on the 0.5B-3B shapes, so a query block's ~20 kernels are not paid T/256 times
         mlp_chunk      tokens per MLP block: bounds its T x f temporaries
-        token_chunk, vocab_chunk   tiles of the chunked loss: never B*T*V logits
+        token_chunk, vocab_chunk   tiles of the chunked loss: never B*T*V logits; vocab_chunk 0 (auto): 512 x 4096
+                       where chunks are evaluated one at a time (the CPU), and where a tile is one graph (GPUs)
+                       up to 4096 tokens and as many rows as keep the fp32 tile within 64 MiB, at least 4096
+                       (`head_tile`): Qwen2.5's 151,936-row head in 3 tiles at T=256 instead of 38, each ~9 kernels
+                       and a host sync
         share_dequant  on the dequantize path, dequantize each block weight once for its recompute and backward
         recompute_mlp  keep only the MLP's input and recompute its gate/up outputs one token block at a time in the
                        backward (two more products per block; 2 B*T*f fewer saved floats, the largest saved item
@@ -54,7 +58,7 @@ class Compute:
     attn_chunk: int = 0
     mlp_chunk: int = 1024
     token_chunk: int = 512
-    vocab_chunk: int = 4096
+    vocab_chunk: int = 0
     share_dequant: bool = True
     sync: str = "auto"
     recompute_mlp: bool = False
@@ -99,7 +103,17 @@ class Compute:
             return min(self.attn_chunk, seq_len)
         if self.sync_chunks:
             return min(256, seq_len)
-        return min(seq_len, max(256, ATTN_TILE_BYTES // (4 * batch * heads * seq_len)))
+        return min(seq_len, max(256, TILE_BYTES // (4 * batch * heads * seq_len)))
+
+    def head_tile(self, tokens, head, width):
+        """(tokens, rows) per tile of the chunked loss over `tokens` positions of a head (a `Frozen` or the store's
+        rows: out_dims, affine) of `width` columns (see vocab_chunk). Where the products read a chunk's rows as a
+        dense copy (dequantized or cast), that copy is held within the tile size too."""
+        if self.vocab_chunk or self.sync_chunks:
+            return min(self.token_chunk, tokens), min(self.vocab_chunk or 4096, head.out_dims)
+        tc = min(tokens, max(self.token_chunk, TILE_BYTES // (4 * 4096)))
+        dense_row = 0 if head.affine and self.path == "quantized" else width
+        return tc, min(head.out_dims, max(4096, TILE_BYTES // (4 * max(tc, dense_row))))
 
     @property
     def accum(self):
@@ -124,6 +138,11 @@ class Frozen(NamedTuple):
     @property
     def quantized(self):
         return self.scales is not None or self.ggml is not None
+
+    @property
+    def affine(self):
+        """Whether quantized products read it packed (MLX's affine format)."""
+        return self.scales is not None
 
     @property
     def out_dims(self):

@@ -74,10 +74,11 @@ def _one_pass(h, head, compute, fuse, with_grad):
     """The vocabulary walk shared by the forward and the one-pass forward + backward: -> (lse (N,), the softmax-
     weighted rows sum_v p_v W_v (N, d) or None). Vocabulary chunks are the outer loop, so each head chunk is read
     and dequantized once per pass (one dequantization for both products with it)."""
-    n, vocab, vocab_chunk = h.shape[0], head.out_dims, compute.vocab_chunk
+    n, vocab = h.shape[0], head.out_dims
+    token_chunk, vocab_chunk = compute.head_tile(n, head, h.shape[1])
     tile = fuse("lse_grad_tile", partial(lse_grad_tile, compute)) if with_grad else \
         fuse("lse_tile", partial(lse_tile, compute))
-    chunks = _token_chunks(n, compute.token_chunk)
+    chunks = _token_chunks(n, token_chunk)
     state = [() for _ in chunks]  # nothing before the first vocabulary chunk
     for v0 in range(0, vocab, vocab_chunk):
         rows = prepared(head.rows(v0, min(vocab, v0 + vocab_chunk)), compute)
@@ -110,8 +111,9 @@ def _mean_loss_and_dh(lse, weighted, h, w_t, b_t, mask):
 
 def cross_entropy_backward(dloss, h, head, targets, mask, lse, compute=DEFAULT):
     """Returns dh (N, d)."""
-    n, vocab, vocab_chunk = h.shape[0], head.out_dims, compute.vocab_chunk
-    chunks = _token_chunks(n, compute.token_chunk)
+    n, vocab = h.shape[0], head.out_dims
+    token_chunk, vocab_chunk = compute.head_tile(n, head, h.shape[1])
+    chunks = _token_chunks(n, token_chunk)
     coef = (dloss * mask / mx.maximum(mx.sum(mask), 1.0))[:, None]
     dh = [mx.zeros((t1 - t0, h.shape[1]), dtype=h.dtype) for t0, t1 in chunks]
     for v0 in range(0, vocab, vocab_chunk):
