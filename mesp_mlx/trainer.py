@@ -75,20 +75,26 @@ def load_run_data(c, tokenizer):
 
 
 class OptimizerUpdate:
-    """The optimizer's apply_gradients, compiled with its state as implicit inputs and outputs (mlx-lm's pattern)
-    where the engine compiles its blocks: an Adam update of one block is ~15 kernels instead of ~170. Bound to the
-    current state tree, so a resumed run (which replaces it) compiles afresh."""
+    """The optimizer's update of one block of a step, compiled with its state as implicit inputs and outputs
+    (mlx-lm's pattern) where the engine compiles its blocks: an Adam update of one block is ~15 kernels instead of
+    ~170. The step's first block advances the step count and any scheduled learning rate (apply_gradients); the
+    others apply the values it set (apply_single per parameter, what apply_gradients does after advancing them), so
+    a step's arithmetic for the count and the schedule runs once, not once a block. Bound to the current state tree,
+    so a resumed run (which replaces it) compiles afresh."""
 
     def __init__(self, opt):
-        self.opt, self.cached = opt, None
+        self.opt, self.cached = opt, {}
 
-    def __call__(self, compiled):
+    def _same_step(self, gradients, parameters):  # flat trees ({name: array}), as to_flat makes them
+        return {k: self.opt.apply_single(g, parameters[k], self.opt.state[k]) for k, g in gradients.items()}
+
+    def __call__(self, compiled, first=True):
+        fn = self.opt.apply_gradients if first else self._same_step
         if not compiled:
-            return self.opt.apply_gradients
-        if self.cached is None or self.cached[0] is not self.opt.state:
-            self.cached = (self.opt.state, mx.compile(self.opt.apply_gradients, inputs=self.opt.state,
-                                                      outputs=self.opt.state))
-        return self.cached[1]
+            return fn
+        if first not in self.cached or self.cached[first][0] is not self.opt.state:
+            self.cached[first] = (self.opt.state, mx.compile(fn, inputs=self.opt.state, outputs=self.opt.state))
+        return self.cached[first][1]
 
 
 def describe_store(store):
@@ -215,11 +221,12 @@ class Trainer:
                         compute=self.compute)
 
     def update_block(self, i, grads, step0):
-        """The optimizer's update of block i: every block sees the same step count and learning rate, so updating
-        block by block is the same arithmetic as one update of the whole tree. Returns the new parameters and
-        optimizer state unevaluated: the engine evaluates them with the block's backward, in one host sync."""
-        self.opt.state["step"] = step0
-        flat = self.updates(self.compute.compiled)(to_flat({i: grads}), to_flat({i: self.params[i]}))
+        """The optimizer's update of block i in the step that began at count step0: the first block advances the
+        count and the learning rate, every block applies the same ones, so updating block by block is the same
+        arithmetic as one update of the whole tree. Returns the new parameters and optimizer state unevaluated: the
+        engine evaluates them with the block's backward, in one host sync."""
+        first = self.opt.state["step"] is step0  # no block of this step has advanced it yet
+        flat = self.updates(self.compute.compiled, first)(to_flat({i: grads}), to_flat({i: self.params[i]}))
         self.params[i] = from_flat(flat)[i]
         return flat, self.opt.state
 
@@ -238,7 +245,8 @@ class Trainer:
             step0 = self.opt.state["step"]
             loss = self.engine.train_step(self.params, batch, lambda i, g: self.update_block(i, g, step0),
                                           lambda tree: self.group.mean(tree, n, total), self.dropout_key(0))
-            self.opt.state["step"] = step0 + 1
+            if self.opt.state["step"] is step0:  # no block was updated
+                self.opt.state["step"] = step0 + 1
             loss = as_stats(self.group.mean(loss, n, total))
             return (loss if len(loss) > 1 else loss["loss"]), self.tokens(batch, total)
         acc, loss_sum, tokens = None, {}, 0.0

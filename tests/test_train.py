@@ -142,19 +142,24 @@ def test_resume_continues_the_same_run(tmp_path, tiny_gguf, method):
     assert main(common + ["--iters", "8", "--adapter-path", str(tmp_path / "b"), "--resume", "--rank", "8"]) == 2
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
-def test_fused_update_equals_unfused(tmp_path, tiny_gguf, optimizer):
+@pytest.mark.parametrize("optimizer,extra", [("sgd", []), ("adamw", []),
+                                             ("adam", ["--lr-schedule", "cosine", "--warmup", "2",
+                                                       "--optimizer-config", '{"bias_correction": true}'])])
+def test_fused_update_equals_unfused(tmp_path, tiny_gguf, optimizer, extra):
+    """Block by block (the step's first block advances the count and the schedule, the others reuse them) equals one
+    update of the whole tree, with a schedule and Adam's bias correction reading the count too."""
     from mesp_mlx.trainer import Trainer
     data = write_data(tmp_path / "data", "text")
     params = {}
     for fused in (True, False):
         cfg = config_from_args(["--model", str(tiny_gguf), "--data", str(data), "--sample-prompt", "", "--rank", "4",
-                                "--optimizer", optimizer, "--learning-rate", "1e-2"] +
+                                "--optimizer", optimizer, "--learning-rate", "1e-2"] + extra +
                                ([] if fused else ["--no-fused-update"]))
         t = Trainer(cfg, log=lambda *a: None)
         assert t.fused == fused
         for _ in range(3):
             t.step()
+        assert t.opt.state["step"].item() == 3
         params[fused] = t.params
     for i in params[True]:
         for p in params[True][i]:

@@ -95,22 +95,20 @@ def train_step_counts(engine, params, batch):
     import mlx.core as mx
     import mlx.optimizers as optim
     from mesp_mlx.lora import from_flat, to_flat
+    from mesp_mlx.trainer import OptimizerUpdate
     opt = optim.Adam(learning_rate=1e-5)
     opt.init(to_flat(params))
-    apply = opt.apply_gradients
-    if engine.compute.compiled:
-        apply = mx.compile(opt.apply_gradients, inputs=opt.state, outputs=opt.state)
+    updates = OptimizerUpdate(opt)
 
     def step():
         step0 = opt.state["step"]
 
         def update(i, grads):
-            opt.state["step"] = step0
+            apply = updates(engine.compute.compiled, opt.state["step"] is step0)
             flat = apply(to_flat({i: grads}), to_flat({i: params[i]}))
             params[i] = from_flat(flat)[i]
             return flat, opt.state  # evaluated with the block's backward, as Trainer.update_block's
         engine.train_step(params, batch, update, lambda tree: tree)
-        opt.state["step"] = step0 + 1
     mx.eval(params)
     step()
     with KernelCounter() as k:
