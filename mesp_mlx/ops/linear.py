@@ -216,7 +216,10 @@ def frozen_matmul_t(g, w: Frozen, compute: Compute = DEFAULT):
 
 
 def embedding_rows(table: Frozen, ids, dtype=mx.float32):
-    """Rows of an embedding table for token ids, dequantizing only the rows gathered."""
+    """Rows of an embedding table for token ids, dequantizing only the rows gathered; a table of no more rows than
+    ids (the distinct rows the store read) is dequantized first and its dense rows gathered: one gather, not three."""
+    if table.weight.shape[0] <= ids.size:
+        return dense(table, dtype)[ids]
     if table.ggml is not None:
         return dequantize_packed(table.weight[ids], table.ggml, dtype)
     if table.quantized:
