@@ -8,6 +8,7 @@ settings is refused, naming each; the learning rate may change (a run that hit a
 first process reads the file and sends it to the others (their disks need not hold it).
 """
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
 from .errors import ConfigError, SourceError
 from .io.adapters import RESUME_FILE, load_resume, save_adapter, save_resume
@@ -85,6 +86,10 @@ class Checkpointer:
 
         opt_state = {k: ({s: send(opt_state[k][s]) for s in sorted(opt_state[k])} if isinstance(opt_state[k], dict)
                          else send_exact(opt_state[k])) for k in sorted(opt_state)}
+        # evaluated here, each send in the same order in every process: left lazy, the sends would run inside the
+        # step's graphs, where the order of collectives is not the same in every process (a deadlock)
+        for _, x in tree_flatten((params, opt_state)):
+            mx.eval(x)
         nums = send(mx.array([state["step"], state["position"]] + [state["engine"].get(k, 0) for k in engine_keys]))
         nums = [int(x) for x in nums.tolist()]
         return params, opt_state, {"step": nums[0], "position": nums[1], "engine": dict(zip(engine_keys, nums[2:]))}

@@ -172,6 +172,10 @@ def test_compiled_blocks_launch_fewer_kernels(tiny_dir):
         tile = Compute(sync="block", matmul="quantized").head_tile(32, store.head_rows(), store.args.hidden_size)
         head_chunks = -(-store.args.vocab_size // tile[1])
         assert counts["on"]["evals"] == counts["off"]["evals"] <= 2 * store.args.num_hidden_layers + head_chunks + 2
-        assert train_step_counts(engine, dict(params), batch)["evals"] == counts["on"]["evals"], method
+        step = train_step_counts(engine, dict(params), batch)
+        assert step["evals"] == counts["on"]["evals"], method
+        # the optimizer's share: per block its gradients concatenated and one fused update of the block's vector
+        # (one kernel a parameter before), and the step's count advanced once
+        assert step["compute_prims"] - counts["on"]["compute_prims"] <= 2 * store.args.num_hidden_layers + 1, step
         assert counts["on"]["compute_prims"] < 0.9 * counts["off"]["compute_prims"], (method, counts)
         assert_grads_close(grads["on"], grads["off"])

@@ -179,7 +179,7 @@ def test_compiled_update_equals_plain(tmp_path, tiny_gguf):
                                 "--optimizer", "adamw", "--learning-rate", "1e-2"])
         t = Trainer(cfg, log=lambda *a: None)
         t.compute = dataclasses.replace(t.compute, sync="block", compile=setting)
-        assert (t.updates(t.compute.compiled) == t.opt.apply_gradients) == (setting == "off")
+        assert t.compute.compiled == (setting == "on")
         for _ in range(3):
             t.step()
         params[setting] = t.params
