@@ -179,3 +179,13 @@ def test_compiled_blocks_launch_fewer_kernels(tiny_dir):
         assert step["compute_prims"] - counts["on"]["compute_prims"] <= 2 * store.args.num_hidden_layers + 1, step
         assert counts["on"]["compute_prims"] < 0.9 * counts["off"]["compute_prims"], (method, counts)
         assert_grads_close(grads["on"], grads["off"])
+
+
+@pytest.mark.parametrize("arch", ["llama"])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_bench_update_fused_equals_per_parameter(tiny_dir, compiled):
+    """tools/bench_update.py: the trainer's block-vector update and one update a parameter end at the very same
+    parameters (the same element-wise arithmetic), compiled or not."""
+    from bench_update import main
+    out = main([str(tiny_dir), "--steps", "3", "--optimizer", "adamw"] + (["--compiled"] if compiled else []))
+    assert out["max_abs_diff"] == 0.0 and len(out["fused_s"]) == len(out["per_parameter_s"]) == 2, out
