@@ -1,0 +1,110 @@
+"""Telegram Desktop's JSON export (`result.json`, "Export chat history" of one chat or "Export Telegram data" of
+all of them): a chat is {"name", "type", "messages": [...]}, the whole export holds them under "chats": {"list"}.
+A message's "text" is a string or a list of strings and entity objects ({"type": "bold", "text": ...}), joined
+here; "date_unixtime" (or the local "date") orders it. Service messages (joins, calls, pins), media without a
+caption and forwarded messages (someone else's words) are dropped with a count. A folder is read through its
+result.json."""
+import json
+from datetime import datetime, timezone
+
+from ..errors import DataError
+from .common import Conversation, Found, Message, clean_name, head_bytes
+
+KIND = "telegram"
+
+
+def _file(path):
+    return path / "result.json" if path.is_dir() else path
+
+
+def sniff(path):
+    f = _file(path)
+    head = head_bytes(f, 1 << 16).lstrip(b"\xef\xbb\xbf \t\r\n")
+    # a chat export starts with its "name"/"type"/"id", the full export with "about" and "personal_information"
+    return f.is_file() and head.startswith(b"{") and any(k in head for k in (b'"messages"', b'"chats"',
+                                                                             b'"personal_information"'))
+
+
+def read(path):
+    f = _file(path)
+    try:
+        data = json.loads(f.read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{f}: not UTF-8 text at byte {e.start} (Telegram exports are UTF-8 JSON)") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{f}:{e.lineno}: not complete JSON ({e.msg}); a Telegram export cut short?") from None
+    if isinstance(data, dict) and isinstance(data.get("chats"), dict):
+        chats = data["chats"].get("list")
+    elif isinstance(data, dict) and "messages" in data:
+        chats = [data]
+    else:
+        chats = None
+    if not isinstance(chats, list) or not all(isinstance(c, dict) and isinstance(c.get("messages"), list)
+                                              for c in chats):
+        raise DataError(f"{f}: JSON, but not a Telegram export (expected an object with a \"messages\" list, or "
+                        "\"chats\": {\"list\": [chats with \"messages\"]})")
+    found = Found(KIND, str(f), chats=len(chats))
+    for c in chats:
+        key = f"{f}#{c.get('id', chats.index(c))}"
+        messages = []
+        for i, m in enumerate(c["messages"]):
+            reason = _skip(m)
+            if reason:
+                found.dropped[reason] += 1
+                continue
+            text = _text(m.get("text"), f, key, i).strip()
+            if not text:
+                found.dropped["media placeholder" if _media(m) else "empty message"] += 1
+                continue
+            sender = clean_name(m.get("from") or "") or str(m.get("from_id") or "unknown")
+            messages.append(Message(sender, _time(m, f, key, i), text, (str(m.get("from_id") or ""),)))
+        if messages:
+            others = len({m.sender for m in messages}) - 1
+            found.conversations.append(Conversation(KIND, str(f), key, messages, others=max(1, others)))
+    return found
+
+
+def _skip(m):
+    if not isinstance(m, dict):
+        return "not a message"
+    if m.get("type", "message") != "message":
+        return "system line"
+    if m.get("forwarded_from") is not None or m.get("forwarded_from_id") is not None:
+        return "forwarded message"
+    return None
+
+
+def _media(m):
+    return any(k in m for k in ("photo", "file", "media_type", "sticker_emoji", "poll", "location_information",
+                                "contact_information"))
+
+
+def _text(text, f, key, i):
+    if text is None:
+        return ""
+    if isinstance(text, str):
+        return text
+    if isinstance(text, list):
+        parts = []
+        for part in text:
+            if isinstance(part, str):
+                parts.append(part)
+            elif isinstance(part, dict) and isinstance(part.get("text"), str):
+                parts.append(part["text"])
+            else:
+                raise DataError(f"{f}: chat {key.rsplit('#', 1)[1]}, message {i}: a text entity that is neither a "
+                                "string nor an object with a \"text\" string")
+        return "".join(parts)
+    raise DataError(f"{f}: chat {key.rsplit('#', 1)[1]}, message {i}: \"text\" is a {type(text).__name__}, "
+                    "expected a string or a list of entities")
+
+
+def _time(m, f, key, i):
+    try:
+        if "date_unixtime" in m:
+            return float(m["date_unixtime"])
+        # the local time of older exports, read as UTC like every zone-less time here
+        return datetime.fromisoformat(m["date"]).replace(tzinfo=timezone.utc).timestamp()
+    except (KeyError, TypeError, ValueError):
+        raise DataError(f"{f}: chat {key.rsplit('#', 1)[1]}, message {i}: no readable \"date_unixtime\" or "
+                        "\"date\"") from None
