@@ -1,6 +1,7 @@
 """`python -m mesp_mlx.export`: the command line over `io.formats.export_adapter` (thin by design). It turns
 an adapter folder written by `mesp_mlx.train` (or mlx-lm) into mlx-lm's folder, a GGUF LoRA for llama.cpp / Ollama /
-LM Studio, a PEFT adapter for Hugging Face tools, or the base with the adapter merged in exactly."""
+LM Studio, an Ollama model folder (Modelfile + GGUF LoRA), a PEFT adapter for Hugging Face tools, or the base with
+the adapter merged in exactly."""
 import argparse
 import sys
 

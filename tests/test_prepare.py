@@ -5,6 +5,7 @@ inputs, privacy (no network, nothing written outside DIR, no message text printe
 Rows are measured with a real tokenizer: the tiny GGUF's byte-level BPE with its ChatML template (the default
 model's takes seconds to build; the code path is the same)."""
 import json
+import re
 import mailbox
 import os
 import socket
@@ -357,3 +358,164 @@ def test_cli_offline_writes_only_dir_and_prints_no_text(tmp_path, tiny_gguf, mon
     assert f"next: python -m mesp_mlx.train -c recipes/my-voice.yaml --data {tmp_path / 'out'} --model " in io.out
     rc = main([str(src), "--out", str(tmp_path / "out2")])
     assert rc == 2 and capsys.readouterr().err.startswith("error: say which sender is you with --me")
+
+
+# --- Ollama ----------------------------------------------------------------------------------------------------
+
+def parse_modelfile(text):
+    """Ollama's Modelfile grammar, written out from its parser's rules: a command word, a space, then the value to
+    the end of the line, or in "..." / \"\"\"...\"\"\" quotes that may span lines; PARAMETER takes a name first;
+    '#' lines are comments. -> [(command, value)]; an AssertionError where Ollama would refuse the file."""
+    out, i = [], 0
+    commands = {"from", "adapter", "template", "system", "parameter", "license", "message"}
+    while i < len(text):
+        line_end = text.find("\n", i) if "\n" in text[i:] else len(text)
+        line = text[i:line_end]
+        if not line.strip() or line.lstrip().startswith("#"):
+            i = line_end + 1
+            continue
+        word, _, rest = line.lstrip().partition(" ")
+        assert word.lower() in commands, f"unknown command {word!r}"
+        name = None
+        if word.lower() == "parameter":
+            name, _, rest = rest.partition(" ")
+            assert re.fullmatch(r"\w+", name), name
+        start = text.index(rest, i) if rest else line_end
+        for quote in ('"""', '"'):
+            if rest.startswith(quote):
+                close = text.index(quote, start + len(quote))
+                value, i = text[start + len(quote):close], close + len(quote)
+                assert text[i:text.find("\n", i) if "\n" in text[i:] else len(text)].strip() == "", "text after quote"
+                break
+        else:
+            value, i = rest.strip(), line_end
+        i = text.find("\n", i) + 1 if "\n" in text[i:] else len(text)
+        out.append((word.upper(), (name, value) if name else value))
+    assert any(c == "FROM" for c, _ in out), "no FROM line"
+    return out
+
+
+def render_go(template, messages):
+    """The subset of Go's text/template the TEMPLATEs use: {{- ... -}} trimming, range .Messages ... end, .Role,
+    .Content, text. Anything else fails, so a template that needs more is not passed by accident."""
+    tokens = re.split(r"({{-?\s*.*?\s*-?}})", template)
+    for k, tok in enumerate(tokens):  # trim markers eat the whitespace next to them
+        if tok.startswith("{{-") and k > 0:
+            tokens[k - 1] = tokens[k - 1].rstrip()
+        if tok.endswith("-}}") and k + 1 < len(tokens):
+            tokens[k + 1] = tokens[k + 1].lstrip()
+    actions = [re.sub(r"^{{-?\s*|\s*-?}}$", "", tok) if tok.startswith("{{") else None for tok in tokens]
+
+    def run(k, msg):
+        out = ""
+        while k < len(tokens):
+            act = actions[k]
+            if act is None:
+                out += tokens[k]
+            elif act == "end":
+                return out, k
+            elif act == "range .Messages":
+                for m in messages:
+                    body, stop = run(k + 1, m)
+                    out += body
+                k = stop if messages else _skip_to_end(actions, k + 1)
+            elif act in (".Role", ".Content") and msg is not None:
+                out += msg[act[1:].lower()]
+            else:
+                raise AssertionError(f"action {act!r} is outside the subset")
+            k += 1
+        return out, k
+    return run(0, None)[0]
+
+
+def _skip_to_end(actions, k):
+    depth = 0
+    while actions[k] != "end" or depth:
+        depth += (actions[k] or "").startswith("range") - (actions[k] == "end")
+        k += 1
+    return k
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory):
+    """A tiny Llama GGUF (ChatML tokens and template), its store and an adapter folder trained on it."""
+    from builders import write_tiny_gguf
+    from mesp_mlx.io.adapters import save_adapter
+    from mesp_mlx.io.sources import load_model
+    from mesp_mlx.lora import LoRAConfig, init_lora
+    root = tmp_path_factory.mktemp("ollama")
+    write_tiny_gguf(root / "base model.gguf", "llama", "F32")
+    store = load_model(str(root / "base model.gguf"), quantize=None)
+    lora = LoRAConfig(rank=4, scale=2.5)
+    save_adapter(root / "adapters", init_lora(store.args, lora, 0), lora, store.path)
+    return root, store
+
+
+def test_ollama_modelfile(adapter, capsys):
+    from mesp_mlx.export import main as export_main
+    from mesp_mlx.io.formats.gguf_lora import is_gguf
+    root, store = adapter
+    assert export_main(["--adapter-path", str(root / "adapters"), "--format", "ollama", "-o", str(root / "ol")]) == 0
+    assert "ollama create NAME -f Modelfile" in capsys.readouterr().out
+    assert sorted(p.name for p in (root / "ol").iterdir()) == ["Modelfile", "adapter-lora.gguf"]
+    cmds = parse_modelfile((root / "ol" / "Modelfile").read_text("utf-8"))
+    assert [c for c, _ in cmds] == ["FROM", "ADAPTER", "TEMPLATE", "PARAMETER", "PARAMETER"]
+    values = dict(cmds[:3])
+    assert values["FROM"] == str((root / "base model.gguf").resolve())  # a space in the path: to the line's end
+    assert values["ADAPTER"] == "./adapter-lora.gguf" and is_gguf(root / "ol" / "adapter-lora.gguf")
+    assert [v for c, v in cmds if c == "PARAMETER"] == [("stop", "<|endoftext|>"), ("stop", "<|im_end|>")]
+    # the TEMPLATE writes a conversation as the model's own chat template does (what the adapter was trained on)
+    conv = [{"role": "system", "content": "Sei kurz."}, {"role": "user", "content": "Grüß dich 👋\nWie geht's?"},
+            {"role": "assistant", "content": "Gut!"}, {"role": "user", "content": "Und sonst?"}]
+    tok = store.tokenizer()
+    assert render_go(values["TEMPLATE"], conv) == tok.apply_chat_template(conv, tokenize=False,
+                                                                          add_generation_prompt=True)
+
+
+def test_ollama_system_and_templates_of_other_formats(adapter):
+    from mesp_mlx.io.formats.ollama import DIALECTS, default_system, dialect_of
+    from mesp_mlx.io.gguf import field, open_gguf
+    from mesp_mlx.io.sources import smollm2_gguf
+    _, store = adapter
+    tok = store.tokenizer()
+    assert default_system(tok, "chatml") is None  # the tiny template has no default system prompt
+    # SmolLM2's own template (the default model's, read from its GGUF) writes one into every conversation, so the
+    # Modelfile's SYSTEM must say it: Ollama then sends it as the first message, and the TEMPLATE renders it
+    try:
+        tok.chat_template = str(field(open_gguf(smollm2_gguf(install=False)), "tokenizer.chat_template"))
+    except Exception as e:
+        pytest.skip(f"the default model is not installed ({e})")
+    system = default_system(tok, dialect_of(tok.chat_template))
+    assert system == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    conv = [{"role": "user", "content": "Hallo"}, {"role": "assistant", "content": "Hi"}]
+    assert render_go(DIALECTS["chatml"][1], [{"role": "system", "content": system}] + conv) == \
+        tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+    # Llama 3 and Phi-3, against their formats written as Jinja
+    jinja = {"llama3": "{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+                       "{{ m['content'] }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}"
+                       "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}",
+             "phi3": "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+                     "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"}
+    for name, template in jinja.items():
+        tok.chat_template = template
+        assert dialect_of(template) == name
+        assert render_go(DIALECTS[name][1], conv) == tok.apply_chat_template(conv, tokenize=False,
+                                                                             add_generation_prompt=True)
+    assert dialect_of("{{ '<start_of_turn>' }}") is None and dialect_of(None) is None
+
+
+def test_ollama_needs_a_gguf_base(tmp_path):
+    import mlx.core as mx
+    from builders import write_tiny
+    from mesp_mlx.io import SourceError
+    from mesp_mlx.io.adapters import save_adapter
+    from mesp_mlx.io.formats import export_adapter
+    from mesp_mlx.io.sources import load_model
+    from mesp_mlx.lora import LoRAConfig, init_lora
+    store = load_model(str(write_tiny(tmp_path / "hf", "llama")), quantize=None)
+    lora = LoRAConfig(rank=2, scale=1.0)
+    save_adapter(tmp_path / "ad", init_lora(store.args, lora, 0), lora, store.path)
+    with pytest.raises(SourceError, match="which is not a GGUF file: Ollama's FROM must be the GGUF"):
+        export_adapter(tmp_path / "ad", "ollama")
+    assert not (tmp_path / "ad" / "ollama").exists()
+    del mx

@@ -15,9 +15,9 @@ import mlx.core as mx
 from ...lora import from_flat
 from .. import SourceError
 from ..adapters import atomic_directory, hold_folder
-from . import fused, gguf_lora, mlx_lm, peft
+from . import fused, gguf_lora, mlx_lm, ollama, peft
 
-FORMATS = {"mlx-lm": mlx_lm, "gguf": gguf_lora, "peft": peft, "fused": fused}
+FORMATS = {"mlx-lm": mlx_lm, "gguf": gguf_lora, "peft": peft, "fused": fused, "ollama": ollama}
 
 
 def export_adapter(adapter_dir, fmt="mlx-lm", out=None, model=None, dtype="float16", quantize=None):
