@@ -12,6 +12,7 @@ text, except the sample prompt (a user turn of the validation split, or --sample
 command asks the model before and after training.
 """
 import argparse
+import dataclasses
 import json
 import os
 import shlex
@@ -83,7 +84,10 @@ def prepare(sources, out, me=(), tokenizer=None, model=None, context_turns=CONTE
                     (gap_hours > 0, "--gap-hours must be > 0")):
         if not ok:
             raise ConfigError(msg)
-    found = read_sources(sources)
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: a file, not a folder")
+    found = read_sources(sources, skip=[out])  # a DIR inside a source folder is not read back as a source
     chats = [s for f in found for c in f.conversations for s in sessions(c, gap_hours * 3600)]
     threads = mail.threads([m for f in found for m in f.mails])
     messages = [m for f in found for c in f.conversations for m in c.messages] + \
@@ -92,9 +96,11 @@ def prepare(sources, out, me=(), tokenizer=None, model=None, context_turns=CONTE
     is_me = lambda m: bool(m.identities() & me_ids)  # noqa: E731
     clean = redact_text if redact else str
 
-    out = Path(out).expanduser()
     made = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"{out}: cannot create it ({e.strerror or e})") from None
     try:
         if tokenizer is None:
             with tempfile.TemporaryDirectory(dir=out, prefix=".tokenizer-") as scratch:
@@ -106,7 +112,7 @@ def prepare(sources, out, me=(), tokenizer=None, model=None, context_turns=CONTE
             rows += reply_rows(conv, is_me, context_turns, max_tokens, count, dropped[conv.source], clean)
         for f in found:
             for note in f.notes:
-                note = type(note)(note.source, note.time, clean(note.text))
+                note = dataclasses.replace(note, text=clean(note.text))
                 rows += note_rows(note, max_tokens, _counter(tokenizer, note.source), dropped[note.source])
         if not rows:
             why = Counter()
@@ -137,6 +143,8 @@ def check_me(me, messages):
     listed = ", ".join(f"{s} ({n})" for s, n in senders.most_common(SENDERS_LISTED))
     if len(senders) > SENDERS_LISTED:
         listed += f" and {len(senders) - SENDERS_LISTED} more"
+    if not messages:  # notes alone: every word is yours
+        return set()
     if not me:
         if messages:
             raise ConfigError(f"say which sender is you with --me NAME (repeat it for each name or address you write "

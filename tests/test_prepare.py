@@ -81,7 +81,8 @@ def test_whatsapp_ios_group_rows(tmp_path, tok):
 
 # Android form, two people, a US 12-hour clock (with the narrow no-break space newer exports put before PM): month
 # first, because 1/13 cannot be day first
-ANDROID = """1/12/24, 9:00\u202fAM - Messages and calls are end-to-end encrypted. No one outside of this chat can read them.
+ANDROID = """1/12/24, 9:00\u202fAM - Messages and calls are end-to-end encrypted. No one outside of this chat can \
+read them.
 1/12/24, 9:01\u202fAM - Zoë Ørsted: Are you coming to the 🎉 party?
 1/12/24, 9:02\u202fAM - Max Mustermann: <Media omitted>
 1/12/24, 9:03\u202fAM - Max Mustermann: Yes!
@@ -137,9 +138,11 @@ def test_me_is_exact_and_lists_the_senders(tmp_path, tok):
 # --- Telegram --------------------------------------------------------------------------------------------------
 
 def telegram_chat(chat_id, name, kind, messages):
-    return {"name": name, "type": kind, "id": chat_id, "messages": [
-        dict({"id": i, "type": "message", "date": datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
-              "date_unixtime": str(int(ts))}, **m) for i, (ts, m) in enumerate(messages, 1)]}
+    """A chat as Telegram Desktop writes it: local time as "date", the instant as "date_unixtime"."""
+    rows = [dict({"id": i, "type": "message", "date_unixtime": str(int(ts)),
+                  "date": datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")}, **m)
+            for i, (ts, m) in enumerate(messages, 1)]
+    return {"name": name, "type": kind, "id": chat_id, "messages": rows}
 
 
 def test_telegram_whole_export(tmp_path, tok):
@@ -264,6 +267,17 @@ def test_notes_folder(tmp_path, tok):
                                       "valid": [{"text": "Kurz."}]}
 
 
+def test_out_inside_a_source_folder_is_not_read_back(tmp_path, tok):
+    (tmp_path / "a.md").write_text("Eins.", "utf-8")
+    (tmp_path / "b.md").write_text("Zwei.", "utf-8")
+    os.utime(tmp_path / "a.md", (t(2023, 1, 1, 0, 0),) * 2)
+    os.utime(tmp_path / "b.md", (t(2023, 2, 1, 0, 0),) * 2)
+    for _ in range(2):
+        s = prepare([tmp_path], tmp_path / "prepared", tokenizer=tok)
+        assert rows(tmp_path / "prepared") == {"train": [{"text": "Eins."}], "valid": [{"text": "Zwei."}]}
+        assert s["sources"][0]["files"] == 2
+
+
 # --- Budget, redaction ------------------------------------------------------------------------------------------
 
 def test_budget_drops_the_oldest_context(tmp_path, tok):
@@ -309,7 +323,8 @@ def test_bad_sources_name_the_file_and_what_it_looked_like(tmp_path, tok):
              "blob.bin": (bytes(range(256)), "binary data, not text"),
              "chat.zip": (b"PK\x03\x04rest", "a zip archive .*unzip it"),
              "data.json": (b'{"rows": []}', "JSON, but not a Telegram export"),
-             "diary.txt": ("Liebes Tagebuch, heute 🌧".encode(), "text, but its first line is no WhatsApp message line")}
+             "diary.txt": ("Liebes Tagebuch, heute 🌧".encode(),
+                           "text, but its first line is no WhatsApp message line")}
     for name, (content, what) in cases.items():
         (tmp_path / name).write_bytes(content)
         with pytest.raises(DataError, match=f"^{tmp_path / name}: {what}") as e:

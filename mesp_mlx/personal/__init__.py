@@ -28,9 +28,10 @@ def recognise(path, in_folder=False):
     return None
 
 
-def read_sources(paths):
-    """-> [Found], one per file or folder read (a folder's files each their own)."""
-    found = []
+def read_sources(paths, skip=()):
+    """-> [Found], one per file or folder read (a folder's files each their own); folders in `skip` (the output)
+    are not walked into."""
+    found, skip = [], {Path(p).expanduser().resolve() for p in skip}
     for p in map(lambda s: Path(s).expanduser(), paths):
         if not p.exists():
             raise DataError(f"{p}: no such file or folder")
@@ -38,7 +39,7 @@ def read_sources(paths):
         if kind:
             part = [SOURCES[kind].read(p)]
         elif p.is_dir():
-            part = _read_folder(p)
+            part = _read_folder(p, skip)
             if not part:
                 raise DataError(f"{p}: a folder with nothing recognised in it ({EXPECTED})")
         else:
@@ -49,10 +50,11 @@ def read_sources(paths):
     return found
 
 
-def _read_folder(root):
+def _read_folder(root, skip):
     out = []
     for folder, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # .git, .obsidian, .trash: not notes
+        # .git, .obsidian, .trash: not notes
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (Path(folder) / d).resolve() not in skip)
         for d in list(dirs):
             path = Path(folder) / d
             kind = "mail" if mail.sniff(path) else "telegram" if telegram.sniff(path) else None

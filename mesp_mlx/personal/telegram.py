@@ -5,12 +5,14 @@ here; "date_unixtime" (or the local "date") orders it. Service messages (joins, 
 caption and forwarded messages (someone else's words) are dropped with a count. A folder is read through its
 result.json."""
 import json
+import re
 from datetime import datetime, timezone
 
 from ..errors import DataError
 from .common import Conversation, Found, Message, clean_name, head_bytes
 
 KIND = "telegram"
+_SHAPE = re.compile(rb'"(messages"\s*:\s*\[|chats"\s*:\s*\{|personal_information"\s*:)')
 
 
 def _file(path):
@@ -20,9 +22,9 @@ def _file(path):
 def sniff(path):
     f = _file(path)
     head = head_bytes(f, 1 << 16).lstrip(b"\xef\xbb\xbf \t\r\n")
-    # a chat export starts with its "name"/"type"/"id", the full export with "about" and "personal_information"
-    return f.is_file() and head.startswith(b"{") and any(k in head for k in (b'"messages"', b'"chats"',
-                                                                             b'"personal_information"'))
+    # a chat export opens with its "name"/"type"/"id" then "messages": [, the full export with "about",
+    # "personal_information" ... "chats": {
+    return f.is_file() and head.startswith(b"{") and _SHAPE.search(head) is not None
 
 
 def read(path):
