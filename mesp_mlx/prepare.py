@@ -281,8 +281,9 @@ def report(s):
                      f"-> {src['rows']} rows")
     lines.insert(0, f"read {len(s['sources'])} source{'s' * (len(s['sources']) != 1)}: {s['conversations']} "
                     f"conversations, {s['messages']} messages, {s['yours']} yours")
+    n = s["valid_conversations"]
     lines.append(f"rows: {s['rows']} (train {s['train_rows']}, valid {s['valid_rows']}: the latest "
-                 f"{s['valid_conversations']} conversations, from {s['valid_from'][:10]})")
+                 f"{n} conversation{'s' * (n != 1)}, from {s['valid_from'][:10]})")
     lines.append(f"tokens: {s['tokens']:,} ({s['loss_tokens']:,} yours, the only ones in the loss); at most "
                  f"{s['options']['max_tokens']} a row")
     if s["dropped"]:

@@ -368,7 +368,7 @@ def test_cli_offline_writes_only_dir_and_prints_no_text(tmp_path, tiny_gguf, mon
         assert text not in printed
     assert printed.count("Danke für gestern") == 3  # the command printed, and in summary.json: the command, itself
     assert io.out.endswith(" --sample-prompt 'Jörg: Danke für gestern!'\n")
-    assert "rows: 3 (train 2, valid 1: the latest 1 conversations, from 2024-01-04)" in io.out
+    assert "rows: 3 (train 2, valid 1: the latest 1 conversation, from 2024-01-04)" in io.out
     assert "dropped: 2 media placeholder, 1 system line, 1 deleted message" in io.out
     assert f"next: python -m mesp_mlx.train -c recipes/my-voice.yaml --data {tmp_path / 'out'} --model " in io.out
     rc = main([str(src), "--out", str(tmp_path / "out2")])
@@ -520,7 +520,6 @@ def test_ollama_system_and_templates_of_other_formats(adapter):
 
 
 def test_ollama_needs_a_gguf_base(tmp_path):
-    import mlx.core as mx
     from builders import write_tiny
     from mesp_mlx.io import SourceError
     from mesp_mlx.io.adapters import save_adapter
@@ -533,4 +532,3 @@ def test_ollama_needs_a_gguf_base(tmp_path):
     with pytest.raises(SourceError, match="which is not a GGUF file: Ollama's FROM must be the GGUF"):
         export_adapter(tmp_path / "ad", "ollama")
     assert not (tmp_path / "ad" / "ollama").exists()
-    del mx

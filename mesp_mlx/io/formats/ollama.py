@@ -13,7 +13,7 @@ TEMPLATE line and Ollama picks the template from the GGUF's own tokenizer.chat_t
 import re
 from pathlib import Path
 
-from ...models import family, stop_ids
+from ...models import stop_ids
 from .. import SourceError
 from . import gguf_lora
 from .common import store_source
