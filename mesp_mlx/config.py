@@ -4,22 +4,25 @@ and choices live beside it (its metadata) and are the only source of the flags' 
 import argparse
 import dataclasses
 import inspect
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import mlx.optimizers as optim
+import mlx.core as mx
 import yaml
 
 from .engines import ENGINES
 from .engines.checkpoints import PLACES
 from .errors import ConfigError
 from .ops.linear import DTYPES, MATMUL_PATHS, Compute
-from .ops.preference import DPO_VARIANTS, KINDS
+from .ops.preference import DPO_VARIANTS
+from .objectives import OBJECTIVES
+from .optimizer import OPTIMIZERS
 
 DEFAULT_DATA = str(Path(__file__).parent / "data" / "persona")
-OPTIMIZERS = {"sgd": optim.SGD, "adam": optim.Adam, "adamw": optim.AdamW}
 LR_SCHEDULES = ("constant", "cosine")
+DEVICES = ("gpu", "cpu")
 UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 2 ** 10, "MIB": 2 ** 20, "GIB": 2 ** 30}
 DEFAULT_COMPUTE = Compute()
 
@@ -75,6 +78,8 @@ class TrainConfig:
     q_bits: int = opt(4, "bits per weight of that quantization (2, 3, 4, 5, 6 or 8; mlx-lm's)")
     q_group_size: int = opt(64, "weights per scale of that quantization (32, 64 or 128; mlx-lm's)")
     dtype: str = opt("float32", "compute dtype (float16/bfloat16: Metal; float64: CPU only)", DTYPES)
+    device: str = opt(None, "where MLX computes: gpu (Metal, CUDA) or cpu (default: the GPU where MLX has one; the "
+                            "MESP_MLX_DEVICE environment variable sets it for every run)", DEVICES)
     memory_budget: str = opt(None, "e.g. 300MB: plan chunk sizes and checkpoints to fit (mesp), or refuse")
     checkpoints: str = opt("memory", "where block checkpoints wait for the backward", PLACES)
     skip_bad_rows: bool = opt(False, "skip malformed data rows (with a count) instead of stopping at the first")
@@ -85,7 +90,7 @@ class TrainConfig:
     mezo_eps: float = opt(1e-2, "MeZO's perturbation size")
     loss: str = opt("sft", "training objective: sft (next-token cross-entropy), or a preference loss on rows with "
                            "prompt/chosen/rejected: dpo (against a reference model) or orpo (no reference)",
-                    ("sft",) + KINDS)
+                    tuple(OBJECTIVES))
     beta: float = opt(0.1, "DPO's beta (temperature of the implicit reward); ORPO's lambda (weight of the odds-ratio "
                            "term), as TRL and mlx-lm-lora name both")
     dpo_cpo_loss_type: str = opt("sigmoid", "DPO's loss: sigmoid (the paper's) or ipo (squared, on mean log-probs)",
@@ -112,6 +117,8 @@ class TrainConfig:
                 raise ConfigError(f"{f.name} must be {f.type.__name__}, got {v!r}")
         if self.optimizer is None:
             self.optimizer = "sgd" if self.method == "mezo" else "adamw"
+        if self.device is None:
+            self.device = os.environ.get("MESP_MLX_DEVICE") or ("gpu" if mx.is_available(mx.gpu) else "cpu")
         checks = [(self.rank > 0, "rank must be > 0"), (self.learning_rate > 0, "learning_rate must be > 0"),
                   (self.batch_size > 0, "batch_size must be > 0"),
                   (self.iters > 0 or self.epochs > 0, "iters must be > 0"),
@@ -129,15 +136,7 @@ class TrainConfig:
                   (self.q_bits in (2, 3, 4, 5, 6, 8), "q_bits must be one of 2, 3, 4, 5, 6, 8"),
                   (self.q_group_size in (32, 64, 128), "q_group_size must be one of 32, 64, 128"),
                   (self.memory_budget is None or self.method == "mesp",
-                   "--memory-budget plans MeSP's step; use it with --method mesp"),
-                  (self.loss == "sft" or self.method != "mezo",
-                   f"--loss {self.loss} needs exact gradients: use --method mesp, mebp or autodiff (not mezo)"),
-                  (self.loss == "sft" or not (self.pack or self.hf_dataset),
-                   f"--loss {self.loss} reads pairs from local jsonl files, unpacked (no --pack, no hf_dataset)"),
-                  (self.loss == "dpo" or not self.reference_adapter_path and self.dpo_cpo_loss_type == "sigmoid",
-                   f"--reference-adapter-path and --dpo-cpo-loss-type are DPO's: --loss {self.loss} has no "
-                   "reference model"),
-                  (self.beta > 0, "beta must be > 0")]
+                   "--memory-budget plans MeSP's step; use it with --method mesp")]
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
@@ -145,6 +144,7 @@ class TrainConfig:
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(msg)
+        OBJECTIVES[self.loss].from_config(self)  # the objective refuses the settings it cannot use
         if self.alpha is not None:
             self.scale = self.alpha / self.rank
         if self.memory_budget is not None:
@@ -176,7 +176,7 @@ def optimizer_settings(spec, optimizer):
         raise ConfigError("optimizer_config: expected a mapping such as {\"betas\": [0.9, 0.99], \"weight_decay\": 0}")
     if set(spec) & set(OPTIMIZERS):
         spec = spec.get(optimizer) or {}
-    allowed = set(inspect.signature(OPTIMIZERS[optimizer]).parameters) - {"learning_rate"}
+    allowed = set(inspect.signature(OPTIMIZERS[optimizer].cls).parameters) - {"learning_rate"}
     unknown = sorted(set(spec) - allowed)
     if unknown:
         raise ConfigError(f"optimizer_config: {', '.join(unknown)} is not a setting of {optimizer} "

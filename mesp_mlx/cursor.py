@@ -2,14 +2,15 @@
 a resumed run sees exactly the batches an uninterrupted one would. With W processes the batches are those of one
 process with a W times larger batch, each process taking its slice (groups too small to give every process a row
 are skipped). With packing, a batch is `batch_size` packed rows and the position counts packed batches."""
-from .data import epoch_groups, make_batch
+from .data import epoch_groups
 
 
 class DataCursor:
-    def __init__(self, dataset, batch_size, seed, rank=0, world=1, pack=0):
-        """pack: pack short rows into rows of this many positions (0: no packing)."""
+    def __init__(self, dataset, make_batch, batch_size, seed, rank=0, world=1, pack=0):
+        """make_batch(dataset, items, packed): the objective's batch of examples; pack: pack short rows into rows
+        of this many positions (0: no packing)."""
         self.dataset, self.batch_size, self.seed, self.rank, self.world = dataset, batch_size, seed, rank, world
-        self.pack = pack
+        self.make_batch, self.pack = make_batch, pack
         self.seek(0)
 
     def seek(self, position):
@@ -21,7 +22,7 @@ class DataCursor:
     def next_batch(self):
         group = self._next_group()
         lo, hi = self.rank * len(group) // self.world, (self.rank + 1) * len(group) // self.world
-        return make_batch(self.dataset, group[lo:hi], bool(self.pack))
+        return self.make_batch(self.dataset, group[lo:hi], bool(self.pack))
 
     def _next_group(self):
         if self.epoch is None or self.index >= len(self.groups):

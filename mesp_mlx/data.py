@@ -23,9 +23,17 @@ from .errors import DataError
 SOURCE_SUFFIXES = (".py", ".md", ".txt", ".rst", ".c", ".h", ".js", ".ts", ".rs", ".go", ".java", ".sh")
 
 
-def read_jsonl(path, skip_bad=False, preference=False):
-    """-> ([(row, "file:line")], number of bad lines skipped). A bad line is an error unless skip_bad.
-    preference: rows are pairs ('chosen' and 'rejected'; preference.py reads the rest)."""
+def check_row(row):
+    """Why a row of mlx-lm's formats cannot be used, or None."""
+    if not isinstance(row, dict) or not ({"text"} <= row.keys() or {"prompt", "completion"} <= row.keys()
+                                         or "messages" in row):
+        return "expected an object with 'text', 'prompt'+'completion' or 'messages'"
+    return None
+
+
+def read_jsonl(path, skip_bad=False, check=check_row):
+    """-> ([(row, "file:line")], number of bad lines skipped). A bad line (not JSON, or a row `check` finds fault
+    with) is an error unless skip_bad."""
     rows, skipped = [], 0
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
@@ -36,13 +44,9 @@ def read_jsonl(path, skip_bad=False, preference=False):
                     row = json.loads(raw.decode("utf-8"))
                 except (UnicodeDecodeError, json.JSONDecodeError) as e:
                     raise DataError(f"{path}:{n}: not a valid JSON line ({e})") from None
-                if preference and not (isinstance(row, dict) and {"chosen", "rejected"} <= row.keys()):
-                    raise DataError(f"{path}:{n}: expected a preference row with 'prompt', 'chosen' and 'rejected' "
-                                    "(or 'chosen' and 'rejected' message lists)")
-                if not isinstance(row, dict) or not ({"text"} <= row.keys() or {"prompt", "completion"} <= row.keys()
-                                                     or "messages" in row or preference):
-                    raise DataError(f"{path}:{n}: expected an object with 'text', 'prompt'+'completion' or "
-                                    "'messages'")
+                problem = check(row)
+                if problem:
+                    raise DataError(f"{path}:{n}: {problem}")
             except DataError:
                 if not skip_bad:
                     raise
@@ -50,6 +54,31 @@ def read_jsonl(path, skip_bad=False, preference=False):
                 continue
             rows.append((row, f"{path}:{n}"))
     return rows, skipped
+
+
+def encode_each(rows, encode, skip_bad=False):
+    """[(row, "where")] -> ([encode(row, where)], rows skipped): a row that raises DataError stops the run unless
+    skip_bad, which skips it."""
+    out, skipped = [], 0
+    for row, where in rows:
+        try:
+            out.append(encode(row, where))
+        except DataError:
+            if not skip_bad:
+                raise
+            skipped += 1
+    return out, skipped
+
+
+def local_splits(root, load):
+    """{split: load(path)} for the train.jsonl / valid.jsonl / test.jsonl in folder `root` (or `root` itself, one
+    file, as the train split)."""
+    out = {}
+    for split in ("train", "valid", "test"):
+        f = root / f"{split}.jsonl" if root.is_dir() else (root if split == "train" else None)
+        if f is not None and f.exists():
+            out[split] = load(f)
+    return out
 
 
 def encode_row(tokenizer, row, where, mask_prompt):
@@ -86,18 +115,19 @@ def _chat(tokenizer, msgs, tools, where, mask_prompt):
                         "tokenizer.chat_template); pass rows that need none: {\"text\": ...} or "
                         "{\"prompt\": ..., \"completion\": ...}")
     try:
-        ids = _ids(tokenizer.apply_chat_template(msgs, tools=tools, tokenize=True))
+        ids = token_ids(tokenizer.apply_chat_template(msgs, tools=tools, tokenize=True))
         if not mask_prompt:
             return ids, 0
         # the prompt ends where the final turn starts: with the assistant header when that turn is the assistant's
-        prompt = _ids(tokenizer.apply_chat_template(msgs[:-1], tools=tools, tokenize=True,
+        prompt = token_ids(tokenizer.apply_chat_template(msgs[:-1], tools=tools, tokenize=True,
                                                     add_generation_prompt=msgs[-1]["role"] == "assistant"))
     except Exception as e:
         raise DataError(f"{where}: the chat template rejected this row ({type(e).__name__}: {e})") from None
     return ids, len(prompt)
 
 
-def _ids(x):
+def token_ids(x):
+    """apply_chat_template's result (a list, or a mapping with input_ids) -> a list of ids."""
     return list(x["input_ids"] if isinstance(x, dict) or hasattr(x, "input_ids") else x)
 
 
@@ -124,22 +154,16 @@ def load_split(tokenizer, path, max_seq_length, mask_prompt, skip_bad=False):
 
 def encode_rows(tokenizer, rows, max_seq_length, mask_prompt, skip_bad=False, skipped=0):
     """[(row, "where")] -> Dataset: tokenized, truncated to max_seq_length + 1 tokens, rows with no target dropped."""
-    examples, truncated, chat = [], 0, False
-    for row, where in rows:
-        try:
-            ids, start = encode_row(tokenizer, row, where, mask_prompt)
-        except DataError:
-            if not skip_bad:
-                raise
-            skipped += 1
-            continue
-        chat = chat or "messages" in row
+    encoded, bad = encode_each(rows, lambda row, where: (encode_row(tokenizer, row, where, mask_prompt),
+                                                         "messages" in row), skip_bad)
+    examples, truncated = [], 0
+    for (ids, start), _ in encoded:
         if len(ids) > max_seq_length + 1:
             ids, truncated = ids[: max_seq_length + 1], truncated + 1
         if len(ids) >= 2 and start < len(ids) - 1:
             examples.append((ids, start))
-    out = Dataset(examples, truncated, chat)
-    out.skipped = skipped
+    out = Dataset(examples, truncated, any(chat for _, chat in encoded))
+    out.skipped = skipped + bad
     return out
 
 
@@ -227,11 +251,7 @@ def load_datasets(tokenizer, data, max_seq_length, mask_prompt, skip_bad=False, 
     if root.is_dir() and not list(root.glob("*.jsonl")):
         out = load_source_tree(tokenizer, root, max_seq_length)
     else:
-        out = {}
-        for split in ("train", "valid", "test"):
-            f = root / f"{split}.jsonl" if root.is_dir() else (root if split == "train" else None)
-            if f is not None and f.exists():
-                out[split] = load_split(tokenizer, f, max_seq_length, mask_prompt, skip_bad)
+        out = local_splits(root, lambda f: load_split(tokenizer, f, max_seq_length, mask_prompt, skip_bad))
     if not out.get("train"):
         raise DataError(f"{root}: no training examples (expected train.jsonl with at least one usable row)")
     return out
@@ -278,18 +298,11 @@ def epoch_groups(dataset, batch_size, seed, epoch, pack=0):
 
 
 def make_batch(dataset, items, packed=False):
-    """A batch from epoch_groups' items: example indices, or (packed) lists of them. A dataset that makes its own
-    batches (preference pairs) is asked to."""
-    if hasattr(dataset, "make_batch"):
-        return dataset.make_batch(items)
+    """(inputs, targets, mask) or, packed, (inputs, targets, mask, segments) from epoch_groups' items: example
+    indices, or (packed) lists of them."""
     if packed:
         return collate_packed([[dataset.examples[i] for i in b] for b in items])
     return collate([dataset.examples[i] for i in items])
-
-
-def batches(dataset, batch_size, seed, epoch, pack=0):
-    for g in epoch_groups(dataset, batch_size, seed, epoch, pack):
-        yield make_batch(dataset, g, bool(pack))
 
 
 def collate(examples):

@@ -12,18 +12,14 @@ class Group:
         self.group = mx.distributed.init()
         self.rank, self.size = self.group.rank(), self.group.size()
 
-    def tokens(self, batch):
-        """(this process's target tokens, the whole group's)."""
-        n = batch[2].sum()
+    def weights(self, n):
+        """(n, the group's sum of it): this process's weight in the group's mean (what the objective weighs a
+        batch by: its target tokens, or its examples) and the whole group's."""
         return n, (self.sum(n) if self.size > 1 else n)
 
-    def weights(self, batch):
-        """What the group's mean weighs each process by, (this process's, the whole group's): its target tokens, or
-        its pairs for a preference batch (whose loss is a mean over pairs)."""
-        if len(batch) < 5:
-            return self.tokens(batch)
-        n = mx.array(batch[0].shape[0] // 2, mx.float32)
-        return n, (self.sum(n) if self.size > 1 else n)
+    def tokens(self, batch):
+        """The whole group's target tokens in this step's batches (a float)."""
+        return self.weights(mx.sum(batch.mask))[1].item()
 
     def sum(self, x):
         return mx.distributed.all_sum(x, group=self.group)

@@ -6,7 +6,6 @@ import mlx.core as mx
 from .models import stop_ids
 from .ops.block import block_dropout, block_forward, packing
 from .ops.linear import DEFAULT, accum_dtype, frozen_matmul, prepared
-from .ops.preference import preference_stats
 from .ops.rmsnorm import rmsnorm_forward
 
 
@@ -37,31 +36,20 @@ def logits(store, ids, lora=None, scale=20.0, specs=None, layers=None):
     return head_logits(store, hidden_states(store, ids, lora, scale, specs, layers), specs[0].compute)
 
 
-def full_loss(store, x, targets, mask, compute=DEFAULT):
-    """Masked mean cross-entropy from the final hidden state, written the obvious way (full logits)."""
+def full_token_nll(store, x, targets, compute=DEFAULT):
+    """Every token's negative log-likelihood of its target (B, T), unmasked, from the final hidden state, written
+    the obvious way (full logits)."""
     z = head_logits(store, x, compute)
     z = z.astype(accum_dtype(z.dtype))
-    ce = mx.logsumexp(z, axis=-1) - mx.take_along_axis(z, targets[..., None], axis=-1)[..., 0]
-    return mx.sum(ce * mask) / mx.maximum(mx.sum(mask), 1.0)
+    return mx.logsumexp(z, axis=-1) - mx.take_along_axis(z, targets[..., None], axis=-1)[..., 0]
 
 
-def full_preference_stats(store, x, targets, mask, pref, compute=DEFAULT):
-    """A preference batch's loss and stats (ops/preference.py) from the final hidden state, over full logits."""
-    z = head_logits(store, x, compute)
-    z = z.astype(accum_dtype(z.dtype))
-    nll = mx.logsumexp(z, axis=-1) - mx.take_along_axis(z, targets[..., None], axis=-1)[..., 0]
-    return preference_stats(nll, mask, pref)
-
-
-def reference_loss(store, ids, targets, mask, lora, scale, specs=None, layers=None, dropout=None, segments=None,
-                   pref=None):
-    """The mean cross-entropy, or with `pref` a preference batch's (loss, stats), as one plain graph."""
+def reference_loss(store, batch, lora, scale, specs=None, layers=None, dropout=None):
+    """A batch's (loss, stats) under its objective, as one plain graph."""
     specs = specs or store.args.block_specs()
-    x = hidden_states(store, ids, lora, scale, specs, layers, dropout, segments)
-    if pref is not None:
-        stats = full_preference_stats(store, x, targets, mask, pref, specs[0].compute)
-        return stats["loss"], stats
-    return full_loss(store, x, targets, mask, specs[0].compute)
+    x = hidden_states(store, batch.inputs, lora, scale, specs, layers, dropout, batch.segments)
+    stats = batch.objective.loss_stats(full_token_nll(store, x, batch.targets, specs[0].compute), batch)
+    return stats["loss"], stats
 
 
 def generate(store, tokenizer, prompt, max_tokens=32, lora=None, scale=20.0, chat=True, compute=DEFAULT):

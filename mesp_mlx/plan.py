@@ -5,14 +5,11 @@ The budget bounds the process, not MLX's allocator alone: what the process holds
 set: interpreter, libraries, tokenizer, data, the weight files read so far) is measured and the step is planned in
 the rest, MLX's share, which also becomes MLX's memory and cache limit. Plans are tried from the fastest to the
 leanest; the first that fits wins. Resident state is counted too: the LoRA parameters, the optimizer's moments
-(2 per parameter for Adam/AdamW) and the store's small arrays. The model is within ~1.3x of measured peaks either
+(optimizer.py's count per parameter) and the store's small arrays. The model is within ~1.3x of measured peaks either
 way (benchmarks), so a plan must fit with a 1.25x margin.
 """
 import dataclasses
-import resource
-import sys
 from contextlib import contextmanager
-from pathlib import Path
 
 import mlx.core as mx
 
@@ -20,7 +17,9 @@ from .config import parse_bytes
 from .engines.mesp import MeSPEngine
 from .errors import ConfigError
 from .lora import num_params
+from .optimizer import OPTIMIZERS
 from .plots import chart_library
+from .resident import resident_bytes
 
 # fastest first; each later plan trades speed for memory: (Compute fields, checkpoint placement)
 PLANS = [
@@ -38,11 +37,10 @@ MARGIN = 1.25
 # the process grows beyond MLX's allocations as it runs (its Python objects, the allocator's fragmentation): 24 MB
 # over the 157 MB it held at the start on the default run (BENCHMARKS.md); kept out of MLX's share with room to spare
 GROWTH = 0.2
-MOMENTS = {"sgd": 0, "adam": 2, "adamw": 2}
 
 
-def resident_bytes(params, optimizer):
-    return 4 * num_params(params) * (1 + MOMENTS.get(optimizer, 0))
+def trainable_state_bytes(params, optimizer):
+    return 4 * num_params(params) * (1 + OPTIMIZERS[optimizer].moments)
 
 
 def engine_settings(compute, plan):
@@ -55,7 +53,7 @@ def engine_settings(compute, plan):
 
 def predicted_peak(store, scale, batch_size, seq_len, params, optimizer, fused, settings):
     engine = MeSPEngine(store, scale, **settings)
-    return MARGIN * (resident_bytes(params, optimizer) + engine.memory_model(batch_size, seq_len, params, fused)["peak"])
+    return MARGIN * (trainable_state_bytes(params, optimizer) + engine.memory_model(batch_size, seq_len, params, fused)["peak"])
 
 
 def plan_for_budget(store, scale, batch_size, seq_len, params, optimizer, fused, budget, compute, held=0):
@@ -79,26 +77,14 @@ def plan_for_budget(store, scale, batch_size, seq_len, params, optimizer, fused,
                       f"{(leanest * 1.05 + held) / 1e6:.0f}MB, or: {hint}")
 
 
-def resident_now():
-    """Bytes this process holds now (its resident set); where only the peak is known (macOS), the peak, which is
-    never less."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
-
-
-def plan_run(config, store, params, examples, log):
+def plan_run(config, store, params, examples, rows_per_example, fused, log):
     """--memory-budget for a run: -> (engine settings, (MLX's share, what of it may stay cached) in bytes). The
     process's resident set now, and its growth, are the fixed part; a budget it already fills (or nearly: no plan
-    fits the rest) is refused before any work."""
+    fits the rest) is refused before any work. rows_per_example: batch rows per example (the objective's); fused:
+    whether the trainer applies each block's update in the backward (one block's gradients at a time)."""
     chart_library()  # drawn at the end of the run: part of the fixed footprint
     budget = parse_bytes(config.memory_budget)
-    held = int(resident_now() * (1 + GROWTH))
+    held = int(resident_bytes() * (1 + GROWTH))
     longest = max(len(ids) - 1 for ids, _ in examples)
     if config.pack:  # packed rows fill up to max_seq_length
         longest = min(config.max_seq_length, sum(len(ids) - 1 for ids, _ in examples))
@@ -111,10 +97,8 @@ def plan_run(config, store, params, examples, log):
                           f"{held / (1 + GROWTH) / 1e6:.0f} MB (+{GROWTH:.0%} for its growth) "
                           "before the first step (interpreter, libraries, tokenizer, data, weights read so far); "
                           "raise the budget")
-    rows = config.batch_size * (1 if config.loss == "sft" else 2)  # a preference batch is pairs of rows
-    fused = config.fused_update and config.grad_accumulation_steps == 1  # as the trainer decides it
-    settings, peak = plan_for_budget(store, config.scale, rows, longest, params, config.optimizer, fused,
-                                     budget - held, config.compute(), held)
+    settings, peak = plan_for_budget(store, config.scale, config.batch_size * rows_per_example, longest, params,
+                                     config.optimizer, fused, budget - held, config.compute(), held)
     c = settings["compute"]
     log(f"[mesp-mlx] memory budget {budget / 1e6:.0f} MB: the process holds {held / (1 + GROWTH) / 1e6:.0f} MB "
         f"before the first step (+{GROWTH:.0%} for its growth), MLX's share is {(budget - held) / 1e6:.0f} MB; "

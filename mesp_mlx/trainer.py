@@ -14,13 +14,12 @@ import threading
 import time
 
 import mlx.core as mx
-import mlx.optimizers as optim
 
 from .blas import blas_status
 from .checkpointer import Checkpointer
-from .config import OPTIMIZERS, TrainConfig
+from .config import TrainConfig
 from .cursor import DataCursor
-from .data import batches, epoch_groups, load_datasets
+from .data import epoch_groups
 from .distributed import Group
 from .engines import make_engine
 from .errors import ConfigError
@@ -29,21 +28,12 @@ from .io.adapters import RESUME_FILE, hold_folder
 from .io.sources import load_model
 from .lora import LoRAConfig, from_flat, init_lora, num_params, resolve_keys, to_flat, tree_map
 from .model import generate
+from .objectives import make_objective
+from .objectives.preference import attach_reference
 from .ops.keys import purpose_key
-from .ops.preference import Preference
+from .optimizer import OPTIMIZERS, OptimizerUpdate, learning_rate_schedule, make_optimizer
 from .plan import mlx_limits, plan_run
-from .preference import attach_reference, load_preference_datasets
-from .report import Reporter, as_stats, make_tracker, stats_text
-
-
-def learning_rate_schedule(lr, kind, warmup, steps):
-    """A constant or cosine-decayed rate, after `warmup` steps rising linearly from 0 (as mlx-lm's warmup does);
-    a plain number when it never changes, so a resume may lower it."""
-    main = optim.cosine_decay(lr, max(steps - warmup, 1)) if kind == "cosine" else lr
-    if warmup <= 0:
-        return main
-    rest = main if callable(main) else (lambda step: mx.array(lr, mx.float32))
-    return optim.join_schedules([optim.linear_schedule(0.0, lr, warmup), rest], [warmup])
+from .report import Reporter, make_tracker
 
 
 def catch_signals(trainer):
@@ -61,82 +51,6 @@ def catch_signals(trainer):
                     "(again to stop now)")
 
     return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-
-
-def load_run_data(c, tokenizer):
-    """The run's splits: text / completion / chat rows for SFT, pairs (a batch holds batch_size chosen rows, then
-    their rejected rows) for a preference loss."""
-    if c.loss == "sft":
-        return load_datasets(tokenizer, c.data, c.max_seq_length, c.mask_prompt, c.skip_bad_rows, c.hf_dataset)
-    data = load_preference_datasets(tokenizer, c.data, c.max_seq_length, c.skip_bad_rows)
-    for d in data.values():
-        d.objective = Preference(c.loss, c.beta, c.dpo_cpo_loss_type)
-    return data
-
-
-class OptimizerUpdate:
-    """The optimizer's update of one block of a step, as one element-wise update of the block's parameters laid end
-    to end: the block's gradients are concatenated (one kernel) and the optimizer's per-parameter rule runs once on
-    the whole vector, compiled where the engine compiles its blocks (one fused kernel instead of one a parameter,
-    ~14 a block). The parameters and their optimizer state are handed back as views of the updated vectors, and a
-    block whose parameters and state are still those views next step reuses the vectors as they are (no
-    concatenation). The step's first block advances the step count and any scheduled learning rate
-    (apply_gradients of nothing); every block applies the values set (apply_single, what apply_gradients does per
-    parameter after advancing them), so updating block by block is the arithmetic of one update of the whole tree,
-    element for element. Parameters of mixed dtypes or with state that is not element-wise fall back to one update a
-    parameter. Bound to the current state tree, so a resumed run (which replaces it) compiles afresh."""
-
-    def __init__(self, opt):
-        self.opt, self.compiled, self.vectors = opt, None, {}
-
-    def _rule(self, gradient, parameter, state):
-        state = dict(state)
-        return self.opt.apply_single(gradient, parameter, state), state
-
-    def _fn(self, compiled):
-        if not compiled:
-            return self._rule
-        if self.compiled is None or self.compiled[0] is not self.opt.state:
-            self.compiled = (self.opt.state, mx.compile(self._rule, inputs=self.opt.state))
-        return self.compiled[1]
-
-    def __call__(self, compiled, first=True):
-        def update(gradients, parameters):  # flat trees ({name: array}), as to_flat makes them
-            if first:
-                self.opt.apply_gradients({}, {})
-            return self._update(gradients, parameters, self._fn(compiled))
-        return update
-
-    def _update(self, gradients, parameters, fn):
-        names = list(gradients)
-        states = [self.opt.state[k] for k in names]
-        keys = sorted(states[0])
-        if len({parameters[k].dtype for k in names}) > 1 or any(
-                sorted(s) != keys or any(s[f].shape != parameters[k].shape for f in keys)
-                for k, s in zip(names, states)):
-            return {k: self._apply_each(fn, gradients[k], parameters[k], self.opt.state[k]) for k in names}
-        held = self.vectors.get(tuple(names))
-        if held and all(parameters[k] is held[1][k] and all(self.opt.state[k][f] is held[2][k][f] for f in keys)
-                        for k in names):
-            p, state = held[0]
-        else:  # first update, or parameters / state replaced since (a resume)
-            p = mx.concatenate([parameters[k].reshape(-1) for k in names])
-            state = {f: mx.concatenate([s[f].reshape(-1) for s in states]) for f in keys}
-        p, state = fn(mx.concatenate([gradients[k].reshape(-1) for k in names]), p, state)
-        out, views, at = {}, {}, 0
-        for k in names:
-            shape, n = parameters[k].shape, parameters[k].size
-            out[k] = p[at:at + n].reshape(shape)
-            views[k] = {f: state[f][at:at + n].reshape(shape) for f in keys}
-            self.opt.state[k].update(views[k])
-            at += n
-        self.vectors[tuple(names)] = ((p, state), out, views)
-        return out
-
-    def _apply_each(self, fn, gradient, parameter, state):
-        new, values = fn(gradient, parameter, state)
-        state.update(values)
-        return new
 
 
 def describe_store(store):
@@ -160,9 +74,10 @@ def usage_hint(store, out, prompt):
             f"  python -m mesp_mlx.export --adapter-path {out} --format {formats}")
 
 
-def dpo_reference(c, store, params, data, compute, out, log):
-    """DPO's reference scores of every pair: read from the cache beside the adapter, the rest computed with a
-    forward only (the base with the adapter off, or with --reference-adapter-path)."""
+def score_reference(c, store, params, data, compute, out, log):
+    """The reference model's scores of every row, for an objective that needs them: read from the cache beside the
+    adapter, the rest computed with a forward only (the base with the adapter off, or with
+    --reference-adapter-path)."""
     ref = None
     if c.reference_adapter_path:
         expected = {k: tuple(v.shape) for k, v in to_flat(params).items()}
@@ -172,9 +87,17 @@ def dpo_reference(c, store, params, data, compute, out, log):
     attach_reference(data.values(), store, compute, out, ref, c.scale, pairs, log)
 
 
+def as_floats(stats):
+    return {k: v.item() for k, v in stats.items()}
+
+
 class Trainer:
     def __init__(self, config: TrainConfig, log=print):
         c = self.cfg = config
+        if c.device == "gpu" and not mx.is_available(mx.gpu):
+            raise ConfigError("--device gpu: this MLX has no GPU backend (on Linux, `pip install mlx[cuda]`; on a "
+                              "Mac, mlx-metal comes with mlx); use --device cpu")
+        mx.set_default_device(mx.gpu if c.device == "gpu" else mx.cpu)  # the run's device, for all it computes
         self.group = Group()
         self.log = log if self.group.rank == 0 else (lambda *a, **k: None)
         self.stop_signal, self.memory_limit = None, None
@@ -188,7 +111,8 @@ class Trainer:
             raise ConfigError(str(e)) from None
         self.lora_cfg = LoRAConfig(c.rank, c.scale, keys, c.num_layers, c.lora_dropout)
         self.tokenizer = self.store.tokenizer()
-        self.data = load_run_data(c, self.tokenizer)
+        self.objective = make_objective(c)
+        self.data = self.objective.load_data(self.tokenizer, c)
         if c.test and not self.data.get("test"):
             raise ConfigError(f"{c.data}: --test needs a test split (test.jsonl)")
         if len(self.data["train"]) < c.batch_size:
@@ -198,59 +122,60 @@ class Trainer:
         if c.resume_adapter_file:
             expected = {k: tuple(v.shape) for k, v in to_flat(self.params).items()}
             self.params = load_adapter_weights(c.resume_adapter_file, expected, c.scale, store=self.store)
+        # the update goes into the backward, block by block, whenever that is the same step (no accumulation) and
+        # the engine has a backward to put it in
+        fused = c.fused_update and c.grad_accumulation_steps == 1
         settings = dict(compute=c.compute(), checkpoints=c.checkpoints)
         if c.memory_budget:
-            settings, self.memory_limit = plan_run(c, self.store, self.params, self.data["train"].examples, self.log)
+            settings, self.memory_limit = plan_run(c, self.store, self.params, self.data["train"].examples,
+                                                   self.objective.rows_per_example, fused, self.log)
         self.compute = settings["compute"]
         self.engine = make_engine(c.method, self.store, c.scale, config=c, **settings)
-        # the update goes into the backward, block by block, whenever that is the same step (no accumulation)
-        self.fused = c.fused_update and self.engine.fuses_update and c.grad_accumulation_steps == 1
+        self.fused = fused and self.engine.fuses_update
         per_epoch = math.ceil(len(self.data["train"]) / (c.batch_size * self.group.size))
         self.pack = c.max_seq_length if c.pack else 0
         if self.pack:  # batches of packed rows: as many as the first epoch packs into
             per_epoch = len(epoch_groups(self.data["train"], c.batch_size * self.group.size, c.seed, 0, self.pack))
         self.steps = c.iters if c.epochs <= 0 else math.ceil(c.epochs * per_epoch / c.grad_accumulation_steps)
         self.lr = learning_rate_schedule(c.learning_rate, c.lr_schedule, c.warmup, self.steps)
-        self.opt = OPTIMIZERS[c.optimizer](learning_rate=self.lr, **c.optimizer_config)
+        self.opt = make_optimizer(c.optimizer, self.lr, **c.optimizer_config)
         self.opt.init(to_flat(self.params))
-        self.updates = OptimizerUpdate(self.opt)
+        self.updates = OptimizerUpdate(self.opt, OPTIMIZERS[c.optimizer].elementwise)
         self.step_no = 0
-        self.cursor = DataCursor(self.data["train"], c.batch_size, c.seed, self.group.rank, self.group.size,
-                                 self.pack)
+        self.cursor = DataCursor(self.data["train"], self.objective.make_batch, c.batch_size, c.seed,
+                                 self.group.rank, self.group.size, self.pack)
 
     def current_lr(self):
         return float(self.lr(mx.array(self.step_no)) if callable(self.lr) else self.lr)
 
     def evaluate(self, split="valid", max_batches=None):
-        """Mean loss per target token over a split's first batches (all with -1), or None without the split; for
-        preference pairs, the means over pairs of the loss and its stats (a dict)."""
+        """The objective's stats ({"loss", ...}) over a split's first batches (all with -1), each batch weighed as
+        the objective says (per target token, or per example); None without the split."""
         data = self.data.get(split)
         if not data:
             return None
         max_batches = self.cfg.val_batches if max_batches is None else max_batches
         total, count = {}, 0.0
-        for k, batch in enumerate(batches(data, self.cfg.batch_size, 0, 0, self.pack)):
+        for k, group in enumerate(epoch_groups(data, self.cfg.batch_size, 0, 0, self.pack)):
             if 0 <= max_batches <= k:
                 break
-            weight = batch[0].shape[0] // 2 if len(batch) > 4 else batch[2].sum().item()  # pairs, or tokens
-            for key, v in as_stats(self.engine.loss(self.params, batch)).items():
-                total[key] = total.get(key, 0.0) + v * weight
+            batch = self.objective.make_batch(data, group, bool(self.pack))
+            weight = self.objective.weight(batch).item()
+            for key, v in self.engine.loss(self.params, batch).items():
+                total[key] = total.get(key, 0.0) + v.item() * weight
             count += weight
-        out = {key: v / max(count, 1) for key, v in total.items()}
-        return out if len(out) > 1 else out.get("loss", 0.0)
+        return {key: v / max(count, 1) for key, v in total.items()}
 
     def report_split(self, split, max_batches):
         t0 = time.perf_counter()
-        loss = self.evaluate(split, max_batches)
+        stats = self.evaluate(split, max_batches)
         name = {"valid": "Val", "test": "Test"}[split]
-        if loss is None:
+        if stats is None:
             raise ConfigError(f"{self.cfg.data}: there is no {split} split to evaluate ({split}.jsonl)")
-        if isinstance(loss, dict):
-            self.log(f"{name} loss {loss['loss']:.3f}, {stats_text(loss)}, took {time.perf_counter() - t0:.3f}s")
-            return loss
-        self.log(f"{name} loss {loss:.3f}, {name} ppl {math.exp(min(loss, 50)):.3f}, "
+        words = self.objective.describe(stats, name)
+        self.log(f"{name} loss {stats['loss']:.3f}, {words + ', ' if words else ''}"
                  f"took {time.perf_counter() - t0:.3f}s")
-        return loss
+        return stats
 
     def test(self):
         """--test: loss and perplexity on the test split (mlx-lm's report line)."""
@@ -279,43 +204,38 @@ class Trainer:
         return purpose_key(self.cfg.seed, "dropout", self.step_no, micro, self.group.rank)
 
     def step(self):
-        """One optimizer step (with gradient accumulation); returns (loss, tokens of the whole group). The loss of
-        a preference batch is a dict: the loss and its stats (ops.preference.STATS)."""
+        """One optimizer step (with gradient accumulation); returns (the objective's stats as floats, target
+        tokens of the whole group)."""
         if self.fused or self.cfg.grad_accumulation_steps == 1 and not self.engine.fuses_update:
             batch = self.cursor.next_batch()
-            n, total = self.group.weights(batch)
+            n, total = self.group.weights(self.objective.weight(batch))
             step0 = self.opt.state["step"]
-            loss = self.engine.train_step(self.params, batch, lambda i, g: self.update_block(i, g, step0),
-                                          lambda tree: self.group.mean(tree, n, total), self.dropout_key(0))
+            stats = self.engine.train_step(self.params, batch, lambda i, g: self.update_block(i, g, step0),
+                                           lambda tree: self.group.mean(tree, n, total), self.dropout_key(0))
             if self.opt.state["step"] is step0:  # no block was updated
                 self.opt.state["step"] = step0 + 1
-            loss = as_stats(self.group.mean(loss, n, total))
-            return (loss if len(loss) > 1 else loss["loss"]), self.tokens(batch, total)
-        acc, loss_sum, tokens = None, {}, 0.0
+            return as_floats(self.group.mean(stats, n, total)), self.group.tokens(batch)
+        acc, sums, tokens = None, {}, 0.0
         for micro in range(self.cfg.grad_accumulation_steps):
             batch = self.cursor.next_batch()
-            n, total = self.group.weights(batch)
+            n, total = self.group.weights(self.objective.weight(batch))
             grads = {}
 
             def collect(i, g):
                 grads[i] = self.group.mean(g, n, total)
                 return grads[i]
 
-            loss, _ = self.engine.loss_and_grad(self.params, batch, on_block=collect, seed=self.dropout_key(micro))
+            stats, _ = self.engine.loss_and_grad(self.params, batch, on_block=collect, seed=self.dropout_key(micro))
             acc = grads if acc is None else tree_map(lambda a, b: a + b, acc, grads)
-            for key, v in as_stats(self.group.mean(loss, n, total)).items():
-                loss_sum[key] = loss_sum.get(key, 0.0) + v / self.cfg.grad_accumulation_steps
-            tokens += self.tokens(batch, total)
+            for key, v in as_floats(self.group.mean(stats, n, total)).items():
+                sums[key] = sums.get(key, 0.0) + v / self.cfg.grad_accumulation_steps
+            tokens += self.group.tokens(batch)
         if self.cfg.grad_accumulation_steps > 1:
             acc = tree_map(lambda a: a / self.cfg.grad_accumulation_steps, acc)
         flat = self.opt.apply_gradients(to_flat(acc), to_flat(self.params))
         mx.eval(flat, self.opt.state)
         self.params = from_flat(flat)
-        return (loss_sum if len(loss_sum) > 1 else loss_sum["loss"]), tokens
-
-    def tokens(self, batch, total):
-        """The group's target tokens in this batch: `total` itself unless the group weighed it by pairs."""
-        return (total if len(batch) < 5 else self.group.tokens(batch)[1]).item()
+        return sums, tokens
 
     def save(self, checkpointer, numbered):
         checkpointer.save(self.params, self.lora_cfg, self.store.path, self.opt.state, self.step_no,
@@ -344,10 +264,10 @@ class Trainer:
     def _run(self, out):
         c = self.cfg
         self.log(f"[mesp-mlx] {blas_status()}; device {mx.default_device()}")
-        if c.loss == "dpo":
-            dpo_reference(c, self.store, self.params, self.data, self.compute, out, self.log)
+        if self.objective.needs_reference:
+            score_reference(c, self.store, self.params, self.data, self.compute, out, self.log)
         first = self.group.rank == 0
-        checkpointer, reporter = Checkpointer(out, c, self.group), Reporter(out, self.log, first)
+        checkpointer, reporter = Checkpointer(out, c, self.group), Reporter(out, self.objective, self.log, first)
         if c.resume:
             self.resume(checkpointer, reporter)
         elif (out / RESUME_FILE).exists():
@@ -392,15 +312,15 @@ class Trainer:
             reporter.start(self.steps, self.step_no)
             while self.step_no < self.steps:
                 ts, lr = time.perf_counter(), self.current_lr()  # the rate this step applies
-                loss, tokens = self.step()
-                stats, loss = (loss, loss["loss"]) if isinstance(loss, dict) else (None, loss)
+                stats, tokens = self.step()
+                loss = stats["loss"]
                 step = self.step_no = self.step_no + 1
                 if not math.isfinite(loss):
                     raise FloatingPointError(
                         f"loss became {loss} at step {step}; the last good checkpoint is in {checkpointer.out}. "
                         f"Continue from it with --resume and a lower --learning-rate (now {c.learning_rate:g})")
-                reporter.step(step, loss, tokens, time.perf_counter() - ts, lr,
-                              report=step % c.steps_per_report == 0 or step == self.steps, stats=stats)
+                reporter.step(step, stats, tokens, time.perf_counter() - ts, lr,
+                              report=step % c.steps_per_report == 0 or step == self.steps)
                 if step % c.steps_per_eval == 0 or step == self.steps:
                     tv = time.perf_counter()
                     val = self.evaluate()

@@ -13,9 +13,16 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from mesp_mlx.objectives import SFT
+
 ON_GPU = mx.default_device() == mx.gpu
 EXACT = 2e-3 if ON_GPU else 1e-5
 REL_TOL, COS_TOL = (2e-3, 0.9999) if ON_GPU else (1e-4, 0.99999)
+
+
+def sft_batch(inputs, targets, mask, segments=None):
+    """A next-token batch of these arrays (mean cross-entropy over the masked targets)."""
+    return SFT().batch(inputs, targets, mask, segments)
 
 
 def rel_err(a, b):

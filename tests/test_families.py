@@ -9,7 +9,7 @@ import mlx.core as mx
 import pytest
 
 from builders import TINY, tiny_weights, write_tiny, write_tiny_gguf
-from helpers import EXACT, mlx_lm_model, rel_err
+from helpers import EXACT, mlx_lm_model, rel_err, sft_batch
 from mesp_mlx.engines import make_engine
 from mesp_mlx.io import SourceError
 from mesp_mlx.io.sources import load_model
@@ -144,7 +144,7 @@ def test_fp64_gradients_exact(tmp_path, arch):
         params = tree_map(lambda t: (t + 0.02 * mx.random.normal(t.shape, key=mx.random.key(t.size)))
                           .astype(mx.float64), params)
         ids = ids_of(store.args.vocab_size, 17)
-        batch = (ids[:, :-1], ids[:, 1:], mx.ones((2, 16)))
+        batch = sft_batch(ids[:, :-1], ids[:, 1:], mx.ones((2, 16)))
         compute = Compute(dtype=mx.float64, attn_chunk=4, mlp_chunk=6, vocab_chunk=64, token_chunk=7)
         _, ref = make_engine("autodiff", store, 20.0, compute=Compute(dtype=mx.float64)).loss_and_grad(params, batch)
         _, got = make_engine("mesp", store, 20.0, compute=compute).loss_and_grad(params, batch)

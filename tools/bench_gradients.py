@@ -53,6 +53,7 @@ def main(argv=None):
     ensure_fast_blas()
     import mlx.core as mx
     from mesp_mlx.engines import make_engine
+    from mesp_mlx.objectives import SFT
     from mesp_mlx.io.sources import load_model
     from mesp_mlx.lora import LoRAConfig, init_lora, tree_map
     from mesp_mlx.ops.linear import Compute
@@ -69,18 +70,20 @@ def main(argv=None):
         if not ids:
             sys.exit(f"{a.text}: no tokens")
         ids = mx.array([(ids * (1 + (a.seq + 1) // len(ids)))[:a.seq + 1]])
-    batch = (ids[:, :-1], ids[:, 1:], mx.ones((1, a.seq)))
+    batch = SFT().batch(ids[:, :-1], ids[:, 1:], mx.ones((1, a.seq)))
     params = init_lora(store.args, LoRAConfig(rank=a.rank, num_layers=a.num_layers), 0)
     params = tree_map(lambda t: (t + 0.02 * mx.random.normal(t.shape, key=mx.random.key(t.size))).astype(dtype),
                       params)
     print(f"{store.path.name}: T={a.seq}, rank {a.rank} on {len(params)} layers, {a.dtype}")
-    ref_loss, ref = make_engine("autodiff", store, 20.0, compute=compute).loss_and_grad(params, batch)
+    ref_stats, ref = make_engine("autodiff", store, 20.0, compute=compute).loss_and_grad(params, batch)
+    ref_loss = ref_stats["loss"]
     results = []
     for method in a.methods:
         runs = ([(f"mezo n={n}", make_engine("mezo", store, 20.0, compute=compute, n_samples=n)) for n in a.mezo_samples]
                 if method == "mezo" else [(method, make_engine(method, store, 20.0, compute=compute))])
         for label, engine in runs:
-            loss, grads = engine.loss_and_grad(params, batch)
+            stats, grads = engine.loss_and_grad(params, batch)
+            loss = stats["loss"]
             rows, overall = compare(grads, ref)
             results.append({"method": label, "loss_diff": abs(loss.item() - ref_loss.item()), **overall,
                             "tensors": rows})

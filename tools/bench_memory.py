@@ -47,54 +47,13 @@ import json
 import math
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-KEYS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-        "mlp.up_proj", "mlp.down_proj"]
-
-
-def text_tokens(tokenizer, n):
-    text = (Path(sysconfig.get_paths()["stdlib"]) / "json" / "decoder.py").read_text()
-    ids = tokenizer.encode(text)
-    return (ids * (1 + n // len(ids)))[:n]
-
-
-def bench_text(tokenizer, seq):
-    """The batch's text: longer than seq + 1 tokens, so every method, mlx-lm's data loader included, cuts it."""
-    return tokenizer.decode(text_tokens(tokenizer, seq + 64))
-
-
-def bench_ids(tokenizer, seq):
-    """The seq + 1 tokens of the batch (seq inputs, seq targets): the text re-encoded as mlx-lm's loader encodes it,
-    so the engines and mlx-lm see the same tokens."""
-    return tokenizer.encode(bench_text(tokenizer, seq))[:seq + 1]
-
-
-def resolve_model(spec):
-    """A model spec as load_model takes it; `preset:NAME[,key=value...]` is generated once (tools/make_model.py)
-    into the cache and its directory returned."""
-    if not spec.startswith("preset:"):
-        return spec
-    import os
-    from make_model import make_model
-    from mesp_mlx.io.sources import cache_root
-    name, *opts = spec[len("preset:"):].split(",")
-    kw = {}
-    for o in opts:
-        k, _, v = o.partition("=")
-        if k not in ("layers", "vocab", "seed", "dtype"):
-            raise SystemExit(f"{spec}: unknown option {k!r} (layers, vocab, seed, dtype)")
-        kw[k] = v if k == "dtype" else int(v)
-    out = cache_root() / "random" / "-".join([name] + [f"{k}{v}" for k, v in sorted(kw.items())])
-    if not (out / "config.json").exists():  # make_model renames a finished directory into place
-        print(f"generating {spec} into {out} ...", file=sys.stderr, flush=True)
-        make_model(name, out, **kw)
-    return str(out)
+from bench_inputs import KEYS, bench_ids, bench_text, resolve_model  # noqa: E402 (after the path)
 
 
 def device_info():
@@ -146,14 +105,15 @@ def one(model, method, seq, rank, steps, warmup, engine_kw):
     from mesp_mlx.engines import make_engine
     from mesp_mlx.io.sources import load_model
     from mesp_mlx.lora import LoRAConfig, init_lora
-    from mesp_mlx.report import rss_mb
+    from mesp_mlx.objectives import SFT
+    from mesp_mlx.resident import rss_mb
     method, _, path = method.partition("@")
     keep_types = engine_kw.pop("keep_gguf_types", False)
     compute, kw = engine_options(path, engine_kw)
     store = load_model(resolve_model(model), requantize=not keep_types)
     params = init_lora(store.args, LoRAConfig(rank=rank), 0)
     ids = mx.array([bench_ids(store.tokenizer(), seq)])
-    batch = (ids[:, :-1], ids[:, 1:], mx.ones((1, seq)))
+    batch = SFT().batch(ids[:, :-1], ids[:, 1:], mx.ones((1, seq)))
     engine = make_engine(method, store, 20.0, compute=compute, **kw)
     mx.eval(params)
     if method == "mezo":  # its SPSA step with the SGD update applied block by block, as a run trains
@@ -164,7 +124,7 @@ def one(model, method, seq, rank, steps, warmup, engine_kw):
         run = lambda: engine.loss_and_grad(params, batch)
     res = {}
     if method == "mezo":  # the loss at the parameters, comparable with mesp's; its step reports perturbed ones
-        res["loss"] = float(engine.loss(params, batch))
+        res["loss"] = float(engine.loss(params, batch)["loss"])
     for _ in range(warmup):
         run()
     mx.clear_cache()
@@ -178,7 +138,7 @@ def one(model, method, seq, rank, steps, warmup, engine_kw):
     dt = time.perf_counter() - t
     n_eval, n_async = counts["eval"], counts["async_eval"]
     # read after the clock stops: a loss still lazy here would otherwise be computed inside the timing
-    res["loss_step" if method == "mezo" else "loss"] = float(losses[0])
+    res["loss_step" if method == "mezo" else "loss"] = float(losses[0]["loss"])
     res = dict(res, s_per_step=dt / steps, peak_mb=mx.get_peak_memory() / 1e6, active_before_mb=base / 1e6,
                rss_peak_mb=rss_mb(), evals_per_step=(n_eval + n_async) / steps,
                async_evals_per_step=n_async / steps, bits_per_weight=store.bits_per_weight(), **device_info())
@@ -234,7 +194,7 @@ def mlx_lm_run(model, seq, rank, steps, warmup):
     """mlx-lm's trainer as a user runs it (its `lora` command line, same store and text, --grad-checkpoint), with
     the peak memory, speed and loss it measures itself, after at least two warm-up steps."""
     from mesp_mlx.io.sources import load_model
-    from mesp_mlx.report import rss_mb
+    from mesp_mlx.resident import rss_mb
     from mlx_lm.utils import load_tokenizer
     store = load_model(resolve_model(model), requantize=True)  # mlx-lm reads no packed GGML blocks
     tok = store.tokenizer()
@@ -290,7 +250,8 @@ def loss_tolerance(row):
     4e-3 for float16) with the device bound as a floor. What a wrong answer costs is much more: on a random-weight
     model a dropped layer or a wrong head chunk moves the loss by percents, on a real one by whole nats.
     The full-logits rows (mebp, autodiff) take MLX's logsumexp over all V logits in fp32, which was measured 2e-4
-    off the fp64 value at V = 152k (DESIGN.md §4: a sum of V terms rounds up to ~V u); our chunked online lse was
+    off the fp64 value at V = 152k (a sum of V terms rounds up to ~V u: docs/platform.md); our chunked
+    online lse was
     3.6e-5 off. Those rows get 1e-3."""
     base = 2e-3 if "gpu" in str(row.get("device", "")) else 1e-4
     if row["method"].split("@")[0] in ("mebp", "autodiff"):

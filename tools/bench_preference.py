@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_memory import KEYS, resolve_model, text_tokens  # noqa: E402
+from bench_inputs import KEYS, resolve_model, text_tokens  # noqa: E402
 
 PROMPT = 8
 
@@ -44,16 +44,16 @@ def one(model, method, loss, seq, rank, steps, warmup):
     from mesp_mlx.engines import make_engine
     from mesp_mlx.io.sources import load_model
     from mesp_mlx.lora import LoRAConfig, init_lora
-    from mesp_mlx.ops.preference import Preference
-    from mesp_mlx.report import rss_mb
+    from mesp_mlx.objectives import OBJECTIVES
+    from mesp_mlx.resident import rss_mb
     store = load_model(resolve_model(model))
     params = init_lora(store.args, LoRAConfig(rank=rank), 0)
     ids = mx.array(list(pair_ids(store.tokenizer(), seq)))
     mask = mx.ones((2, seq))
     mask[:, :PROMPT] = 0
-    batch = (ids[:, :-1], ids[:, 1:], mask)
-    if loss != "sft":
-        batch += (None, Preference(loss, 0.1, "sigmoid", mx.array([-500.0, -520.0]) if loss == "dpo" else None))
+    objective = OBJECTIVES[loss]() if loss == "sft" else OBJECTIVES[loss](0.1)
+    fields = {"reference": mx.array([-500.0, -520.0])} if objective.needs_reference else {}
+    batch = objective.batch(ids[:, :-1], ids[:, 1:], mask, **fields)
     engine = make_engine(method, store, 20.0)
 
     def sgd(i, g):
@@ -67,8 +67,7 @@ def one(model, method, loss, seq, rank, steps, warmup):
     t = time.perf_counter()
     out = [run() for _ in range(steps)]
     dt = time.perf_counter() - t
-    first = out[0]["loss"] if isinstance(out[0], dict) else out[0]
-    return dict(model=model, method=method, loss=loss, seq=seq, rows=2, value=float(first), s_per_step=dt / steps,
+    return dict(model=model, method=method, loss=loss, seq=seq, rows=2, value=float(out[0]["loss"]), s_per_step=dt / steps,
                 peak_mb=mx.get_peak_memory() / 1e6, rss_peak_mb=rss_mb())
 
 

@@ -22,17 +22,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 def run(store, fused, compiled, optimizer, steps):
     import mlx.core as mx
-    from mesp_mlx.config import OPTIMIZERS
     from mesp_mlx.lora import LoRAConfig, from_flat, init_lora, to_flat
-    from mesp_mlx.trainer import OptimizerUpdate
+    from mesp_mlx.optimizer import OPTIMIZERS, OptimizerUpdate, make_optimizer
     mx.random.seed(0)
     params = init_lora(store.args, LoRAConfig(rank=8), 0)
     grads = {i: {p: (mx.random.normal(a.shape), mx.random.normal(b.shape)) for p, (a, b) in m.items()}
              for i, m in params.items()}
     mx.eval(params, grads)
-    opt = OPTIMIZERS[optimizer](learning_rate=1e-3)
+    opt = make_optimizer(optimizer, 1e-3)
     opt.init(to_flat(params))
-    updates = OptimizerUpdate(opt)
+    updates = OptimizerUpdate(opt, OPTIMIZERS[optimizer].elementwise)
     plain = mx.compile(opt.apply_gradients, inputs=opt.state, outputs=opt.state) if compiled else opt.apply_gradients
     times = []
     for _ in range(steps):
@@ -57,7 +56,7 @@ def main(argv=None):
     ap.add_argument("--compiled", action="store_true")
     a = ap.parse_args(argv)
     import mlx.core as mx
-    from bench_memory import resolve_model
+    from bench_inputs import resolve_model
     from mesp_mlx.io.sources import load_model
     store = load_model(resolve_model(a.model))
     out = {"model": store.path.name, "optimizer": a.optimizer, "compiled": a.compiled, "fused_s": [],

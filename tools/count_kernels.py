@@ -95,10 +95,10 @@ def train_step_counts(engine, params, batch):
     import mlx.core as mx
     import mlx.optimizers as optim
     from mesp_mlx.lora import from_flat, to_flat
-    from mesp_mlx.trainer import OptimizerUpdate
+    from mesp_mlx.optimizer import OptimizerUpdate
     opt = optim.Adam(learning_rate=1e-5)
     opt.init(to_flat(params))
-    updates = OptimizerUpdate(opt)
+    updates = OptimizerUpdate(opt, elementwise=True)
 
     def step():
         step0 = opt.state["step"]
@@ -125,7 +125,7 @@ def _mlx_lm(model, seq):
     from mlx_lm.tuner.trainer import default_loss, grad_checkpoint
     from mlx_lm.tuner.utils import linear_to_lora_layers
     from mlx_lm.utils import load
-    from bench_memory import KEYS, bench_ids
+    from bench_inputs import KEYS, bench_ids
     lm, tok = load(model)
     lm.freeze()
     linear_to_lora_layers(lm, len(lm.layers), {"rank": 8, "scale": 20.0, "dropout": 0.0, "keys": KEYS})
@@ -150,7 +150,7 @@ def main(argv=None):
     from mesp_mlx.blas import ensure_fast_blas
     ensure_fast_blas()
     import mlx.core as mx
-    from bench_memory import bench_ids, resolve_model
+    from bench_inputs import bench_ids, resolve_model
     model = resolve_model(model) if model else None
     if which.startswith("mlx-lm"):
         step, state, ids, lengths = _mlx_lm(model, seq)
@@ -165,6 +165,7 @@ def main(argv=None):
         from mesp_mlx.engines import make_engine
         from mesp_mlx.io.sources import load_model
         from mesp_mlx.lora import LoRAConfig, init_lora
+        from mesp_mlx.objectives import SFT
         from mesp_mlx.ops.linear import Compute
         which_, _, step = which.partition("/")
         method, _, rest = which_.partition(":")
@@ -173,7 +174,7 @@ def main(argv=None):
         store = load_model(model)
         params = init_lora(store.args, LoRAConfig(rank=8), 0)
         ids = mx.array([bench_ids(store.tokenizer(), seq)])
-        batch = (ids[:, :-1], ids[:, 1:], mx.ones((1, seq)))
+        batch = SFT().batch(ids[:, :-1], ids[:, 1:], mx.ones((1, seq)))
         compute = Compute(sync=sync or "auto", matmul=matmul or "auto", compile=compile_ or "auto")
         engine = make_engine(method, store, 20.0, compute=compute)
         out = (train_step_counts if step else engine_step_counts)(engine, params, batch)

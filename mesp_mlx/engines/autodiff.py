@@ -1,13 +1,13 @@
 """The reference: the whole model as one MLX `value_and_grad` graph, every weight resident, full logits.
 What one would write without thinking about memory; the engine every other engine's gradients are tested against.
-Its gradients all exist at the end, so a per-block callback sees them then (nothing to fuse).
+Its gradients all exist at the end, so a per-block callback sees them then.
 """
 import mlx.core as mx
 
 from ..lora import from_flat, to_flat
 from ..model import reference_loss
 from ..ops.linear import DEFAULT
-from .base import Engine, preference_of, segments_of
+from .base import Engine
 
 
 class AutodiffEngine(Engine):
@@ -18,19 +18,17 @@ class AutodiffEngine(Engine):
         self.layers = [store.layer(i) for i in range(store.num_layers)]
 
     def loss(self, params, batch):
-        out = reference_loss(self.store, *batch[:3], params, self.scale, self.specs, self.layers,
-                             segments=segments_of(batch), pref=preference_of(batch))
-        return out[1] if isinstance(out, tuple) else out
+        stats = reference_loss(self.store, batch, params, self.scale, self.specs, self.layers)[1]
+        mx.eval(stats)
+        return stats
 
     def loss_and_grad(self, params, batch, on_block=None, seed=None):
         dropout = None if seed is None else (self.lora_dropout, seed)
 
         def fn(flat):
-            return reference_loss(self.store, *batch[:3], from_flat(flat), self.scale, self.specs, self.layers,
-                                  dropout, segments=segments_of(batch), pref=preference_of(batch))
+            return reference_loss(self.store, batch, from_flat(flat), self.scale, self.specs, self.layers, dropout)
 
-        loss, g = mx.value_and_grad(fn)(to_flat(params))
-        loss = loss[1] if isinstance(loss, tuple) else loss  # a preference batch: its stats
+        (_, loss), g = mx.value_and_grad(fn)(to_flat(params))
         mx.eval(loss, g)
         grads = from_flat(g)
         if on_block is None:

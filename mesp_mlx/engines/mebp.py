@@ -5,28 +5,24 @@ T x V logits, as that paper does. MLX's fused attention kernel is used in the fo
 """
 import mlx.core as mx
 
-from ..model import full_loss, full_preference_stats
+from ..model import full_token_nll
 from ..ops.block import block_forward
 from .streaming import StreamingEngine
 
 
 class MeBPEngine(StreamingEngine):
-    def head_loss(self, x, targets, mask, need_grad, pref=None):
-        if pref is not None:  # the same full-logits graph, differentiated through the preference loss
-            def stats(x):
-                out = full_preference_stats(self.store, x, targets, mask, pref, self.compute)
-                return out["loss"], out
+    def head_loss(self, x, batch, need_grad):
+        def stats(x):
+            out = batch.objective.loss_stats(full_token_nll(self.store, x, batch.targets, self.compute), batch)
+            return out["loss"], out
 
-            if not need_grad:
-                return stats(x)[1], None
-            (_, out), dx = mx.value_and_grad(stats)(x)
-            mx.eval(out, dx)
-            return out, dx
         if not need_grad:
-            return full_loss(self.store, x, targets, mask, self.compute), None
-        (loss,), (dx,) = mx.vjp(lambda x: [full_loss(self.store, x, targets, mask, self.compute)], [x], [mx.array(1.0)])
-        mx.eval(loss, dx)
-        return loss, dx
+            out = stats(x)[1]
+            mx.eval(out)
+            return out, None
+        (_, out), dx = mx.value_and_grad(stats)(x)
+        mx.eval(out, dx)
+        return out, dx
 
     def block_backward(self, dy, x, w, lora, spec, dropout=None, segments=None, positions=None):
         paths = sorted(lora)

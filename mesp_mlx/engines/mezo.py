@@ -59,8 +59,8 @@ class MeZOEngine(StreamingEngine):
         for _ in range(self.n_samples):
             seed = purpose_key(self.seed, "mezo", self.calls)
             self.calls += 1
-            lp = self.loss(self._shift(params, seed, self.eps), batch)
-            lm = self.loss(self._shift(params, seed, -self.eps), batch)
+            lp = self.loss(self._shift(params, seed, self.eps), batch)["loss"]
+            lm = self.loss(self._shift(params, seed, -self.eps), batch)["loss"]
             out.append((seed, reduce(mx.array((lp - lm).item() / (2 * self.eps))).item()))
             losses.append((lp.item() + lm.item()) / 2)
         return out, sum(losses) / len(losses)
@@ -76,7 +76,7 @@ class MeZOEngine(StreamingEngine):
         if on_block is not None:
             for i in sorted(grads, reverse=True):
                 mx.eval(on_block(i, grads.pop(i)))
-        return mx.array(loss), grads if on_block is None else {}
+        return {"loss": mx.array(loss)}, grads if on_block is None else {}
 
     def train_step(self, params, batch, update, reduce, seed=None):
         proj, loss = self._projections(params, batch, reduce)
@@ -88,4 +88,4 @@ class MeZOEngine(StreamingEngine):
                 term = {p: (c * za / len(proj), c * zb / len(proj)) for p, (za, zb) in z.items()}
                 est = term if est is None else {p: (est[p][0] + t[0], est[p][1] + t[1]) for p, t in term.items()}
             mx.eval(update(i, est))
-        return mx.array(loss)
+        return {"loss": mx.array(loss)}

@@ -5,7 +5,7 @@ block's gradients out as they exist (the fused update and the data-parallel all-
 With `Compute.compiled` each block body (forward, and the subclass's backward) runs as an `mx.compile`d function
 whose inputs are everything that varies between calls (activations, the block's streamed weights, its LoRA pairs,
 the packing arrays): one trace per block spec and input structure, reused by every layer of that shape and every
-step, with the element-wise chains fused into single kernels; a block's quantization scales are then cast to the
+step, with the element-wise chains compiled into single kernels; a block's quantization scales are then cast to the
 compute dtype in one kernel, and the head's norm, vocabulary tiles and finishing arithmetic are compiled alike.
 LoRA dropout draws its masks from the step's seed, a Python constant to a trace, so a step with dropout runs the
 plain bodies."""
@@ -15,10 +15,8 @@ import mlx.core as mx
 
 from ..ops.block import block_dropout, block_forward, packing
 from ..ops.linear import DEFAULT, cast_scales
-from ..ops.loss import cross_entropy_forward, cross_entropy_forward_backward
-from ..ops.preference import preference_forward, preference_forward_backward
 from ..ops.rmsnorm import rmsnorm_backward, rmsnorm_forward
-from .base import Engine, preference_of, segments_of
+from .base import Engine
 from .checkpoints import Checkpoints
 
 
@@ -42,7 +40,7 @@ class StreamingEngine(Engine):
             self._compiled[key] = mx.compile(body)
         return self._compiled[key]
 
-    def fuse(self, name, fn):
+    def compile_fn(self, name, fn):
         """`fn`, a pure function of arrays (the head's tiles, norm and finishing arithmetic), or with
         Compute.compiled its compiled form, cached under `name`: its element-wise chains become single kernels."""
         return self.compiled(name, None, fn, {}, {})
@@ -71,38 +69,30 @@ class StreamingEngine(Engine):
             mx.eval(x)
         return x, checkpoints
 
-    def head_loss(self, x, targets, mask, need_grad, pref=None):
-        """-> (loss, dx or None); with a preference batch's `pref`, (stats, dx or None)."""
+    def head_loss(self, x, batch, need_grad):
+        """-> (the objective's stats, dx or None) from the final hidden state x."""
         eps, offset = self.store.args.rms_norm_eps, self.store.args.norm_offset
-        norm_w, head = self.store.final_norm(), self.store.head_rows()
-        d, fuse = x.shape[-1], self.fuse
-        h = fuse("final_norm", partial(rmsnorm_forward, eps=eps, offset=offset))(x, norm_w).reshape(-1, d)
-        t, m = targets.reshape(-1), mask.reshape(-1).astype(mx.float32)
-        if pref is not None and not need_grad:
-            return preference_forward(h, head, t, mask.astype(mx.float32), pref, self.compute, fuse), None
+        norm_w, compile_fn = self.store.final_norm(), self.compile_fn
+        h = compile_fn("final_norm", partial(rmsnorm_forward, eps=eps, offset=offset))(x, norm_w)
+        stats, dh = batch.objective.head(h.reshape(-1, x.shape[-1]), self.store.head_rows(), batch, self.compute,
+                                         compile_fn, need_grad)
         if not need_grad:
-            return cross_entropy_forward(h, head, t, m, self.compute, fuse)[0], None
-        if pref is not None:
-            loss, dh = preference_forward_backward(h, head, t, mask.astype(mx.float32), pref, self.compute, fuse)
-        else:
-            loss, dh = cross_entropy_forward_backward(h, head, t, m, self.compute, fuse)
-        dx = fuse("final_norm_backward", partial(rmsnorm_backward, eps=eps, offset=offset))(
+            return stats, None
+        dx = compile_fn("final_norm_backward", partial(rmsnorm_backward, eps=eps, offset=offset))(
             dh.reshape(x.shape), x, norm_w)
-        mx.eval(loss, dx)
-        return loss, dx
+        mx.eval(stats, dx)
+        return stats, dx
 
     def loss(self, params, batch):
-        inputs, targets, mask = batch[:3]
-        x, _ = self.forward(params, inputs, keep_from=self.store.num_layers, packed=packing(segments_of(batch)))
-        return self.head_loss(x, targets, mask, need_grad=False, pref=preference_of(batch))[0]
+        x, _ = self.forward(params, batch.inputs, keep_from=self.store.num_layers, packed=packing(batch.segments))
+        return self.head_loss(x, batch, need_grad=False)[0]
 
     def loss_and_grad(self, params, batch, on_block=None, seed=None):
-        inputs, targets, mask = batch[:3]
-        packed = packing(segments_of(batch))
+        packed = packing(batch.segments)
         dropout = None if seed is None else (self.lora_dropout, seed)
         lowest = min(params) if params else self.store.num_layers
-        x, checkpoints = self.forward(params, inputs, keep_from=lowest, dropout=dropout, packed=packed)
-        loss, dx = self.head_loss(x, targets, mask, need_grad=True, pref=preference_of(batch))
+        x, checkpoints = self.forward(params, batch.inputs, keep_from=lowest, dropout=dropout, packed=packed)
+        loss, dx = self.head_loss(x, batch, need_grad=True)
         del x
         grads = {}
         for i in reversed(range(lowest, self.store.num_layers)):

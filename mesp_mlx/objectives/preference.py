@@ -1,5 +1,6 @@
-"""Preference data (DPO, ORPO): rows encoded as mlx-lm-lora encodes them, batched as pairs, and the reference
-model's log-probabilities of each row computed once and cached beside the adapter.
+"""Preference objectives (DPO, ORPO; ops/preference.py has their math): rows encoded as mlx-lm-lora encodes them,
+batched as pairs, and the reference model's log-probabilities of each row computed once and cached beside the
+adapter.
 
 A row is {"prompt", "chosen", "rejected"} with an optional "system" (strings, or "prompt" a list of messages), or
 chat-style {"chosen": [...], "rejected": [...]} message lists (with a "prompt" string or list, the lists are the
@@ -20,11 +21,12 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from .data import Dataset, _ids, collate, read_jsonl, resolve_data
-from .errors import DataError
-from .model import hidden_states
-from .ops.preference import Preference, reference_logps
-from .ops.rmsnorm import rmsnorm_forward
+from ..data import Dataset, collate, encode_each, local_splits, read_jsonl, resolve_data, token_ids
+from ..errors import ConfigError, DataError
+from ..model import hidden_states
+from ..ops.preference import DPO_VARIANTS, STATS, dpo_stats, orpo_stats, reference_logps
+from ..ops.rmsnorm import rmsnorm_forward
+from .base import Objective
 
 REFERENCE_FILE = "reference_logps.json"
 
@@ -66,51 +68,41 @@ def encode_pair(tokenizer, row, where):
         raise DataError(f"{where}: preference rows need a tokenizer with a chat template")
     prompt, chosen, rejected = pair_messages(row, where)
     try:
-        c = _ids(tokenizer.apply_chat_template(prompt + chosen, tokenize=True))
-        r = _ids(tokenizer.apply_chat_template(prompt + rejected, tokenize=True))
-        start = len(_ids(tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True)))
+        c = token_ids(tokenizer.apply_chat_template(prompt + chosen, tokenize=True))
+        r = token_ids(tokenizer.apply_chat_template(prompt + rejected, tokenize=True))
+        start = len(token_ids(tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True)))
     except Exception as e:
         raise DataError(f"{where}: the chat template rejected this row ({type(e).__name__}: {e})") from None
     return c, r, start
 
 
-class PreferenceDataset(Dataset):
+def check_pair_row(row):
+    if not (isinstance(row, dict) and {"chosen", "rejected"} <= row.keys()):
+        return ("expected a preference row with 'prompt', 'chosen' and 'rejected' (or 'chosen' and 'rejected' "
+                "message lists)")
+    return None
+
+
+class PairDataset(Dataset):
     """Pairs (chosen ids, rejected ids, prompt length). `examples` holds the longer row of each pair with the
-    prompt length, so length grouping and the memory planner see the longer answer. `objective`: the run's
-    `Preference` (kind, beta, variant); `reference` each pair's reference scores (chosen, rejected) once computed."""
+    prompt length, so length grouping and the memory planner see the longer answer; `reference` holds each pair's
+    reference scores (chosen, rejected) once computed."""
 
     def __init__(self, pairs, truncated=0):
         super().__init__([(max(c, r, key=len), s) for c, r, s in pairs], truncated, chat=True)
-        self.pairs, self.reference, self.objective = pairs, None, Preference()
-
-    def make_batch(self, items):
-        """2P rows, the P chosen then the P rejected, right-padded, and the `Preference` they are scored by."""
-        pref = self.objective
-        rows = [(self.pairs[i][0], self.pairs[i][2]) for i in items] + [(self.pairs[i][1], self.pairs[i][2])
-                                                                          for i in items]
-        inputs, targets, mask = collate(rows)
-        ref = None
-        if pref.kind == "dpo" and self.reference is not None:
-            ref = mx.array([self.reference[i][0] for i in items] + [self.reference[i][1] for i in items])
-        return inputs, targets, mask, None, Preference(pref.kind, pref.beta, pref.variant, ref)
+        self.pairs, self.reference = pairs, None
 
 
 def encode_pairs(tokenizer, rows, max_seq_length, skip_bad=False, skipped=0):
+    encoded, bad = encode_each(rows, lambda row, where: encode_pair(tokenizer, row, where), skip_bad)
     pairs, truncated = [], 0
-    for row, where in rows:
-        try:
-            c, r, start = encode_pair(tokenizer, row, where)
-        except DataError:
-            if not skip_bad:
-                raise
-            skipped += 1
-            continue
+    for c, r, start in encoded:
         if max(len(c), len(r)) > max_seq_length + 1:
             c, r, truncated = c[: max_seq_length + 1], r[: max_seq_length + 1], truncated + 1
         if min(len(c), len(r)) - 1 > start:  # both answers keep at least one target
             pairs.append((c, r, start))
-    out = PreferenceDataset(pairs, truncated)
-    out.skipped = skipped
+    out = PairDataset(pairs, truncated)
+    out.skipped = skipped + bad
     return out
 
 
@@ -119,15 +111,92 @@ def load_preference_datasets(tokenizer, data, max_seq_length, skip_bad=False):
     root = resolve_data(data)
     if not root.exists():
         raise DataError(f"{root}: no such data file or directory (preference data is read from local jsonl files)")
-    out = {}
-    for split in ("train", "valid", "test"):
-        f = root / f"{split}.jsonl" if root.is_dir() else (root if split == "train" else None)
-        if f is not None and f.exists():
-            rows, skipped = read_jsonl(f, skip_bad, preference=True)
-            out[split] = encode_pairs(tokenizer, rows, max_seq_length, skip_bad, skipped)
+    def load(path):
+        rows, skipped = read_jsonl(path, skip_bad, check_pair_row)
+        return encode_pairs(tokenizer, rows, max_seq_length, skip_bad, skipped)
+
+    out = local_splits(root, load)
     if not out.get("train"):
         raise DataError(f"{root}: no preference pairs (expected train.jsonl with 'prompt', 'chosen', 'rejected')")
     return out
+
+
+class PairObjective(Objective):
+    """A loss over pairs: a batch of P pairs is 2P rows, the P chosen answers then their P rejected ones, each
+    masked to its answer; every stat is a mean over the pairs."""
+    stats = STATS
+    rows_per_example = 2
+
+    def __init__(self, beta):
+        self.beta = beta
+
+    @classmethod
+    def check(cls, c):
+        problems = [(c.method != "mezo", f"--loss {c.loss} needs exact gradients: use --method mesp, mebp or "
+                                         "autodiff (not mezo)"),
+                    (not (c.pack or c.hf_dataset), f"--loss {c.loss} reads pairs from local jsonl files, unpacked "
+                                                   "(no --pack, no hf_dataset)"),
+                    (c.beta > 0, "beta must be > 0")]
+        for ok, msg in problems:
+            if not ok:
+                raise ConfigError(msg)
+
+    def load_data(self, tokenizer, c):
+        return load_preference_datasets(tokenizer, c.data, c.max_seq_length, c.skip_bad_rows)
+
+    def make_batch(self, dataset, items, packed=False):
+        rows = [(dataset.pairs[i][0], dataset.pairs[i][2]) for i in items] + [(dataset.pairs[i][1],
+                                                                               dataset.pairs[i][2]) for i in items]
+        fields = {}
+        if self.needs_reference and dataset.reference is not None:
+            fields["reference"] = mx.array([dataset.reference[i][0] for i in items]
+                                           + [dataset.reference[i][1] for i in items])
+        return self.batch(*collate(rows), **fields)
+
+    def weight(self, batch):
+        return mx.array(batch.inputs.shape[0] // 2, mx.float32)
+
+    def describe(self, stats, split):
+        """As TRL and mlx-lm-lora print them: rewards chosen / rejected, margin, accuracy."""
+        return (f"Rewards chosen {stats['rewards_chosen']:.3f} / rejected {stats['rewards_rejected']:.3f}, "
+                f"Margin {stats['reward_margin']:.3f}, Accuracy {stats['accuracy']:.3f}")
+
+    def brief(self, stats):
+        return f"margin {stats['reward_margin']:.3f}, acc {stats['accuracy']:.2f}"
+
+
+class DPO(PairObjective):
+    """DPO against a reference model: the base with the adapter off, or with --reference-adapter-path."""
+    name = "dpo"
+    needs_reference = True
+
+    def __init__(self, beta=0.1, variant="sigmoid"):
+        super().__init__(beta)
+        self.variant = variant
+
+    @classmethod
+    def from_config(cls, c):
+        cls.check(c)
+        if c.dpo_cpo_loss_type not in DPO_VARIANTS:
+            raise ConfigError(f"dpo_cpo_loss_type must be one of {', '.join(DPO_VARIANTS)}")
+        return cls(c.beta, c.dpo_cpo_loss_type)
+
+    def loss_stats(self, nll, batch):
+        return dpo_stats(nll, batch.mask.astype(nll.dtype), self.beta, self.variant, batch.fields.get("reference"))
+
+
+class ORPO(PairObjective):
+    """ORPO: no reference model; beta is its lambda."""
+    name = "orpo"
+
+    @classmethod
+    def from_config(cls, c):
+        cls.check(c)
+        cls.refuse_reference_settings(c)
+        return cls(c.beta)
+
+    def loss_stats(self, nll, batch):
+        return orpo_stats(nll, batch.mask.astype(nll.dtype), self.beta)
 
 
 def model_fingerprint(store, lora=None):

@@ -13,8 +13,9 @@ when a chunk raises the lse, which is sum_v p_v W_v once the last chunk is in; s
 dequantized, multiplied and exponentiated once per step instead of twice. The target logit z_t = h . W_t (+ b_t)
 is taken from the target rows, gathered once (the backward needs W_t anyway), not picked from every chunk.
 
-Each tile and the finishing arithmetic are pure functions of arrays; `fuse(name, fn)` (the engine's) may hand back
-a compiled form, so a tile is a few kernels (its two products, a max, a sum and the fused element-wise chains).
+Each tile and the finishing arithmetic are pure functions of arrays; `compile_fn(name, fn)` (the engine's) may hand
+back a compiled form, so a tile is a few kernels (its two products, a max, a sum and the compiled element-wise
+chains).
 """
 from functools import partial
 
@@ -31,22 +32,22 @@ def _token_chunks(n, token_chunk):
     return [(t0, min(n, t0 + token_chunk)) for t0 in range(0, n, token_chunk)]
 
 
-def cross_entropy_forward(h, head, targets, mask, compute=DEFAULT, fuse=_as_is):
+def cross_entropy_forward(h, head, targets, mask, compute=DEFAULT, compile_fn=_as_is):
     """h (N, d); head: a `Frozen` or the store's `StoredRows` (anything with out_dims and rows(start, stop));
     targets (N,) int, mask (N,) float. Returns (loss, lse): mean loss over masked tokens, lse (N,).
-    fuse(name, fn) -> fn or its compiled form (the engine's choice; default: as is)."""
-    nll, lse = token_nll_forward(h, head, targets, compute, fuse)
+    compile_fn(name, fn) -> fn or its compiled form (the engine's choice; default: as is)."""
+    nll, lse = token_nll_forward(h, head, targets, compute, compile_fn)
     loss = mx.sum(nll * mask) / mx.maximum(mx.sum(mask), 1.0)
     mx.eval(loss, lse)
     return loss, lse
 
 
-def token_nll_forward(h, head, targets, compute=DEFAULT, fuse=_as_is):
+def token_nll_forward(h, head, targets, compute=DEFAULT, compile_fn=_as_is):
     """-> (nll, lse), both (N,): every token's negative log-likelihood of its target, unmasked (a sequence-level
     loss such as DPO's sums them per row)."""
-    lse, _ = _one_pass(h, head, compute, fuse, with_grad=False)
+    lse, _ = _one_pass(h, head, compute, compile_fn, with_grad=False)
     w_t, b_t = _target_rows(head, targets, accum_dtype(h.dtype))
-    return fuse("nll", _nll)(lse, h, w_t, b_t), lse
+    return compile_fn("nll", _nll)(lse, h, w_t, b_t), lse
 
 
 def lse_tile(compute, h, rows, lse=None):
@@ -70,14 +71,14 @@ def lse_grad_tile(compute, h, rows, lse=None, weighted=None):
     return new, part if weighted is None else weighted * mx.exp(lse - new)[:, None] + part
 
 
-def _one_pass(h, head, compute, fuse, with_grad):
+def _one_pass(h, head, compute, compile_fn, with_grad):
     """The vocabulary walk shared by the forward and the one-pass forward + backward: -> (lse (N,), the softmax-
     weighted rows sum_v p_v W_v (N, d) or None). Vocabulary chunks are the outer loop, so each head chunk is read
     and dequantized once per pass (one dequantization for both products with it)."""
     n, vocab = h.shape[0], head.out_dims
     token_chunk, vocab_chunk = compute.head_tile(n, head, h.shape[1])
-    tile = fuse("lse_grad_tile", partial(lse_grad_tile, compute)) if with_grad else \
-        fuse("lse_tile", partial(lse_tile, compute))
+    tile = compile_fn("lse_grad_tile", partial(lse_grad_tile, compute)) if with_grad else \
+        compile_fn("lse_tile", partial(lse_tile, compute))
     chunks = _token_chunks(n, token_chunk)
     state = [() for _ in chunks]  # nothing before the first vocabulary chunk
     for v0 in range(0, vocab, vocab_chunk):
@@ -109,28 +110,6 @@ def _mean_loss_and_dh(lse, weighted, h, w_t, b_t, mask):
     return mx.sum(nll * mask) / count, grad * (mask / count)[:, None]
 
 
-def cross_entropy_backward(dloss, h, head, targets, mask, lse, compute=DEFAULT):
-    """Returns dh (N, d)."""
-    n, vocab = h.shape[0], head.out_dims
-    token_chunk, vocab_chunk = compute.head_tile(n, head, h.shape[1])
-    chunks = _token_chunks(n, token_chunk)
-    coef = (dloss * mask / mx.maximum(mx.sum(mask), 1.0))[:, None]
-    dh = [mx.zeros((t1 - t0, h.shape[1]), dtype=h.dtype) for t0, t1 in chunks]
-    for v0 in range(0, vocab, vocab_chunk):
-        v1 = min(vocab, v0 + vocab_chunk)
-        rows = prepared(head.rows(v0, v1), compute)  # one dequantization for every product with this chunk
-        for k, (t0, t1) in enumerate(chunks):
-            z = frozen_matmul(h[t0:t1], rows, compute).astype(accum_dtype(h.dtype))
-            onehot = targets[t0:t1, None] == mx.arange(v0, v1)[None, :]
-            dz = (mx.exp(z - lse[t0:t1, None]) - onehot) * coef[t0:t1]
-            dh[k] = dh[k] + frozen_matmul_t(dz.astype(h.dtype), rows, compute)
-            if compute.sync_chunks:
-                mx.eval(dh[k])
-        if not compute.sync_chunks:
-            mx.eval(dh)
-    return mx.concatenate(dh)
-
-
 def _target_rows(head, targets, dtype):
     """(W_t, b_t): the target rows, dequantized, and their bias (None without): only those rows are read (the
     store's head) or gathered (a `Frozen`)."""
@@ -138,20 +117,43 @@ def _target_rows(head, targets, dtype):
     return embedding_rows(table, idx, dtype), None if table.bias is None else table.bias[idx].astype(dtype)
 
 
-def cross_entropy_forward_backward(h, head, targets, mask, compute=DEFAULT, fuse=_as_is):
+def cross_entropy_forward_backward(h, head, targets, mask, compute=DEFAULT, compile_fn=_as_is):
     """Returns (loss, dh): the forward and the backward of the loss (dloss = 1) in one pass over the vocabulary."""
-    lse, weighted = _one_pass(h, head, compute, fuse, with_grad=True)
+    lse, weighted = _one_pass(h, head, compute, compile_fn, with_grad=True)
     w_t, b_t = _target_rows(head, targets, accum_dtype(h.dtype))
-    loss, dh = fuse("mean_loss_and_dh", _mean_loss_and_dh)(lse, weighted, h, w_t, b_t, mask)
+    loss, dh = compile_fn("mean_loss_and_dh", _mean_loss_and_dh)(lse, weighted, h, w_t, b_t, mask)
     dh = dh.astype(h.dtype)
     mx.eval(loss, dh)
     return loss, dh
 
 
-def token_nll_forward_backward(h, head, targets, compute=DEFAULT, fuse=_as_is):
+def token_nll_forward_backward(h, head, targets, compute=DEFAULT, compile_fn=_as_is):
     """-> (nll (N,), grad (N, d)): every token's negative log-likelihood and its gradient with respect to that
     token's h, sum_v p_v W_v - W_t, unmasked and unweighted, in one pass over the vocabulary. Any loss that is a
     function of the nll's gets its dh as grad times dloss/dnll, one scalar per token."""
-    lse, weighted = _one_pass(h, head, compute, fuse, with_grad=True)
+    lse, weighted = _one_pass(h, head, compute, compile_fn, with_grad=True)
     w_t, b_t = _target_rows(head, targets, accum_dtype(h.dtype))
-    return fuse("nll_and_grad", _nll_and_grad)(lse, weighted, h, w_t, b_t)
+    return compile_fn("nll_and_grad", _nll_and_grad)(lse, weighted, h, w_t, b_t)
+
+
+def nll_loss_forward(h, head, targets, loss_fn, compute=DEFAULT, compile_fn=_as_is):
+    """A loss that is a function of the per-token nll's (a sequence-level objective such as DPO's): h (N, d)
+    after the final norm, targets (N,); loss_fn(nll (N,)) -> {"loss": scalar, ...its stats}. -> the stats."""
+    nll, _ = token_nll_forward(h, head, targets, compute, compile_fn)
+    stats = loss_fn(nll)
+    mx.eval(stats)
+    return stats
+
+
+def nll_loss_forward_backward(h, head, targets, loss_fn, compute=DEFAULT, compile_fn=_as_is):
+    """-> (stats, dh): one pass over the vocabulary gives every token's nll and its unit gradient; the loss's
+    derivative with respect to the nll's (autodiff of loss_fn, O(N)) scales the latter, token by token."""
+    nll, grad = token_nll_forward_backward(h, head, targets, compute, compile_fn)
+    def loss_and_stats(v):
+        stats = loss_fn(v)
+        return stats["loss"], stats
+
+    (_, stats), dnll = mx.value_and_grad(loss_and_stats)(nll)
+    dh = (grad * dnll.reshape(-1, 1)).astype(h.dtype)
+    mx.eval(stats, dh)
+    return stats, dh
