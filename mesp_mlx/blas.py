@@ -1,6 +1,6 @@
 """Which BLAS MLX's CPU backend calls, and a switch to a fast one on Linux.
 
-The Linux `mlx[cpu]` wheel links a reference BLAS: fp32 GEMM measured 29x slower than OpenBLAS (DESIGN.md §4).
+The Linux `mlx[cpu]` wheel links a reference BLAS: fp32 GEMM measured 29x slower than OpenBLAS (docs/platform.md).
 MLX calls `cblas_sgemm` through the dynamic linker, so preloading OpenBLAS replaces it. `ensure_fast_blas()`
 re-executes the current command once with LD_PRELOAD set when OpenBLAS is installed and not yet loaded;
 MESP_MLX_NO_BLAS_PRELOAD=1 turns that off. It never fails: without OpenBLAS it says so and how to fix it.

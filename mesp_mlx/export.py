@@ -24,7 +24,9 @@ def parser():
 
 def main(argv=None):
     from .blas import ensure_fast_blas
+    from .console import quiet_transformers
     ensure_fast_blas()
+    quiet_transformers()
     from .errors import MespError
     from .io.formats import export_adapter
     a = parser().parse_args(argv)

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from .ops.block import FUSED_PROJECTIONS, PROJECTIONS
+from .ops.block import MERGED_PROJECTIONS, PROJECTIONS
 
 # every adaptable path of any supported layout, for a key list read without a model at hand
-KNOWN_PROJECTIONS = PROJECTIONS + tuple(p for p in FUSED_PROJECTIONS if p not in PROJECTIONS)
+KNOWN_PROJECTIONS = PROJECTIONS + tuple(p for p in MERGED_PROJECTIONS if p not in PROJECTIONS)
 
 
 @dataclass

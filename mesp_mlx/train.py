@@ -4,7 +4,9 @@ import sys
 
 def main(argv=None):
     from .blas import ensure_fast_blas
+    from .console import quiet_transformers
     ensure_fast_blas()
+    quiet_transformers()
     from .config import config_from_args
     from .errors import MespError
     from .trainer import Trainer

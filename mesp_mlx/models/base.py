@@ -8,7 +8,7 @@ the spec of one block and `block_specs(compute)` those of all of them.
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from ..ops.block import FUSED_PROJECTIONS, PROJECTIONS, BlockSpec
+from ..ops.block import MERGED_PROJECTIONS, PROJECTIONS, BlockSpec
 from ..ops.linear import DEFAULT
 from ..ops.rope import rope_spec
 
@@ -81,7 +81,6 @@ class ModelArgs:
     rope_traditional: bool = False
     rope_scaling: Optional[dict] = None
     tie_word_embeddings: bool = True
-    attention_bias: bool = False
     qk_norm: bool = False
     max_position_embeddings: int = 4096
     original_max_position_embeddings: Optional[int] = None  # LongRoPE's pre-extension length (Phi-3)
@@ -95,8 +94,7 @@ class ModelArgs:
     layer_types: Optional[tuple] = None  # per layer SLIDING or FULL; None: all full
     rope_local_theta: Optional[float] = None  # Gemma: RoPE base of the sliding layers (unscaled there)
     rope_layers: Optional[tuple] = None  # per layer whether RoPE applies (SmolLM3); None: everywhere
-    fused_projections: bool = False  # Phi-3: qkv_proj and gate_up_proj
-    extra: dict = field(default_factory=dict)
+    merged_projections: bool = False  # Phi-3: qkv_proj and gate_up_proj
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -128,7 +126,7 @@ class ModelArgs:
         return BlockSpec(self.num_attention_heads, self.num_key_value_heads, self.head_dim, self.rms_norm_eps,
                          rope, self.qk_norm, compute, norm_offset=self.norm_offset, sandwich=self.sandwich_norms,
                          activation=self.activation, window=self.sliding_window if sliding else None,
-                         scale=self.attn_scale, fused=self.fused_projections)
+                         scale=self.attn_scale, merged=self.merged_projections)
 
     def block_specs(self, compute=DEFAULT):
         """One spec per block (the specs of equal blocks are shared)."""
@@ -143,13 +141,13 @@ class ModelArgs:
 
     def projections(self):
         """The module paths a LoRA can adapt in each block, in mlx-lm's naming."""
-        return FUSED_PROJECTIONS if self.fused_projections else PROJECTIONS
+        return MERGED_PROJECTIONS if self.merged_projections else PROJECTIONS
 
     def projection_shapes(self):
         """(in, out) of each projection a LoRA can adapt."""
         d, f, hd = self.hidden_size, self.intermediate_size, self.head_dim
         hq, hkv = self.num_attention_heads * hd, self.num_key_value_heads * hd
-        if self.fused_projections:
+        if self.merged_projections:
             return {"self_attn.qkv_proj": (d, hq + 2 * hkv), "self_attn.o_proj": (hq, d),
                     "mlp.gate_up_proj": (d, 2 * f), "mlp.down_proj": (f, d)}
         return {"self_attn.q_proj": (d, hq), "self_attn.k_proj": (d, hkv), "self_attn.v_proj": (d, hkv),

@@ -14,6 +14,5 @@ def model_args(config):
     types = layer_types_from(config, config["num_hidden_layers"])
     return common(config, head_dim=config.get("head_dim"),
                   tie_word_embeddings=config.get("tie_word_embeddings", True),
-                  attention_bias=config.get("attention_bias", False),
                   sliding_window=config.get("sliding_window") if types and SLIDING in types else None,
                   layer_types=types)

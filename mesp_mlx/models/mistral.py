@@ -17,5 +17,4 @@ def model_args(config):
         types = (SLIDING,) * n
     return common(config, head_dim=config.get("head_dim"),
                   tie_word_embeddings=config.get("tie_word_embeddings", False),
-                  attention_bias=config.get("attention_bias", False),
                   sliding_window=window if types and SLIDING in types else None, layer_types=types)

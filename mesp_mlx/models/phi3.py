@@ -1,4 +1,4 @@
-"""Phi-3 / Phi-3.5-mini / Phi-4-mini: the Llama block with fused projections, `self_attn.qkv_proj` (q rows, then k,
+"""Phi-3 / Phi-3.5-mini / Phi-4-mini: the Llama block with merged projections, `self_attn.qkv_proj` (q rows, then k,
 then v) and `mlp.gate_up_proj` (gate rows, then up), which are what a LoRA adapts, as in mlx-lm. The head size is
 always hidden_size / heads; RoPE may rotate only part of each head (`partial_rotary_factor`) and may be LongRoPE
 (`longrope` / `su` scaling, read as mlx-lm reads it) or linear."""
@@ -19,7 +19,7 @@ def model_args(config):
     return common(config, head_dim=config["hidden_size"] // heads,
                   tie_word_embeddings=config.get("tie_word_embeddings", False),
                   original_max_position_embeddings=config.get("original_max_position_embeddings", 4096),
-                  partial_rotary_factor=config.get("partial_rotary_factor", 1.0), fused_projections=True)
+                  partial_rotary_factor=config.get("partial_rotary_factor", 1.0), merged_projections=True)
 
 
 # tensors of a phi3 GGUF read into the config rather than stored as weights: LongRoPE's factors (long, short)
@@ -27,12 +27,12 @@ ROPE_FACTORS = ("rope_factors_long.weight", "rope_factors_short.weight")
 
 
 def gguf_config(meta, config):
-    """The Phi-3 fields of a phi3 GGUF (llama.cpp's Phi3MiniModel converter keeps the fused projections, unpermuted:
+    """The Phi-3 fields of a phi3 GGUF (llama.cpp's Phi3MiniModel converter keeps the merged projections, unpermuted:
     it runs Phi-3 with the NeoX rope): the head size is hidden / heads, the rotated features per head are
     rope.dimension_count, LongRoPE's factors are the rope_factors_* tensors."""
     if "blk.0.attn_qkv.weight" not in meta.names and "blk.0.attn_q.weight" in meta.names:
         raise ValueError("phi3 GGUF with separate attn_q/attn_k/attn_v tensors is not supported "
-                         "(llama.cpp's converter writes the fused attn_qkv)")
+                         "(llama.cpp's converter writes the merged attn_qkv)")
     head_dim = config["hidden_size"] // config["num_attention_heads"]
     rope_dims = int(meta.get("rope.dimension_count", head_dim))
     if rope_dims > head_dim or rope_dims % 2 or int(head_dim * (rope_dims / head_dim)) != rope_dims:
@@ -65,7 +65,7 @@ def gguf_config(meta, config):
     return out
 
 
-# the fused projections keep their Hugging Face layout in llama.cpp's files: attn_qkv (q, k, v rows) and ffn_up
+# the merged projections keep their Hugging Face layout in llama.cpp's files: attn_qkv (q, k, v rows) and ffn_up
 # (gate rows, then up rows)
 FAMILY = Family(("phi3",), "phi3", "Phi3ForCausalLM",
                 gguf_names={"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},

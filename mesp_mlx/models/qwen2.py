@@ -5,4 +5,4 @@ FAMILY = Family(("qwen2",), "qwen2", "Qwen2ForCausalLM", stop_tokens=("<|im_end|
 
 
 def model_args(config):
-    return common(config, tie_word_embeddings=config.get("tie_word_embeddings", True), attention_bias=True)
+    return common(config, tie_word_embeddings=config.get("tie_word_embeddings", True))

@@ -5,5 +5,4 @@ FAMILY = Family(("qwen3",), "qwen3", "Qwen3ForCausalLM", stop_tokens=("<|im_end|
 
 
 def model_args(config):
-    return common(config, head_dim=config["head_dim"], tie_word_embeddings=config.get("tie_word_embeddings", True),
-                  attention_bias=config.get("attention_bias", False), qk_norm=True)
+    return common(config, head_dim=config["head_dim"], tie_word_embeddings=config.get("tie_word_embeddings", True), qk_norm=True)

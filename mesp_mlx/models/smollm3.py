@@ -16,7 +16,6 @@ def model_args(config):
         raise ValueError(f"no_rope_layers lists {len(uses)} layers, the model has {n}")
     return common(config, head_dim=config.get("head_dim"),
                   tie_word_embeddings=config.get("tie_word_embeddings", True),
-                  attention_bias=config.get("attention_bias", False),
                   rope_layers=tuple(bool(u) for u in uses))
 
 

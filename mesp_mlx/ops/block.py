@@ -1,11 +1,11 @@
 """One transformer block, forward and structured backward, for every supported family through the switches of
 `BlockSpec` (Llama / Mistral / SmolLM3 / Qwen2 / Qwen3 / Phi-3 / Gemma 3).
 
-    z1 = N_in(x);  q,k,v = LoRA-linears(z1) (+bias) [Phi-3: one fused qkv_proj, split];
+    z1 = N_in(x);  q,k,v = LoRA-linears(z1) (+bias) [Phi-3: one merged qkv_proj, split];
     [Qwen3, Gemma 3: q,k = N_q(q), N_k(k) per head];  q,k = RoPE(q), RoPE(k) [not on SmolLM3's NoPE layers];
     o = attention(q, k, v) [causal; Gemma 3's local layers, Mistral: over a sliding window];  r = o_proj(o)
     a = x + r                  [Gemma 3 ("sandwich"): a = x + N_post_attn(r)]
-    z2 = N_mlp(a);  g, u = gate(z2), up(z2) [Phi-3: one fused gate_up_proj, split];  m = down(f(g) * u)
+    z2 = N_mlp(a);  g, u = gate(z2), up(z2) [Phi-3: one merged gate_up_proj, split];  m = down(f(g) * u)
     y = a + m                  [Gemma 3: y = a + N_post_ff(m)]
 N are RMSNorms (Gemma: multiplier 1 + w), f is SiLU or GELU(tanh). N_mlp is post_attention_layernorm in the Llama
 naming and pre_feedforward_layernorm in Gemma's, where post_attention_layernorm normalises the attention output.
@@ -38,7 +38,7 @@ from .rope import Rope, rope_backward, rope_forward, segment_positions
 # the adaptable projections, in the two layouts (mlx-lm's module paths, so adapters interchange)
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-FUSED_PROJECTIONS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+MERGED_PROJECTIONS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
 
 
 @dataclass(frozen=True)
@@ -50,13 +50,13 @@ class BlockSpec:
     rope: Optional[Rope]  # None: no position rotation in this block (SmolLM3's NoPE layers)
     qk_norm: bool = False
     compute: Compute = DEFAULT  # dtype, matmul path, attention and MLP chunk sizes
-    sdpa: bool = True  # MLX's fused attention where only the output is needed (save=False)
+    sdpa: bool = True  # MLX's single-kernel attention where only the output is needed (save=False)
     norm_offset: float = 0.0  # Gemma: every norm multiplies by 1 + w
     sandwich: bool = False  # Gemma: norms on the attention and MLP outputs too, before the residual adds
     activation: str = "silu"  # the MLP gate: silu or gelu_tanh
     window: Optional[int] = None  # sliding-window attention: each query sees its `window` latest keys
     scale: Optional[float] = None  # attention scale; default head_dim ** -0.5 (Gemma: query_pre_attn_scalar)
-    fused: bool = False  # Phi-3: fused qkv_proj and gate_up_proj
+    merged: bool = False  # Phi-3: merged qkv_proj and gate_up_proj
 
     @property
     def attn_scale(self):
@@ -72,7 +72,7 @@ class BlockSpec:
 
     @property
     def projections(self):
-        return FUSED_PROJECTIONS if self.fused else PROJECTIONS
+        return MERGED_PROJECTIONS if self.merged else PROJECTIONS
 
 
 @dataclass
@@ -128,7 +128,7 @@ def _dropout_masks(dropout, lora, batch, length):
     if dropout is None or not dropout[0]:
         return lambda name, inp, t0=0: None
     p, key = dropout
-    names = PROJECTIONS + FUSED_PROJECTIONS
+    names = PROJECTIONS + MERGED_PROJECTIONS
 
     def keep(name, inp, t0=0):
         if name not in lora:
@@ -168,8 +168,8 @@ def _projector(w, lora, scale, spec, keep):
 
 
 def _qkv(z1, projs, spec):
-    """q, k, v in (B, H, T, D) layout, from three projections or one fused one (q rows, then k, then v)."""
-    if spec.fused:
+    """q, k, v in (B, H, T, D) layout, from three projections or one merged one (q rows, then k, then v)."""
+    if spec.merged:
         nq, nk = spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim
         q, k, v = mx.split(projs(("self_attn.qkv_proj",), z1)[0], [nq, nq + nk], axis=-1)
     else:
@@ -178,7 +178,7 @@ def _qkv(z1, projs, spec):
 
 
 def _gate_up(z, projs, spec, t0=0):
-    if spec.fused:  # gate rows first, then up
+    if spec.merged:  # gate rows first, then up
         return mx.split(projs(("mlp.gate_up_proj",), z, t0)[0], 2, axis=-1)
     return projs(("mlp.gate_proj", "mlp.up_proj"), z, t0)
 
@@ -279,7 +279,7 @@ def block_backward(dy, x, saved: BlockSaved, w, lora, scale, spec: BlockSpec, dr
             m = projs(("mlp.down_proj",), act, t0)[0]
             dm = norm_back(dyc, m, "post_feedforward_layernorm")
         dg, du = gate_backward(back(("mlp.down_proj",), [dm], act, t0))
-        if spec.fused:
+        if spec.merged:
             dz2 = back(("mlp.gate_up_proj",), [mx.concatenate([dg, du], axis=-1)], zc, t0)
         else:
             dz2 = back(("mlp.gate_proj", "mlp.up_proj"), [dg, du], zc, t0)
@@ -308,7 +308,7 @@ def block_backward(dy, x, saved: BlockSaved, w, lora, scale, spec: BlockSpec, dr
         dq = norm_back(dq, saved.take("q_pre"), "self_attn.q_norm")
         dk = norm_back(dk, saved.take("k_pre"), "self_attn.k_norm")
     z1 = saved.take("z1")
-    if spec.fused:
+    if spec.merged:
         dz1 = back(("self_attn.qkv_proj",), [mx.concatenate([_merge(dq), _merge(dk), _merge(dv)], axis=-1)], z1)
     else:
         dz1 = back(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), [_merge(dq), _merge(dk), _merge(dv)],

@@ -1,7 +1,7 @@
 """Products with a frozen, possibly quantized, weight: the one place that knows how to multiply by the base model.
 
 On Metal and CUDA `mx.quantized_matmul` is the fast kernel; on the CPU it is a slow loop, and dequantizing into a
-transient fp32 matrix followed by a BLAS GEMM is ~20x faster (DESIGN.md §4). `Compute.path` picks per device and
+transient fp32 matrix followed by a BLAS GEMM is ~20x faster (docs/platform.md). `Compute.path` picks per device and
 `Compute(matmul=...)` overrides it. The dequantized copy lives only for one product (or one block, `prepared`).
 GGML blocks that no affine group represents (ops/ggml.py) have no quantized kernel: both paths dequantize them.
 """
@@ -114,10 +114,6 @@ class Compute:
         tc = min(tokens, max(self.token_chunk, TILE_BYTES // (4 * 4096)))
         dense_row = 0 if head.affine and self.path == "quantized" else width
         return tc, min(head.out_dims, max(4096, TILE_BYTES // (4 * max(tc, dense_row))))
-
-    @property
-    def accum(self):
-        return accum_dtype(self.dtype)
 
 
 DEFAULT = Compute()
