@@ -1,8 +1,15 @@
 """Fixtures of the suite: tiny models of each architecture (built by builders.py), a fresh cache per session, and
-OpenBLAS preloaded as the CLI does."""
+OpenBLAS preloaded as the CLI does. MESP_MLX_DEVICE=cpu|gpu chooses the device of the whole suite (default: MLX's,
+the GPU where it has one), as it does for every run; tolerances follow it (helpers.py)."""
+import os
+
+import mlx.core as mx
 import pytest
 
 from builders import TINY, write_tiny, write_tiny_gguf
+
+if os.environ.get("MESP_MLX_DEVICE"):  # before any test module computes its tolerances from the device
+    mx.set_default_device(mx.gpu if os.environ["MESP_MLX_DEVICE"] == "gpu" else mx.cpu)
 
 
 @pytest.fixture(autouse=True)

@@ -3,7 +3,7 @@ import mlx.core as mx
 import mlx.optimizers as optim
 import pytest
 
-from helpers import EXACT, assert_grads_close, cosine, rel_err, step_extra_memory
+from helpers import EXACT, REL_TOL, assert_grads_close, cosine, rel_err, sft_batch, step_extra_memory
 from mesp_mlx.engines import make_engine
 from mesp_mlx.io.sources import load_model
 from mesp_mlx.lora import LoRAConfig, from_flat, init_lora, to_flat, tree_map
@@ -18,7 +18,7 @@ def padded_batch(vocab, prompt_mask, seed=0):
     mask[1, 10:] = 0
     if prompt_mask:
         mask[:, :4] = 0
-    return ids[:, :-1], ids[:, 1:], mask
+    return sft_batch(ids[:, :-1], ids[:, 1:], mask)
 
 
 def perturbed_lora(store, cfg, seed=1):
@@ -38,7 +38,7 @@ def test_gradients_equal_autodiff(tiny_dir, method, prompt_mask):
     method, _, compiled = method.partition("+")
     compute = Compute(attn_chunk=5, vocab_chunk=64, token_chunk=7, compile="on" if compiled else "off")
     loss, grads = make_engine(method, store, 20.0, compute=compute).loss_and_grad(params, batch)
-    assert abs(loss.item() - ref_loss.item()) <= EXACT * abs(ref_loss.item())
+    assert abs(loss["loss"].item() - ref_loss["loss"].item()) <= EXACT * abs(ref_loss["loss"].item())
     assert_grads_close(grads, ref)
 
 
@@ -64,7 +64,7 @@ def sgd_losses(store, method, steps=20):
         flat = opt.apply_gradients(to_flat(g), to_flat(params))
         mx.eval(flat)
         params = from_flat(flat)
-        losses.append(loss.item())
+        losses.append(loss["loss"].item())
     return losses
 
 
@@ -72,8 +72,11 @@ def test_mesp_and_mebp_train_identically(tmp_path):
     from builders import write_tiny
     store = load_model(str(write_tiny(tmp_path / "m", "llama")))
     a, b = sgd_losses(store, "mesp"), sgd_losses(store, "mebp")
-    assert a[-1] < a[0]  # it learns
-    assert max(abs(x - y) for x, y in zip(a, b)) <= EXACT
+    # it learns: steps 0 and 16 see the same batch (seed 100, prompt masked); 16 SGD steps lower its loss by ~18%
+    # (measured), a thousand times what rounding in another summation order (REL_TOL) could move it
+    assert a[16] < 0.9 * a[0], a
+    # the two engines' losses agree step for step to a whole-model chain's rounding, steps compounding it little
+    assert max(abs(x - y) / abs(y) for x, y in zip(a, b)) <= REL_TOL, (a, b)
 
 
 def test_mezo_estimate_approaches_gradient(tmp_path):
@@ -104,7 +107,7 @@ def test_mezo_step_descends(tmp_path):
     params = init_lora(store.args, LoRAConfig(rank=2), seed=0)
     eng = make_engine("mezo", store, 20.0, eps=1e-3, seed=1)
     batch = padded_batch(store.args.vocab_size, False)
-    before = eng.loss(params, batch).item()
+    before = eng.loss(params, batch)["loss"].item()
     opt = optim.SGD(learning_rate=1e-3)  # MeZO's own update: theta -= lr * c z
     opt.init(to_flat(params))
 
@@ -113,7 +116,7 @@ def test_mezo_step_descends(tmp_path):
 
     for _ in range(30):
         eng.train_step(params, batch, update, lambda tree: tree)
-    assert eng.loss(params, batch).item() < before
+    assert eng.loss(params, batch)["loss"].item() < before
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +128,7 @@ def smollm2():
     except SourceError as e:
         pytest.skip(str(e))
     ids = mx.array([store.tokenizer().encode("def add(a, b):\n    return a + b\n" * 6)[:65]])
-    return store, (ids[:, :-1], ids[:, 1:], mx.ones((1, ids.shape[1] - 1)))
+    return store, sft_batch(ids[:, :-1], ids[:, 1:], mx.ones((1, ids.shape[1] - 1)))
 
 
 def real_grads(store, batch, method, dtype, compiled=False):
@@ -148,7 +151,7 @@ def test_smollm2_gradients_equal_autodiff(smollm2, method, compiled):
     store, batch = smollm2
     ref_loss, ref = real_grads(store, batch, "autodiff", mx.float64)
     loss, grads = real_grads(store, batch, method, mx.float64, compiled)
-    assert abs(loss.item() - ref_loss.item()) <= 1e-9 * abs(ref_loss.item())
+    assert abs(loss["loss"].item() - ref_loss["loss"].item()) <= 1e-9 * abs(ref_loss["loss"].item())
     assert_grads_close(grads, ref)
 
 
@@ -179,7 +182,7 @@ def test_memory_follows_the_model(tmp_path):
                                           num_hidden_layers=n)))
         params = init_lora(store.args, LoRAConfig(rank=8), 0)
         ids = mx.random.randint(0, store.args.vocab_size, (1, seq + 1), key=mx.random.key(0))
-        batch = (ids[:, :-1], ids[:, 1:], mx.ones((1, seq)))
+        batch = sft_batch(ids[:, :-1], ids[:, 1:], mx.ones((1, seq)))
         engine = make_engine("mesp", store, 20.0, compute=Compute(vocab_chunk=2048))
         extra[n], model[n] = step_extra_memory(engine, params, batch), engine.memory_model(1, seq, params)
         assert extra[n] <= 1.05 * model[n]["peak"], (n, extra[n], model[n])
@@ -257,7 +260,7 @@ def test_lora_dropout_gradients_equal_autodiff(tiny_dir):
     for method in ("mesp", "mebp"):
         loss, grads = make_engine(method, store, 20.0, compute=small, lora_dropout=0.3).loss_and_grad(
             params, batch, seed=11)
-        assert abs(loss.item() - ref_loss.item()) <= EXACT * abs(ref_loss.item())
+        assert abs(loss["loss"].item() - ref_loss["loss"].item()) <= EXACT * abs(ref_loss["loss"].item())
         assert_grads_close(grads, ref)
     # the masks are real: another seed, or none, gives other gradients
     _, other = make_engine("autodiff", store, 20.0, lora_dropout=0.3).loss_and_grad(params, batch, seed=12)

@@ -5,11 +5,13 @@ import json
 import mlx.core as mx
 import pytest
 
-from mesp_mlx.io.formats import export_adapter
+from mesp_mlx.io.formats import export_adapter, load_adapter_weights
+from mesp_mlx.io.sources import load_model
+from mesp_mlx.lora import to_flat
 from mesp_mlx.io.adapters import load_resume, save_resume
 from mesp_mlx.ops.linear import DTYPES
 from mesp_mlx.train import main
-from helpers import ON_GPU
+from helpers import ON_GPU, rel_err
 
 ROWS = [{"text": f"row {i}: " + "the quick brown fox jumps over the lazy dog " * (1 + i % 3)} for i in range(10)]
 
@@ -54,9 +56,14 @@ def test_every_dtype_trains_saves_resumes_and_exports(tmp_path, tiny_gguf, dtype
     a = mx.load(str(tmp_path / "a" / "adapters.safetensors"))
     b = mx.load(str(tmp_path / "b" / "adapters.safetensors"))
     assert set(a) == set(b) and all(mx.array_equal(a[k], b[k]).item() for k in a)
+    # each export reads back as the trained adapter, to its float16 rounding (2^-11 of the largest entry)
+    expected = {k: tuple(v.shape) for k, v in b.items()}
+    store = load_model(str(tiny_gguf))
     for fmt in ("peft", "gguf"):
         out, _ = export_adapter(tmp_path / "b", fmt)
-        assert out.exists()
+        back = to_flat(load_adapter_weights(out, expected, 20.0, store=store))
+        assert set(back) == set(b) and max(rel_err(back[k].astype(mx.float32), b[k].astype(mx.float32))
+                                           for k in b) <= 2 ** -11, fmt
 
 
 def test_dropout_keys_never_repeat_across_steps_and_micro_batches(tmp_path, tiny_gguf):
