@@ -45,7 +45,8 @@ except ImportError:  # Python 3.10
 ROOT = Path(__file__).resolve().parents[1]
 
 # Target platforms: the marker values of a machine of that kind, and the oldest OS its wheels may ask for. macOS 14
-# (Sonoma) is the oldest macOS the locked mlx and mlx-metal have wheels for; glibc 2.35 is Ubuntu 22.04's (Debian 12 has 2.36).
+# (Sonoma) is the oldest macOS the locked mlx and mlx-metal have wheels for; glibc 2.35 is Ubuntu 22.04's (Debian 12
+# has 2.36).
 TARGETS = {
     "macos-arm64": dict(name="macOS arm64", macos=(14, 0), sys_platform="darwin", platform_system="Darwin",
                         platform_machine="arm64", platform_release="23.0.0"),
