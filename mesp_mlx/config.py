@@ -95,11 +95,17 @@ class TrainConfig:
                            "term), as TRL and mlx-lm-lora name both")
     dpo_cpo_loss_type: str = opt("sigmoid", "DPO's loss: sigmoid (the paper's) or ipo (squared, on mean log-probs)",
                                  DPO_VARIANTS)
+    rpo_alpha: float = opt(0.0, "DPO: weight of the chosen answers' next-token NLL added to the loss (TRL's "
+                                "rpo_alpha), which keeps the preferred answers likely while the margin grows")
     reference_adapter_path: str = opt(None, "DPO's reference model: the base with this adapter (default: the base, "
                                             "adapter off)")
     sample_prompt: str = opt("What is the capital of France?", "prompt answered before and after training "
                                                                "('' to skip)")
     sample_tokens: int = opt(24, "tokens of the sample answers")
+    retention: bool = opt(True, "score general knowledge before and after training (greedy answers to general "
+                                "questions, loss on a general text) and report what was kept (--no-retention: skip)")
+    retention_data: str = opt(None, "a folder with questions.jsonl ({\"prompt\", \"answers\": [...]}) and "
+                                    "general.txt for the retention check (default: the set shipped with mesp-mlx)")
     report_to: str = opt("none", "experiment tracking (wandb: offline unless WANDB_MODE says otherwise; needs the "
                                  "wandb package)", ("none", "wandb"))
     project_name: str = opt("mesp-mlx", "the tracker's project name")

@@ -111,6 +111,12 @@ class Reporter:
                      "elapsed_s": time.perf_counter() - self.started})
         self.t0 += seconds  # validation time does not count against training speed
 
+    def append(self, rec):
+        """One more record in metrics.jsonl after the run's loop (the first process only)."""
+        if self.first:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
     def saved(self, step):
         self.line(f"Iter {step}: Saved adapter weights to {self.out}")
 

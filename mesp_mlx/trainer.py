@@ -34,6 +34,7 @@ from .ops.keys import purpose_key
 from .optimizer import OPTIMIZERS, OptimizerUpdate, learning_rate_schedule, make_optimizer
 from .plan import mlx_limits, plan_run
 from .report import Reporter, make_tracker
+from .retention import RetentionCheck
 
 
 def catch_signals(trainer):
@@ -285,6 +286,11 @@ class Trainer:
                 self.report_split("valid", c.val_batches)
             self.test()
             return self.params
+        retention = None
+        if c.retention:  # the set is checked before any training, then the base scored
+            retention = RetentionCheck(self.store, self.tokenizer, self.engine, c, self.compute,
+                                       self.data["train"].chat)
+            self.log(f"[mesp-mlx] {retention.before()}")
         if c.sample_prompt and self.step_no == 0:
             self.log(f"Before: {c.sample_prompt!r} -> {self.sample(False)!r}")
         if first and c.report_to != "none":  # after the resume: a refused resume leaves no tracker run behind
@@ -302,6 +308,10 @@ class Trainer:
         self.test()
         if c.sample_prompt:
             self.log(f"After:  {c.sample_prompt!r} -> {self.sample(True)!r}")
+        if retention:
+            line, record = retention.after(self.params)
+            self.log(f"[mesp-mlx] {line}")
+            reporter.append({"iter": self.step_no, **record})
         self.log(usage_hint(self.store, out, c.sample_prompt))
         return self.params
 

@@ -10,7 +10,7 @@ from mesp_mlx.lora import LoRAConfig, init_lora, tree_map
 from mesp_mlx.ops.linear import Compute
 from mesp_mlx.objectives import DPO, ORPO
 
-PREFS = {"dpo": DPO(0.1, "sigmoid"), "ipo": DPO(0.5, "ipo"), "orpo": ORPO(0.25)}
+PREFS = {"dpo": DPO(0.1, "sigmoid"), "ipo": DPO(0.5, "ipo"), "orpo": ORPO(0.25), "dpo+rpo": DPO(0.1, "sigmoid", 1.0)}
 
 
 def pair_batch(vocab, objective, seed=0, dtype=mx.float32):
@@ -50,7 +50,7 @@ def test_preference_gradients_equal_autodiff(tiny_dir, method, kind):
     assert abs(evaluated["loss"].item() - ref_stats["loss"].item()) <= EXACT * abs(ref_stats["loss"].item())
 
 
-@pytest.mark.parametrize("kind", ["dpo", "orpo"])
+@pytest.mark.parametrize("kind", ["dpo", "orpo", "dpo+rpo"])
 def test_preference_gradients_exact_in_fp64(tmp_path, kind):
     """fp64 on the CPU: as in test_families.test_fp64_gradients_exact, MLX's fp32-precision exp bounds the
     agreement at a few 1e-7; a wrong per-row scalar (sign, beta, a missing mask) is off by far more."""
@@ -133,6 +133,8 @@ def test_loss_equals_mlx_lm_lora(kind):
             ref = ref / mask.sum(-1)
         loss, reward, _, metrics = dpo_loss(s[:2], s[2:], ref[:2], ref[2:], their_mask[:2], their_mask[2:], pref.beta,
                                             0.0, pref.variant)
+        # TRL's rpo_alpha: the chosen rows' cross-entropy, a mean over their target tokens, added with that weight
+        loss = loss + pref.rpo_alpha * mx.sum(nll[:2] * mask[:2]) / mx.sum(mask[:2])
     else:
         mean = scores.sum(-1) / mask.sum(-1)
         loss, reward, _, metrics = orpo_loss(mean[:2], 0.0, mean[2:], 0.0, their_mask[:2], their_mask[2:],
@@ -176,7 +178,8 @@ def test_cli_trains_a_preference_and_reports_it(tmp_path, tiny_gguf, loss, capsy
     recs = metrics(tmp_path / "a")
     train = [r for r in recs if "train_loss" in r]
     assert [r["iter"] for r in train] == list(range(1, 7))
-    assert all(k in train[0] for k in ("train_rewards_chosen", "train_rewards_rejected", "train_reward_margin",
+    assert all(k in train[0] for k in ("train_rewards_chosen", "train_rewards_rejected", "train_logps_chosen",
+                                       "train_logps_rejected", "train_reward_margin",
                                        "train_accuracy"))
     val = [r for r in recs if "val_reward_margin" in r]
     assert [r["iter"] for r in val] == [3, 6]
@@ -202,6 +205,7 @@ def test_preference_refusals_are_one_line(tmp_path, tiny_gguf, capsys):
     for extra in (["--reference-adapter-path", str(tmp_path)], ["--dpo-cpo-loss-type", "ipo"]):
         assert main(base + ["--loss", "orpo"] + extra) == 2  # DPO's settings would be silently ignored
         assert "are DPO's" in capsys.readouterr().err
+    assert main(base + ["--loss", "dpo", "--rpo-alpha", "-1"]) == 2 and "rpo_alpha must be >= 0" in capsys.readouterr().err
     bad = tmp_path / "bad"
     write_pairs(bad, PAIRS[:3] + [{"prompt": "x", "chosen": "y"}])
     assert main(base[:2] + ["--data", str(bad)] + base[4:] + ["--loss", "orpo"]) == 2

@@ -45,9 +45,9 @@ class Objective:
     @staticmethod
     def refuse_reference_settings(c):
         """The settings of DPO's reference model are errors for an objective without one."""
-        if c.reference_adapter_path or c.dpo_cpo_loss_type != "sigmoid":
-            raise ConfigError(f"--reference-adapter-path and --dpo-cpo-loss-type are DPO's: --loss {c.loss} has no "
-                              "reference model")
+        if c.reference_adapter_path or c.dpo_cpo_loss_type != "sigmoid" or c.rpo_alpha:
+            raise ConfigError(f"--reference-adapter-path, --dpo-cpo-loss-type and --rpo-alpha are DPO's: --loss "
+                              f"{c.loss} has no reference model")
 
     def load_data(self, tokenizer, config):
         """-> {split: Dataset} of the run's data, encoded for this objective."""

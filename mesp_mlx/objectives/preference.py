@@ -159,7 +159,8 @@ class PairObjective(Objective):
     def describe(self, stats, split):
         """As TRL and mlx-lm-lora print them: rewards chosen / rejected, margin, accuracy."""
         return (f"Rewards chosen {stats['rewards_chosen']:.3f} / rejected {stats['rewards_rejected']:.3f}, "
-                f"Margin {stats['reward_margin']:.3f}, Accuracy {stats['accuracy']:.3f}")
+                f"Margin {stats['reward_margin']:.3f}, Accuracy {stats['accuracy']:.3f}, "
+                f"Logps chosen {stats['logps_chosen']:.2f} / rejected {stats['logps_rejected']:.2f}")
 
     def brief(self, stats):
         return f"margin {stats['reward_margin']:.3f}, acc {stats['accuracy']:.2f}"
@@ -170,19 +171,22 @@ class DPO(PairObjective):
     name = "dpo"
     needs_reference = True
 
-    def __init__(self, beta=0.1, variant="sigmoid"):
+    def __init__(self, beta=0.1, variant="sigmoid", rpo_alpha=0.0):
         super().__init__(beta)
-        self.variant = variant
+        self.variant, self.rpo_alpha = variant, rpo_alpha
 
     @classmethod
     def from_config(cls, c):
         cls.check(c)
         if c.dpo_cpo_loss_type not in DPO_VARIANTS:
             raise ConfigError(f"dpo_cpo_loss_type must be one of {', '.join(DPO_VARIANTS)}")
-        return cls(c.beta, c.dpo_cpo_loss_type)
+        if c.rpo_alpha < 0:
+            raise ConfigError("rpo_alpha must be >= 0")
+        return cls(c.beta, c.dpo_cpo_loss_type, c.rpo_alpha)
 
     def loss_stats(self, nll, batch):
-        return dpo_stats(nll, batch.mask.astype(nll.dtype), self.beta, self.variant, batch.fields.get("reference"))
+        return dpo_stats(nll, batch.mask.astype(nll.dtype), self.beta, self.variant, batch.fields.get("reference"),
+                         self.rpo_alpha)
 
 
 class ORPO(PairObjective):

@@ -16,6 +16,8 @@ DPO (Rafailov et al. 2023), as mlx-lm-lora and TRL define it, with policy scores
 row (summed log-probabilities; their mean per token for the `ipo` variant):
     u = (s_c - s_r) - (r_c - r_r)     sigmoid: -log sigmoid(beta u)     ipo: (u - 1 / (2 beta))^2
     rewards beta (s - r); accuracy: the fraction of pairs whose chosen reward is the larger.
+    With rpo_alpha > 0 (TRL's name; RPO, Pang et al. 2024) the chosen answers' mean next-token NLL, weighted by
+    rpo_alpha, is added: an SFT term that keeps the preferred answers likely while the margin grows.
 ORPO (Hong et al. 2024), as mlx-lm-lora writes it, with each row's mean log-probability a (beta is ORPO's lambda):
     L = -a_c - beta log sigmoid((a_c - a_r) - (log(1 - e^a_c) - log(1 - e^a_r)))      rewards beta a.
 Every loss and metric is the mean over pairs.
@@ -26,7 +28,7 @@ from .linear import DEFAULT
 from .loss import token_nll_forward
 
 DPO_VARIANTS = ("sigmoid", "ipo")
-STATS = ("loss", "rewards_chosen", "rewards_rejected", "reward_margin", "accuracy")
+STATS = ("loss", "rewards_chosen", "rewards_rejected", "reward_margin", "accuracy", "logps_chosen", "logps_rejected")
 
 
 def row_logps(nll, mask):
@@ -44,25 +46,31 @@ def _log1mexp(a):
     return mx.where(a > -0.6931471805599453, mx.log(-mx.expm1(a)), mx.log1p(-mx.exp(a)))
 
 
-def _pair_stats(losses, rewards):
+def _pair_stats(loss, rewards, logp):
+    """The loss and what TRL reports beside it: rewards, margin, accuracy and each side's mean summed log-prob."""
     p = rewards.shape[0] // 2
     rc, rr = rewards[:p], rewards[p:]
-    return {"loss": mx.mean(losses), "rewards_chosen": mx.mean(rc), "rewards_rejected": mx.mean(rr),
-            "reward_margin": mx.mean(rc - rr), "accuracy": mx.mean((rc > rr).astype(losses.dtype))}
+    return {"loss": loss, "rewards_chosen": mx.mean(rc), "rewards_rejected": mx.mean(rr),
+            "reward_margin": mx.mean(rc - rr), "accuracy": mx.mean((rc > rr).astype(loss.dtype)),
+            "logps_chosen": mx.mean(logp[:p]), "logps_rejected": mx.mean(logp[p:])}
 
 
-def dpo_stats(nll, mask, beta, variant="sigmoid", reference=None):
-    """DPO's loss and what TRL reports beside it, all means over the pairs: {loss, rewards_chosen,
-    rewards_rejected, reward_margin, accuracy}. nll, mask: (2P, T), chosen rows first; reference: the reference
-    model's summed log-probability of each row, (2P,) (None: every row 0, as mlx-lm-lora's DPO without one)."""
+def dpo_stats(nll, mask, beta, variant="sigmoid", reference=None, rpo_alpha=0.0):
+    """DPO's loss and what TRL reports beside it, all means over the pairs (STATS). nll, mask: (2P, T), chosen rows
+    first; reference: the reference model's summed log-probability of each row, (2P,) (None: every row 0, as
+    mlx-lm-lora's DPO without one); rpo_alpha: weight of the chosen answers' NLL, a mean over their tokens as TRL
+    takes it."""
     logp, count = row_logps(nll, mask)
-    p = logp.shape[0] // 2
+    summed, p = logp, logp.shape[0] // 2
     ref = mx.zeros_like(logp) if reference is None else reference.astype(logp.dtype)
     if variant == "ipo":
         logp, ref = logp / mx.maximum(count, 1.0), ref / mx.maximum(count, 1.0)
     u = (logp[:p] - logp[p:]) - (ref[:p] - ref[p:])
     losses = -_log_sigmoid(beta * u) if variant == "sigmoid" else (u - 1 / (2 * beta)) ** 2
-    return _pair_stats(losses, beta * (logp - ref))
+    loss = mx.mean(losses)
+    if rpo_alpha:
+        loss = loss + rpo_alpha * -mx.sum(summed[:p]) / mx.maximum(mx.sum(count[:p]), 1.0)
+    return _pair_stats(loss, beta * (logp - ref), summed)
 
 
 def orpo_stats(nll, mask, beta):
@@ -73,7 +81,7 @@ def orpo_stats(nll, mask, beta):
     mean = logp / mx.maximum(count, 1.0)
     ac, ar = mean[:p], mean[p:]
     log_odds = (ac - ar) - (_log1mexp(ac) - _log1mexp(ar))
-    return _pair_stats(-ac - beta * _log_sigmoid(log_odds), beta * mean)
+    return _pair_stats(mx.mean(-ac - beta * _log_sigmoid(log_odds)), beta * mean, logp)
 
 
 def reference_logps(h, head, targets, mask, compute=DEFAULT):

@@ -1,0 +1,146 @@
+"""The retention check: does the fine-tuned model still know what its base knew?
+
+A personalised model that has forgotten general knowledge is worse than none, and a user on a device has no
+benchmark suite to notice. So a run scores the model twice, the base (adapter off) before training and the adapted
+model after it, on a small set shipped with the package (or the user's own, --retention-data): questions with
+checkable answers, answered greedily (an answer counts when one of its accepted forms appears as a word in the
+reply), and the mean next-token loss on a short general text. Both passes stream the base as training does, so the
+check stays within the run's memory; a reply stops at the family's stop ids, at `max_tokens`, or as soon as an
+accepted form has appeared.
+
+A set is a folder with `questions.jsonl` (rows {"prompt": str, "answers": [str, ...]}) and `general.txt`.
+"""
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+
+from .errors import DataError
+from .model import next_token
+from .models import stop_ids
+from .objectives import SFT
+
+SHIPPED = Path(__file__).parent / "data" / "retention"
+
+
+@dataclass
+class RetentionSet:
+    questions: list  # [(prompt ids, [accepted answer patterns])]
+    text: list  # the general text's token ids
+
+
+def _pattern(answer):
+    """An accepted form as a whole word (so '7' is not found in '17'), case-insensitive."""
+    return re.compile(r"(?<!\w)" + re.escape(answer) + r"(?!\w)", re.IGNORECASE)
+
+
+def prompt_ids(tokenizer, prompt, chat):
+    if chat and getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "input_ids") else ids)
+    return list(tokenizer.encode(prompt))
+
+
+def load_retention_set(path, tokenizer, chat, context, max_tokens):
+    """The set in folder `path` (None: the shipped one), encoded; DataError, naming the file and line, for a row
+    that is not a question with answers or a prompt that cannot fit the model's context with its reply."""
+    root = Path(path) if path else SHIPPED
+    qfile, tfile = root / "questions.jsonl", root / "general.txt"
+    for f in (qfile, tfile):
+        if not f.is_file():
+            raise DataError(f"{f}: missing (a retention set is a folder with questions.jsonl and general.txt)")
+    questions = []
+    for n, line in enumerate(qfile.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{qfile}:{n}: not a valid JSON line ({e})") from None
+        if not (isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("answers"), list)
+                and row["answers"] and all(isinstance(a, str) and a.strip() for a in row["answers"])):
+            raise DataError(f"{qfile}:{n}: expected {{\"prompt\": str, \"answers\": [str, ...]}}")
+        try:
+            ids = prompt_ids(tokenizer, row["prompt"], chat)
+        except Exception as e:
+            raise DataError(f"{qfile}:{n}: the model's chat template rejected this prompt ({type(e).__name__}: "
+                            f"{e})") from None
+        if len(ids) + max_tokens > context:
+            raise DataError(f"{qfile}:{n}: the prompt ({len(ids)} tokens) and a {max_tokens}-token answer do not "
+                            f"fit the model's context of {context} tokens")
+        questions.append((ids, [_pattern(a.strip()) for a in row["answers"]]))
+    text = list(tokenizer.encode(tfile.read_text(encoding="utf-8")))
+    if not questions or len(text) < 2:
+        raise DataError(f"{root}: a retention set needs at least one question and a general text")
+    return RetentionSet(questions, text)
+
+
+def answer_correct(store, tokenizer, ids, patterns, lora, scale, specs, stops, max_tokens):
+    """Greedy decoding of one question; True as soon as an accepted form appears in the reply."""
+    ids, out = list(ids), []
+    for _ in range(max_tokens):
+        nxt = next_token(store, mx.array([ids]), lora, scale, specs)
+        if nxt in stops:
+            break
+        ids.append(nxt)
+        out.append(nxt)
+        if any(p.search(tokenizer.decode(out)) for p in patterns):
+            return True
+    return False
+
+
+def general_loss(engine, params, text, seq_len):
+    """Mean next-token loss over the text, in rows of at most seq_len targets (token-weighted)."""
+    total, count = 0.0, 0
+    for i in range(0, len(text) - 1, seq_len):
+        ids = mx.array([text[i: i + seq_len + 1]])
+        if ids.shape[1] < 2:
+            continue
+        n = ids.shape[1] - 1
+        loss = engine.loss(params, SFT().batch(ids[:, :-1], ids[:, 1:], mx.ones((1, n))))["loss"].item()
+        total, count = total + loss * n, count + n
+    return total / count
+
+
+def score(store, tokenizer, rset, engine, params, scale, compute, seq_len, max_tokens=16):
+    """{"answers": questions answered correctly, "questions": how many, "general_loss": mean loss on the text} of the
+    model with `params` (an empty dict: the base)."""
+    specs, stops = store.args.block_specs(compute), stop_ids(tokenizer, store.args.model_type)
+    right = sum(answer_correct(store, tokenizer, ids, patterns, params or None, scale, specs, stops, max_tokens)
+                for ids, patterns in rset.questions)
+    return {"answers": right, "questions": len(rset.questions),
+            "general_loss": general_loss(engine, params, rset.text, seq_len)}
+
+
+class RetentionCheck:
+    """A run's check: the set loaded and checked when built (before any training), `before()` scores the base,
+    `after(params)` the adapted model -> (the report line, the metrics record)."""
+
+    def __init__(self, store, tokenizer, engine, config, compute, chat, max_tokens=16):
+        self.store, self.tokenizer, self.engine, self.compute = store, tokenizer, engine, compute
+        self.scale, self.seq_len, self.max_tokens = config.scale, config.max_seq_length, max_tokens
+        self.set = load_retention_set(config.retention_data, tokenizer, chat, store.args.max_position_embeddings,
+                                      max_tokens)
+        self.base = None
+
+    def _score(self, params):
+        return score(self.store, self.tokenizer, self.set, self.engine, params, self.scale, self.compute,
+                     self.seq_len, self.max_tokens)
+
+    def before(self):
+        self.base = b = self._score({})
+        return (f"knowledge before training: {b['answers']}/{b['questions']} answers, general-text loss "
+                f"{b['general_loss']:.3f}")
+
+    def after(self, params):
+        base, now = self.base, self._score(params)
+        change = (now["general_loss"] - base["general_loss"]) / base["general_loss"]
+        line = (f"knowledge kept: {now['answers']}/{now['questions']} answers (base {base['answers']}/"
+                f"{base['questions']}), general-text loss {base['general_loss']:.3f} -> {now['general_loss']:.3f} "
+                f"({change:+.1%})")
+        return line, {"retention_answers": now["answers"], "retention_answers_base": base["answers"],
+                      "retention_questions": now["questions"], "general_loss": now["general_loss"],
+                      "general_loss_base": base["general_loss"]}
