@@ -75,16 +75,26 @@ def generate(store, tokenizer, prompt, max_tokens=32, lora=None, scale=20.0, cha
 
 
 def next_token(store, ids, lora, scale, specs):
-    """The greedy next token after ids (1, T): the last position's logits a vocabulary chunk at a time (the first
-    of equal maxima wins, as argmax's)."""
+    """The greedy next token after ids (1, T)."""
+    return next_tokens(store, ids, [ids.shape[1]], lora, scale, specs)[0]
+
+
+def next_tokens(store, ids, lengths, lora, scale, specs):
+    """The greedy next token of each row of ids (B, T), right-padded, after its first lengths[r] tokens (attention
+    is causal: what follows a row's end changes nothing before it), from that position's logits a vocabulary chunk
+    at a time (the first of equal maxima wins, as argmax's). One pass of the weights serves every row."""
     a, compute = store.args, specs[0].compute
-    x = hidden_states(store, ids, lora, scale, specs)[:, -1]
+    x = hidden_states(store, ids, lora, scale, specs)
+    x = x[mx.arange(x.shape[0]), mx.array(lengths) - 1]
     h = rmsnorm_forward(x, store.final_norm(), a.rms_norm_eps, a.norm_offset)
-    head, best, arg = store.head_rows(), -float("inf"), 0
-    chunk = compute.head_tile(1, head, h.shape[-1])[1]
+    head = store.head_rows()
+    best, arg = mx.full((h.shape[0],), -float("inf")), mx.zeros((h.shape[0],), mx.int32)
+    chunk = compute.head_tile(h.shape[0], head, h.shape[-1])[1]
     for v0 in range(0, head.out_dims, chunk):
         z = frozen_matmul(h, prepared(head.rows(v0, min(v0 + chunk, head.out_dims)), compute), compute)
-        k = int(mx.argmax(z[0]).item())
-        if z[0, k].item() > best:
-            best, arg = z[0, k].item(), v0 + k
-    return arg
+        k = mx.argmax(z, axis=-1)
+        v = mx.take_along_axis(z, k[:, None], axis=-1)[:, 0].astype(best.dtype)
+        better = v > best
+        arg, best = mx.where(better, k.astype(mx.int32) + v0, arg), mx.where(better, v, best)
+        mx.eval(arg, best)
+    return arg.tolist()

@@ -56,6 +56,8 @@ def parser():
 
 
 def main(argv=None):
+    from .console import quiet_transformers
+    quiet_transformers()
     a = parser().parse_args(argv)
     from .errors import MespError
     try:

@@ -18,7 +18,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from .errors import DataError
-from .model import next_token
+from .model import next_tokens
 from .models import stop_ids
 from .objectives import SFT
 
@@ -78,18 +78,29 @@ def load_retention_set(path, tokenizer, chat, context, max_tokens):
     return RetentionSet(questions, text)
 
 
-def answer_correct(store, tokenizer, ids, patterns, lora, scale, specs, stops, max_tokens):
-    """Greedy decoding of one question; True as soon as an accepted form appears in the reply."""
-    ids, out = list(ids), []
+def answers_correct(store, tokenizer, questions, lora, scale, specs, stops, max_tokens):
+    """Greedy replies to all questions at once (one batch, right-padded; a row leaves it when an accepted form has
+    appeared in its reply, at a stop id, or after max_tokens) -> how many were answered correctly."""
+    rows = [(list(ids), [], patterns) for ids, patterns in questions]
+    right = 0
     for _ in range(max_tokens):
-        nxt = next_token(store, mx.array([ids]), lora, scale, specs)
-        if nxt in stops:
+        if not rows:
             break
-        ids.append(nxt)
-        out.append(nxt)
-        if any(p.search(tokenizer.decode(out)) for p in patterns):
-            return True
-    return False
+        width = max(len(ids) for ids, _, _ in rows)
+        batch = mx.array([ids + [0] * (width - len(ids)) for ids, _, _ in rows])
+        nxt = next_tokens(store, batch, [len(ids) for ids, _, _ in rows], lora, scale, specs)
+        left = []
+        for (ids, out, patterns), t in zip(rows, nxt):
+            if t in stops:
+                continue
+            ids.append(t)
+            out.append(t)
+            if any(p.search(tokenizer.decode(out)) for p in patterns):
+                right += 1
+            else:
+                left.append((ids, out, patterns))
+        rows = left
+    return right
 
 
 def general_loss(engine, params, text, seq_len):
@@ -109,8 +120,7 @@ def score(store, tokenizer, rset, engine, params, scale, compute, seq_len, max_t
     """{"answers": questions answered correctly, "questions": how many, "general_loss": mean loss on the text} of the
     model with `params` (an empty dict: the base)."""
     specs, stops = store.args.block_specs(compute), stop_ids(tokenizer, store.args.model_type)
-    right = sum(answer_correct(store, tokenizer, ids, patterns, params or None, scale, specs, stops, max_tokens)
-                for ids, patterns in rset.questions)
+    right = answers_correct(store, tokenizer, rset.questions, params or None, scale, specs, stops, max_tokens)
     return {"answers": right, "questions": len(rset.questions),
             "general_loss": general_loss(engine, params, rset.text, seq_len)}
 

@@ -81,3 +81,16 @@ def test_a_run_reports_what_it_kept(tmp_path, tiny_gguf, capsys):
     assert main(common + ["--adapter-path", str(tmp_path / "b"), "--no-retention"]) == 0
     assert "knowledge" not in capsys.readouterr().out
     assert not any("general_loss" in line for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines())
+
+
+def test_batched_greedy_equals_one_row_at_a_time(tiny_gguf):
+    """next_tokens on right-padded rows of different lengths gives each row's own next token: causal attention
+    makes what follows a row's end irrelevant to it."""
+    from mesp_mlx.model import next_token, next_tokens
+    store = load_model(str(tiny_gguf))
+    specs = store.args.block_specs()
+    rows = [[5, 17, 42, 99, 3, 250, 7], [11, 4], [8, 8, 1, 30]]
+    width = max(map(len, rows))
+    batch = mx.array([r + [0] * (width - len(r)) for r in rows])
+    got = next_tokens(store, batch, [len(r) for r in rows], None, 20.0, specs)
+    assert got == [next_token(store, mx.array([r]), None, 20.0, specs) for r in rows]
