@@ -1,0 +1,46 @@
+"""The retention check on saved adapters, beside their base: one markdown row per adapter folder.
+
+    python tools/bench_retention.py ADAPTER_DIR [ADAPTER_DIR ...]
+
+Each folder's base comes from its adapter_config.json; both are scored as a run scores them at its end
+(mesp_mlx/retention.py: the shipped questions, greedy, and the loss on the shipped general text), with the chat
+template when the folder's training data were conversations (pass --plain otherwise)."""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main(argv=None):
+    from mesp_mlx.blas import ensure_fast_blas
+    ensure_fast_blas()
+    import mlx.core as mx
+    from mesp_mlx.engines import make_engine
+    from mesp_mlx.io.formats.mlx_lm import model_named
+    from mesp_mlx.io.sources import load_model
+    from mesp_mlx.lora import from_flat
+    from mesp_mlx.ops.linear import Compute
+    from mesp_mlx.retention import load_retention_set, score
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("adapters", nargs="+")
+    p.add_argument("--plain", action="store_true", help="questions without the chat template")
+    p.add_argument("--seq", type=int, default=256)
+    a = p.parse_args(argv)
+    print("| adapter | answers base | answers after | general loss base | after | change |\n|---|---|---|---|---|---|")
+    for ad in map(Path, a.adapters):
+        store = load_model(model_named(ad))
+        tok = store.tokenizer()
+        scale = json.loads((ad / "adapter_config.json").read_text())["lora_parameters"]["scale"]
+        rset = load_retention_set(None, tok, not a.plain, store.args.max_position_embeddings, 16)
+        engine = make_engine("mesp", store, scale)
+        params = from_flat(mx.load(str(ad / "adapters.safetensors")))
+        base, now = (score(store, tok, rset, engine, q, scale, Compute(), a.seq) for q in ({}, params))
+        change = (now["general_loss"] - base["general_loss"]) / base["general_loss"]
+        print(f"| {ad} | {base['answers']}/{base['questions']} | {now['answers']}/{now['questions']} | "
+              f"{base['general_loss']:.3f} | {now['general_loss']:.3f} | {change:+.1%} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
