@@ -193,3 +193,18 @@ def test_bench_update_fused_equals_per_parameter(tiny_dir, compiled):
     from bench_update import main
     out = main([str(tiny_dir), "--steps", "3", "--optimizer", "adamw"] + (["--compiled"] if compiled else []))
     assert out["max_abs_diff"] == 0.0 and len(out["fused_s"]) == len(out["per_parameter_s"]) == 2, out
+
+
+def test_bench_retention(tmp_path, tiny_gguf, capsys):
+    """tools/bench_retention.py scores a saved adapter beside its base: one markdown row with both."""
+    import bench_retention
+    from mesp_mlx.train import main
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text("\n".join(json.dumps({"text": f"row {i}: the fox"}) for i in range(4)))
+    assert main(["--model", str(tiny_gguf), "--data", str(data), "--sample-prompt", "", "--rank", "4", "--iters", "1",
+                 "--no-retention", "--adapter-path", str(tmp_path / "a")]) == 0
+    capsys.readouterr()
+    bench_retention.main([str(tmp_path / "a"), "--plain", "--seq", "32"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(f"| {tmp_path / 'a'}")]
+    assert len(rows) == 1 and rows[0].count("/10") == 2
