@@ -140,7 +140,7 @@ def llamacpp_logits(base, lora, out):
         import llama_cpp  # noqa: F401
     except ImportError as e:
         pytest.skip(f"llama.cpp's bindings cannot be imported ({e}); install them with "
-                    "sh ../shared/wheels/install-llama-cpp.sh .venv")
+                    ".venv/bin/pip install llama-cpp-python")
     run = subprocess.run([sys.executable, "-c", LLAMACPP, str(base), str(lora), str(out), json.dumps(IDS)],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, f"llama.cpp failed (rc {run.returncode}): {run.stderr[-600:]}"

@@ -266,7 +266,7 @@ def test_logits_match_llamacpp_on_the_same_file(tmp_path):
     measurement as on the real files): our logits on the file equal llama.cpp's on the F32 copy to fp32 roundoff
     (so every type means to us what it means to llama.cpp), and are no further from them than llama.cpp's own run
     of the file (which rounds activations to 8 bits)."""
-    pytest.importorskip("llama_cpp", reason="llama.cpp's bindings (../shared/wheels) are not installed")
+    pytest.importorskip("llama_cpp", reason="llama.cpp's bindings (llama-cpp-python) are not installed")
     import sys
     from pathlib import Path
     sys.path.insert(0, str(Path(__file__).parent.parent / "tools"))

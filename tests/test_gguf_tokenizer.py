@@ -19,7 +19,7 @@ CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<
 
 
 def llamacpp_ids(path, text):
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama.cpp's bindings (../shared/wheels) are not installed")
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama.cpp's bindings (llama-cpp-python) are not installed")
     vocab = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
     return vocab.tokenize(text.encode(), add_bos=True, special=True)
 

@@ -13,7 +13,7 @@ exported graph, so each primitive is counted by the evaluation that runs it.
              compiled LoRA step, Adam included) or mlx-lm-nocompile. MODEL: a store path or tools/bench_memory.py model spec (default
              model when omitted). Prints one JSON line.
 
-It agrees with `../shared/tools/count_kernels.py` (the reference it was written against) on the same configuration:
+It agrees with an independent counter it was written against (outside this repository) on the same configuration:
 one `loss_and_grad` after a warm-up for our engines, mlx-lm's third step for mlx-lm. `tools/bench_memory.py` reports
 the same count of one extra step as its `kernels` column.
 """

@@ -5,8 +5,8 @@
 # checked against mesp's, the card named. Autodiff runs on the 0.5B shape only (on 3B at T=4096 it needs tens of GB
 # and minutes; issue 15 left it out too).
 #
-# On the GPU machine, from the project root, after ../shared/gpu/README.md's steps 1-3 (stage.sh here, then
-# `bash .gpu/a/put.sh`, then `bash .gpu/b/setup.sh`):
+# On the GPU machine, from the project root, once MLX's CUDA backend is installed
+# (`pip install mlx[cuda]` at the locked mlx version):
 #     bash tools/gpu_bench.sh [OUTDIR]          (default: $OUT when set, else ./gpu-bench)
 # Writes OUTDIR/card.txt, OUTDIR/{qwen,llama}.{json,md,log}. Each part has its own time limit, so a slow part
 # leaves the others' rows; bench_memory exits non-zero when a row FAILS its loss check, reported, not fatal here.
