@@ -3,6 +3,7 @@ MLX autodiff differentiates (engines/autodiff.py). The training engines reuse th
 """
 import mlx.core as mx
 
+from .data import token_ids
 from .models import stop_ids
 from .ops.block import block_dropout, block_forward, packing
 from .ops.linear import DEFAULT, accum_dtype, frozen_matmul, prepared
@@ -52,17 +53,19 @@ def reference_loss(store, batch, lora, scale, specs=None, layers=None, dropout=N
     return stats["loss"], stats
 
 
+def prompt_ids(tokenizer, prompt, chat=True):
+    """The ids a reply to `prompt` follows: one user turn through the chat template (with the generation prompt)
+    when chat and the tokenizer has one, else the prompt's plain encoding."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        return token_ids(tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                       add_generation_prompt=True, tokenize=True))
+    return list(tokenizer.encode(prompt))
+
+
 def generate(store, tokenizer, prompt, max_tokens=32, lora=None, scale=20.0, chat=True, compute=DEFAULT):
     """Greedy decoding (no KV cache: each step recomputes the prefix, fine for short answers). Blocks are streamed
     and the head read in vocabulary chunks, as in training, so a sample stays within a run's memory budget."""
-    if chat and getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-    else:
-        ids = tokenizer.encode(prompt)
-    ids, out = list(ids), []
+    ids, out = prompt_ids(tokenizer, prompt, chat), []
     stops = stop_ids(tokenizer, store.args.model_type)  # the ids a fused export's generation_config lists
     specs = store.args.block_specs(compute)
     for _ in range(max_tokens):

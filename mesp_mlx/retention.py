@@ -18,7 +18,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from .errors import DataError
-from .model import next_tokens
+from .model import next_tokens, prompt_ids
 from .models import stop_ids
 from .objectives import SFT
 
@@ -34,14 +34,6 @@ class RetentionSet:
 def _pattern(answer):
     """An accepted form as a whole word (so '7' is not found in '17'), case-insensitive."""
     return re.compile(r"(?<!\w)" + re.escape(answer) + r"(?!\w)", re.IGNORECASE)
-
-
-def prompt_ids(tokenizer, prompt, chat):
-    if chat and getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "input_ids") else ids)
-    return list(tokenizer.encode(prompt))
 
 
 def load_retention_set(path, tokenizer, chat, context, max_tokens):
