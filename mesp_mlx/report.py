@@ -87,7 +87,7 @@ class Reporter:
         if not report:
             return
         dt = time.perf_counter() - self.t0
-        means = {k: sum(s[k] for s in self.window) / len(self.window) for k in self.window[0]}
+        means = {k: sum(s[k] for s in self.window) / len(self.window) for k in self.objective.stats}
         rec = {"iter": step, "train_loss": means["loss"], "learning_rate": lr,
                "it_per_sec": len(self.window) / dt, "tokens_per_sec": self.window_tok / dt,
                "peak_memory_gb": mx.get_peak_memory() / 1e9, "active_memory_gb": mx.get_active_memory() / 1e9,

@@ -42,6 +42,7 @@ def test_preference_gradients_equal_autodiff(tiny_dir, method, kind):
     ref_stats, ref = make_engine("autodiff", store, 20.0).loss_and_grad(params, batch)
     compute = Compute(attn_chunk=5, vocab_chunk=64, token_chunk=7)
     stats, grads = make_engine(method, store, 20.0, compute=compute).loss_and_grad(params, batch)
+    assert list(stats) == list(ref_stats) == list(PREFS[kind].stats)  # the names the objective declares
     for k, v in ref_stats.items():
         assert abs(stats[k].item() - v.item()) <= EXACT * max(abs(v.item()), 1.0), k
     assert_grads_close(grads, ref)
