@@ -23,6 +23,9 @@ from .models import stop_ids
 from .objectives import SFT
 
 SHIPPED = Path(__file__).parent / "data" / "retention"
+# the longest reply a question gets: a persona may open with a greeting before the answer ("Ahoy! By the compass
+# and the chart: 7 times 8 is 56" puts it at the 16th token); a reply that has the answer stops there
+MAX_TOKENS = 32
 
 
 @dataclass
@@ -108,7 +111,7 @@ def general_loss(engine, params, text, seq_len):
     return total / count
 
 
-def score(store, tokenizer, rset, engine, params, scale, compute, seq_len, max_tokens=16):
+def score(store, tokenizer, rset, engine, params, scale, compute, seq_len, max_tokens=MAX_TOKENS):
     """{"answers": questions answered correctly, "questions": how many, "general_loss": mean loss on the text} of the
     model with `params` (an empty dict: the base)."""
     specs, stops = store.args.block_specs(compute), stop_ids(tokenizer, store.args.model_type)
@@ -121,7 +124,7 @@ class RetentionCheck:
     """A run's check: the set loaded and checked when built (before any training), `before()` scores the base,
     `after(params)` the adapted model -> (the report line, the metrics record)."""
 
-    def __init__(self, store, tokenizer, engine, config, compute, chat, max_tokens=16):
+    def __init__(self, store, tokenizer, engine, config, compute, chat, max_tokens=MAX_TOKENS):
         self.store, self.tokenizer, self.engine, self.compute = store, tokenizer, engine, compute
         self.scale, self.seq_len, self.max_tokens = config.scale, config.max_seq_length, max_tokens
         self.set = load_retention_set(config.retention_data, tokenizer, chat, store.args.max_position_embeddings,

@@ -11,7 +11,7 @@ from mesp_mlx.errors import DataError
 from mesp_mlx.io.sources import load_model
 from mesp_mlx.lora import from_flat
 from mesp_mlx.ops.linear import Compute
-from mesp_mlx.retention import SHIPPED, _pattern, load_retention_set, score
+from mesp_mlx.retention import MAX_TOKENS, SHIPPED, _pattern, load_retention_set, score
 from mesp_mlx.train import main
 
 
@@ -68,7 +68,7 @@ def test_a_run_reports_what_it_kept(tmp_path, tiny_gguf, capsys):
     rec = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()][-1]
     store = load_model(str(tiny_gguf))
     tok = store.tokenizer()
-    rset = load_retention_set(None, tok, False, store.args.max_position_embeddings, 16)
+    rset = load_retention_set(None, tok, False, store.args.max_position_embeddings, MAX_TOKENS)
     engine = make_engine("mesp", store, 20.0)
     params = from_flat(mx.load(str(tmp_path / "a" / "adapters.safetensors")))
     now, base = (score(store, tok, rset, engine, p, 20.0, Compute(), 32) for p in (params, {}))

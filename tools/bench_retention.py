@@ -22,7 +22,7 @@ def main(argv=None):
     from mesp_mlx.io.sources import load_model
     from mesp_mlx.lora import from_flat
     from mesp_mlx.ops.linear import Compute
-    from mesp_mlx.retention import load_retention_set, score
+    from mesp_mlx.retention import MAX_TOKENS, load_retention_set, score
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("adapters", nargs="+")
     p.add_argument("--plain", action="store_true", help="questions without the chat template")
@@ -33,7 +33,7 @@ def main(argv=None):
         store = load_model(model_named(ad))
         tok = store.tokenizer()
         scale = json.loads((ad / "adapter_config.json").read_text())["lora_parameters"]["scale"]
-        rset = load_retention_set(None, tok, not a.plain, store.args.max_position_embeddings, 16)
+        rset = load_retention_set(None, tok, not a.plain, store.args.max_position_embeddings, MAX_TOKENS)
         engine = make_engine("mesp", store, scale)
         params = from_flat(mx.load(str(ad / "adapters.safetensors")))
         base, now = (score(store, tok, rset, engine, q, scale, Compute(), a.seq) for q in ({}, params))
