@@ -91,32 +91,36 @@ def _open_with_user(context):
 def note_rows(note, budget, count, dropped):
     """A note -> plain-text rows of at most `budget` tokens: paragraphs packed in order, a paragraph over the budget
     cut at its lines; a single line over it is dropped with a count."""
-    pieces = []
+    pieces = []  # (text, its count when the first pass made one: a paragraph that fits)
     for para in note.text.split("\n\n"):
         para = para.strip()
-        if para and count({"text": para})[0] > budget:
-            pieces += [line for line in para.split("\n") if line.strip()]
-        elif para:
-            pieces.append(para)
-    chunk = None
-    for piece in pieces:
-        joined = piece if chunk is None else chunk + "\n\n" + piece
-        if count({"text": joined})[0] <= budget:
-            chunk = joined
+        if not para:
             continue
+        fit = count({"text": para})
+        if fit[0] > budget:
+            pieces += [(line, None) for line in para.split("\n") if line.strip()]
+        else:
+            pieces.append((para, fit))
+    chunk = None  # (text, tokens, loss tokens) of the row being packed
+    for piece, fit in pieces:
         if chunk is not None:
-            yield _note_row(note, chunk, count)
-        if count({"text": piece})[0] <= budget:
-            chunk = piece
+            joined = chunk[0] + "\n\n" + piece
+            n, loss = count({"text": joined})
+            if n <= budget:
+                chunk = (joined, n, loss)
+                continue
+            yield _note_row(note, *chunk)
+        n, loss = fit or count({"text": piece})
+        if n <= budget:
+            chunk = (piece, n, loss)
         else:
             dropped[NOTE_OVER_BUDGET] += 1
             chunk = None
     if chunk is not None:
-        yield _note_row(note, chunk, count)
+        yield _note_row(note, *chunk)
 
 
-def _note_row(note, text, count):
-    n, loss = count({"text": text})
+def _note_row(note, text, n, loss):
     return Row({"text": text}, note.source, f"note:{note.source}", note.time, n, loss)
 
 
