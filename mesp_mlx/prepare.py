@@ -162,15 +162,12 @@ def load_tokenizer(model, scratch):
     """The tokenizer of `model` from disk alone: a model directory's own files, or a GGUF's vocabulary rebuilt in
     `scratch`. No download: a model that is not on this machine is an error that says how to get it."""
     from .io.gguf import open_gguf
-    from .io.sources import DEFAULT_MODEL, QWEN_CODER, QWEN_PACKAGES, cache_root, smollm2_gguf
+    from .io.sources import DEFAULT_MODEL, QWEN_CODER, qwen_coder_gguf, smollm2_gguf
     from .io.tokenizer import load_tokenizer as from_dir, tokenizer_from_gguf
     if model in (None, DEFAULT_MODEL):
-        path = smollm2_gguf(install=False)  # an error naming the package when it is not installed; never pip
+        path = smollm2_gguf(install=False)  # never pip: an error naming the package when it is not installed
     elif model == QWEN_CODER:
-        path = cache_root() / "gguf" / "Qwen2.5-Coder-0.5B-Instruct-Q4_K_M.gguf"
-        if not path.exists():
-            raise ConfigError(f"--model {model}: not on this machine yet (prepare downloads nothing); train once "
-                              f"with it (it fetches {QWEN_PACKAGES[0]}..) or pass a local directory or GGUF")
+        path = qwen_coder_gguf(fetch=False)  # never pip: an error saying how to get it when it is not cached
     else:
         path = Path(model).expanduser()
     if path.is_dir():

