@@ -12,14 +12,14 @@ class Group:
         self.group = mx.distributed.init()
         self.rank, self.size = self.group.rank(), self.group.size()
 
-    def weights(self, n):
-        """(n, the group's sum of it): this process's weight in the group's mean (what the objective weighs a
-        batch by: its target tokens, or its examples) and the whole group's."""
-        return n, (self.sum(n) if self.size > 1 else n)
-
-    def tokens(self, batch):
-        """The whole group's target tokens in this step's batches (a float)."""
-        return self.weights(mx.sum(batch.mask))[1].item()
+    def totals(self, n, tokens):
+        """(n, the group's sum of n, the group's sum of tokens) in one all-reduce: n is this process's weight in the
+        group's mean (what the objective weighs a batch by: its target tokens, or its examples), tokens its target
+        tokens (what tokens/s counts)."""
+        if self.size == 1:
+            return n, n, tokens
+        both = self.sum(mx.stack([n.astype(mx.float32), tokens.astype(mx.float32)]))
+        return n, both[0], both[1]
 
     def sum(self, x):
         return mx.distributed.all_sum(x, group=self.group)

@@ -209,17 +209,17 @@ class Trainer:
         tokens of the whole group)."""
         if self.fused or self.cfg.grad_accumulation_steps == 1 and not self.engine.fuses_update:
             batch = self.cursor.next_batch()
-            n, total = self.group.weights(self.objective.weight(batch))
+            n, total, tokens = self.group.totals(self.objective.weight(batch), mx.sum(batch.mask))
             step0 = self.opt.state["step"]
             stats = self.engine.train_step(self.params, batch, lambda i, g: self.update_block(i, g, step0),
                                            lambda tree: self.group.mean(tree, n, total), self.dropout_key(0))
             if self.opt.state["step"] is step0:  # no block was updated
                 self.opt.state["step"] = step0 + 1
-            return as_floats(self.group.mean(stats, n, total)), self.group.tokens(batch)
+            return as_floats(self.group.mean(stats, n, total)), tokens.item()
         acc, sums, tokens = None, {}, 0.0
         for micro in range(self.cfg.grad_accumulation_steps):
             batch = self.cursor.next_batch()
-            n, total = self.group.weights(self.objective.weight(batch))
+            n, total, group_tokens = self.group.totals(self.objective.weight(batch), mx.sum(batch.mask))
             grads = {}
 
             def collect(i, g):
@@ -230,7 +230,7 @@ class Trainer:
             acc = grads if acc is None else tree_map(lambda a, b: a + b, acc, grads)
             for key, v in as_floats(self.group.mean(stats, n, total)).items():
                 sums[key] = sums.get(key, 0.0) + v / self.cfg.grad_accumulation_steps
-            tokens += self.group.tokens(batch)
+            tokens += group_tokens.item()
         if self.cfg.grad_accumulation_steps > 1:
             acc = tree_map(lambda a: a / self.cfg.grad_accumulation_steps, acc)
         flat = self.opt.apply_gradients(to_flat(acc), to_flat(self.params))
