@@ -41,14 +41,14 @@ class TrainConfig:
     test: bool = opt(False, "after training, loss and perplexity on the data's test.jsonl")
     test_batches: int = opt(500, "test batches to evaluate (-1: all)")
     method: str = opt("mesp", "how gradients are computed", tuple(ENGINES))
-    iters: int = opt(30, "optimizer steps")
+    iters: int = opt(20, "optimizer steps")
     epochs: int = opt(0, "passes over the training data; > 0 overrides --iters")
     batch_size: int = opt(1, "rows per step (per process in data-parallel runs: the group's batch is W times it)")
     num_layers: int = opt(-1, "adapt the last N blocks (-1: all)")
     max_seq_length: int = opt(256, "longer rows are truncated (with a count)")
     pack: bool = opt(False, "pack short rows together into rows of max_seq_length positions (attention and "
                             "positions stay within each row: the same gradient, fewer and fuller batches)")
-    learning_rate: float = opt(1e-4, "learning rate")
+    learning_rate: float = opt(5e-5, "learning rate")
     optimizer: str = opt(None, "optimizer (default: adamw; for mezo sgd, MeZO's own update on its SPSA estimate, "
                                "while adam/adamw give MeZO-Adam)", tuple(OPTIMIZERS))
     lr_schedule: str = opt("constant", "learning-rate schedule after the warmup", LR_SCHEDULES)

@@ -12,6 +12,7 @@ A set is a folder with `questions.jsonl` (rows {"prompt": str, "answers": [str, 
 """
 import json
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,20 +133,23 @@ class RetentionCheck:
         self.base = None
 
     def _score(self, params):
-        return score(self.store, self.tokenizer, self.set, self.engine, params, self.scale, self.compute,
-                     self.seq_len, self.max_tokens)
+        """The score, with the seconds it took under "seconds" (the check's cost, reported with it)."""
+        t0 = time.perf_counter()
+        out = score(self.store, self.tokenizer, self.set, self.engine, params, self.scale, self.compute,
+                    self.seq_len, self.max_tokens)
+        return dict(out, seconds=time.perf_counter() - t0)
 
     def before(self):
         self.base = b = self._score({})
         return (f"knowledge before training: {b['answers']}/{b['questions']} answers, general-text loss "
-                f"{b['general_loss']:.3f}")
+                f"{b['general_loss']:.3f} (scored in {b['seconds']:.1f} s)")
 
     def after(self, params):
         base, now = self.base, self._score(params)
         change = (now["general_loss"] - base["general_loss"]) / base["general_loss"]
         line = (f"knowledge kept: {now['answers']}/{now['questions']} answers (base {base['answers']}/"
                 f"{base['questions']}), general-text loss {base['general_loss']:.3f} -> {now['general_loss']:.3f} "
-                f"({change:+.1%})")
+                f"({change:+.1%}; scored in {now['seconds']:.1f} s)")
         return line, {"retention_answers": now["answers"], "retention_answers_base": base["answers"],
                       "retention_questions": now["questions"], "general_loss": now["general_loss"],
-                      "general_loss_base": base["general_loss"]}
+                      "general_loss_base": base["general_loss"], "retention_seconds": now["seconds"]}
