@@ -14,7 +14,6 @@ command asks the model before and after training.
 import argparse
 import dataclasses
 import json
-import os
 import shlex
 import sys
 import tempfile
@@ -256,18 +255,12 @@ def _summary(found, convs, rows, train, valid, dropped, is_me, me, prompt, out, 
 
 
 def write_rows(out, files, summary):
-    """Each file written beside its target and renamed over it: a file is whole or absent."""
+    """Each file written beside its target and renamed over it: a file is whole or absent (and its owner's alone)."""
+    from .io.adapters import atomic_write_text
     texts = {name: "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rs) for name, rs in files.items()}
     texts["summary.json"] = json.dumps(summary, ensure_ascii=False, indent=2) + "\n"
     for name, text in texts.items():
-        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-            os.replace(tmp, out / name)
-        except OSError as e:
-            Path(tmp).unlink(missing_ok=True)
-            raise DataError(f"{out / name}: could not write it ({e.strerror or e})") from None
+        atomic_write_text(out / name, text, DataError, private=True)
 
 
 def report(s):

@@ -29,6 +29,25 @@ def atomic_save_safetensors(path, arrays, metadata=None):
                           "the previous file, if any, is intact") from None
 
 
+def atomic_write_text(path, text, error=SourceError, private=False):
+    """`text` as UTF-8, written beside `path` and renamed over it: the file is whole or absent. A failed write removes
+    its temporary file and raises `error`. private: readable by its owner only (else the umask's usual mode)."""
+    path, tmp = Path(path), None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            if not private:
+                umask = os.umask(0)
+                os.umask(umask)
+                os.fchmod(f.fileno(), 0o666 & ~umask)  # mkstemp's is 0600
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
+        raise error(f"{path}: could not write it ({e.strerror or e})") from None
+
+
 @contextmanager
 def atomic_directory(out):
     """Yields a temporary directory beside `out`; when the block succeeds it replaces `out` (an interrupted or failed
@@ -67,13 +86,7 @@ def save_adapter(out_dir, params, lora_cfg, model_path, step=None):
     if step is not None:
         atomic_save_safetensors(out / f"{step:07d}_adapters.safetensors", flat)
     atomic_save_safetensors(out / "adapters.safetensors", flat)
-    tmp = out / ".adapter_config.json.tmp"
-    try:
-        tmp.write_text(json.dumps(config, indent=2))
-        os.replace(tmp, out / "adapter_config.json")
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise SourceError(f"{out / 'adapter_config.json'}: could not write it ({e.strerror})") from None
+    atomic_write_text(out / "adapter_config.json", json.dumps(config, indent=2))
 
 
 RESUME_FILE = "resume.safetensors"
