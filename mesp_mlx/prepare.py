@@ -139,22 +139,26 @@ def prepare(sources, out, me=(), tokenizer=None, model=None, context_turns=CONTE
 
 def check_me(me, messages):
     """The identities `--me` names; an error that lists the senders when it is missing or names nobody."""
-    senders = Counter(m.sender for m in messages)
-    known = {i for m in messages for i in m.identities()}
-    listed = ", ".join(f"{s} ({n})" for s, n in senders.most_common(SENDERS_LISTED))
-    if len(senders) > SENDERS_LISTED:
-        listed += f" and {len(senders) - SENDERS_LISTED} more"
     if not messages:  # notes alone: every word is yours
         return set()
     if not me:
-        if messages:
-            raise ConfigError(f"say which sender is you with --me NAME (repeat it for each name or address you write "
-                              f"under); the senders found: {listed}")
-        return set()
+        raise ConfigError(f"say which sender is you with --me NAME (repeat it for each name or address you write "
+                          f"under); the senders found: {_senders(messages)}")
+    known = {i for m in messages for i in m.identities()}
     missing = [m for m in me if identity(m) not in known]
     if missing:
-        raise ConfigError(f"--me {missing[0]!r} writes in none of the sources; the senders found: {listed or 'none'}")
+        raise ConfigError(f"--me {missing[0]!r} writes in none of the sources; the senders found: "
+                          f"{_senders(messages)}")
     return {identity(m) for m in me}
+
+
+def _senders(messages):
+    """The most frequent senders with their message counts, for an error about --me."""
+    senders = Counter(m.sender for m in messages)
+    listed = ", ".join(f"{s} ({n})" for s, n in senders.most_common(SENDERS_LISTED))
+    if len(senders) > SENDERS_LISTED:
+        listed += f" and {len(senders) - SENDERS_LISTED} more"
+    return listed
 
 
 def load_tokenizer(model, scratch):
