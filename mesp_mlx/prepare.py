@@ -91,8 +91,7 @@ def prepare(sources, out, me=(), tokenizer=None, model=None, context_turns=CONTE
     found = read_sources(sources, skip=[out])  # a DIR inside a source folder is not read back as a source
     chats = [s for f in found for c in f.conversations for s in sessions(c, gap_hours * 3600)]
     threads = mail.threads([m for f in found for m in f.mails])
-    messages = [m for f in found for c in f.conversations for m in c.messages] + \
-               [m.message for f in found for m in f.mails]
+    messages = [m for f in found for m in f.messages()]
     me_ids = check_me(me, messages)
     is_me = lambda m: bool(m.identities() & me_ids)  # noqa: E731
     clean = redact_text if redact else str
@@ -115,18 +114,18 @@ def prepare(sources, out, me=(), tokenizer=None, model=None, context_turns=CONTE
             for note in f.notes:
                 note = dataclasses.replace(note, text=clean(note.text))
                 rows += note_rows(note, max_tokens, _counter(tokenizer, note.source), dropped[note.source])
+        dropped_total = Counter()
+        for c in dropped.values():
+            dropped_total.update(c)
         if not rows:
-            why = Counter()
-            for c in dropped.values():
-                why.update(c)
             n = len(messages)
             raise DataError(f"{', '.join(map(str, sources))}: no training rows ({n} message{'s' * (n != 1)}, "
                             f"{sum(map(is_me, messages))} of them yours" +
-                            (f"; dropped: {_counts(why)}" if why else "") + "); nothing written")
+                            (f"; dropped: {_counts(dropped_total)}" if dropped_total else "") + "); nothing written")
         rows.sort(key=lambda r: (r.time, r.key))
         train, valid = split_by_time(rows, VALID_FRACTION)
         prompt = choose_prompt(valid) if sample_prompt is None else (sample_prompt or None)
-        summary = _summary(found, chats + threads, rows, train, valid, dropped, is_me, me, prompt, out,
+        summary = _summary(found, chats + threads, rows, train, valid, dropped, dropped_total, is_me, me, prompt, out,
                            dict(model=model, context_turns=context_turns, max_tokens=max_tokens, gap_hours=gap_hours,
                                 redact=redact))
         write_rows(out, {"train.jsonl": [r.row for r in train], "valid.jsonl": [r.row for r in valid]}, summary)
@@ -205,37 +204,31 @@ def choose_prompt(valid):
     return None
 
 
-def _counts(counter):
-    return ", ".join(f"{n} {why}" for why, n in counter.most_common())
+def _counts(counts):
+    """{reason: count} as "3 reason, 1 other", the most frequent first."""
+    return ", ".join(f"{n} {why}" for why, n in sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
-def _summary(found, convs, rows, train, valid, dropped, is_me, me, prompt, out, options):
+def _summary(found, convs, rows, train, valid, dropped, dropped_total, is_me, me, prompt, out, options):
     by_origin = {}
     for f in found:
         by_origin.setdefault((f.origin, f.kind), []).append(f)
-    conv_keys = Counter()
-    for c in convs:
-        conv_keys[c.source, c.key] += 1
-    valid_keys = {r.key for r in valid}
+    conv_keys = {(c.source, c.key) for c in convs}
     sources = []
     for (origin, kind), fs in by_origin.items():
         paths = {f.source for f in fs}
-        msgs = [m for f in fs for c in f.conversations for m in c.messages] + [m.message for f in fs for m in f.mails]
+        msgs = [m for f in fs for m in f.messages()]
+        notes = sum(len(f.notes) for f in fs)  # a note is a conversation and a message, and yours
         mine = [r for r in rows if r.source in paths]
         drop = Counter()
         for p in paths:
             drop.update(dropped[p])
         sources.append({
             "path": origin, "kind": kind, "files": len(fs), "chats": sum(f.chats for f in fs),
-            "conversations": len({k for s, k in conv_keys if s in paths}) + sum(len(f.notes) for f in fs),
-            "messages": len(msgs) + sum(len(f.notes) for f in fs),
-            "yours": sum(map(is_me, msgs)) + sum(len(f.notes) for f in fs),
+            "conversations": len({k for s, k in conv_keys if s in paths}) + notes,
+            "messages": len(msgs) + notes, "yours": sum(map(is_me, msgs)) + notes,
             "rows": len(mine), "tokens": sum(r.tokens for r in mine), "dropped": dict(drop.most_common())})
-    total = Counter()
-    for s in sources:
-        total.update({k: s[k] for k in ("conversations", "messages", "yours")})
-        total.update(Counter(s["dropped"]))
-    reasons = {k: v for k, v in total.items() if k not in ("conversations", "messages", "yours")}
+    total = {k: sum(s[k] for s in sources) for k in ("conversations", "messages", "yours")}
     cmd = ["python", "-m", "mesp_mlx.train", "-c", RECIPE, "--data", str(out)]
     if options["model"]:
         cmd += ["--model", str(options["model"])]
@@ -248,12 +241,12 @@ def _summary(found, convs, rows, train, valid, dropped, is_me, me, prompt, out, 
         "out": str(out), "me": list(me), "options": options, "sources": sources,
         "conversations": total["conversations"], "messages": total["messages"], "yours": total["yours"],
         "rows": len(rows), "train_rows": len(train), "valid_rows": len(valid),
-        "valid_conversations": len(valid_keys),
+        "valid_conversations": len({r.key for r in valid}),
         "valid_from": datetime.fromtimestamp(first_valid, timezone.utc).isoformat() if first_valid is not None
         else None,
         "tokens": sum(r.tokens for r in rows), "loss_tokens": sum(r.loss_tokens for r in rows),
         "plain_text_rows": sum("text" in r.row for r in rows),
-        "dropped": dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
+        "dropped": dict(dropped_total.most_common()),
         "sample_prompt": prompt, "train_command": shlex.join(cmd),
     }
 
@@ -283,7 +276,7 @@ def report(s):
     lines.append(f"tokens: {s['tokens']:,} ({s['loss_tokens']:,} yours, the only ones in the loss); at most "
                  f"{s['options']['max_tokens']} a row")
     if s["dropped"]:
-        lines.append("dropped: " + ", ".join(f"{n} {why}" for why, n in s["dropped"].items()))
+        lines.append(f"dropped: {_counts(s['dropped'])}")
     if s["plain_text_rows"] and s["plain_text_rows"] < s["rows"]:
         lines.append("note: notes are plain-text rows beside the chat rows: mesp_mlx.train reads both; "
                      "mlx_lm.lora takes the first row's format for a whole file")

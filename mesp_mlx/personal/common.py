@@ -83,6 +83,10 @@ class Found:
     chats: int = 0  # chat files / chats of an export / mail folders / note files
     origin: str = ""  # the path the user named (a folder's files share it)
 
+    def messages(self):
+        """Every message it holds: its conversations' and its mails'."""
+        return [m for c in self.conversations for m in c.messages] + [m.message for m in self.mails]
+
 
 def head_bytes(path, n=4096):
     """The first n bytes of a file ('' when it cannot be read): what content sniffing looks at."""
