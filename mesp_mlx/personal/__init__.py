@@ -57,7 +57,7 @@ def _read_folder(root, skip):
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (Path(folder) / d).resolve() not in skip)
         for d in list(dirs):
             path = Path(folder) / d
-            kind = "mail" if mail.sniff(path) else "telegram" if telegram.sniff(path) else None
+            kind = recognise(path, in_folder=True)  # a Maildir or a Telegram export folder
             if kind:
                 out.append(SOURCES[kind].read(path))
                 dirs.remove(d)
