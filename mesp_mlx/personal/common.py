@@ -9,6 +9,8 @@ import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 
+from ..errors import DataError
+
 # Invisible marks chat apps put around names and system lines (left-to-right and bidi isolates, the narrow no-break
 # space WhatsApp puts after "~" for senders not in the contacts); they would make one person two senders.
 INVISIBLE = dict.fromkeys(map(ord, "\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\ufeff"))
@@ -109,3 +111,17 @@ def first_text_line(data):
         if line.strip():
             return line
     return ""
+
+
+def read_text(path, expected):
+    """A file's text, a leading BOM removed; not UTF-8 is an error that says what the file was expected to be."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text at byte {e.start} ({expected})") from None
+    return text.removeprefix("\ufeff")
+
+
+def others(messages):
+    """How many people besides you write in a chat (at least one): above one, its turns are prefixed with names."""
+    return max(1, len({m.sender for m in messages}) - 1)

@@ -4,8 +4,7 @@ places it in time for the validation split. Inside a folder, a .txt file that is
 folder is sorted by content before a file is taken as a note)."""
 import re
 
-from ..errors import DataError
-from .common import Found, Note
+from .common import Found, Note, read_text
 
 KIND = "notes"
 SUFFIXES = (".md", ".markdown", ".txt")
@@ -17,11 +16,7 @@ def sniff(path):
 
 
 def read(path):
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text at byte {e.start} (notes are read as UTF-8 Markdown or text)") \
-            from None
+    text = read_text(path, "notes are read as UTF-8 Markdown or text")
     text = _FRONT_MATTER.sub("", text.replace("\r\n", "\n")).strip()
     found = Found(KIND, str(path), chats=1)
     if text:

@@ -9,7 +9,7 @@ import re
 from datetime import datetime, timezone
 
 from ..errors import DataError
-from .common import Conversation, Found, Message, clean_name, head_bytes
+from .common import Conversation, Found, Message, clean_name, head_bytes, others, read_text
 
 KIND = "telegram"
 _SHAPE = re.compile(rb'"(messages"\s*:\s*\[|chats"\s*:\s*\{|personal_information"\s*:)')
@@ -29,10 +29,9 @@ def sniff(path):
 
 def read(path):
     f = _file(path)
+    text = read_text(f, "Telegram exports are UTF-8 JSON")
     try:
-        data = json.loads(f.read_bytes().decode("utf-8-sig"))
-    except UnicodeDecodeError as e:
-        raise DataError(f"{f}: not UTF-8 text at byte {e.start} (Telegram exports are UTF-8 JSON)") from None
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{f}:{e.lineno}: not complete JSON ({e.msg}); a Telegram export cut short?") from None
     if isinstance(data, dict) and isinstance(data.get("chats"), dict):
@@ -61,8 +60,7 @@ def read(path):
             sender = clean_name(m.get("from") or "") or str(m.get("from_id") or "unknown")
             messages.append(Message(sender, _time(m, f, key, i), text, (str(m.get("from_id") or ""),)))
         if messages:
-            others = len({m.sender for m in messages}) - 1
-            found.conversations.append(Conversation(KIND, str(f), key, messages, others=max(1, others)))
+            found.conversations.append(Conversation(KIND, str(f), key, messages, others=others(messages)))
     return found
 
 

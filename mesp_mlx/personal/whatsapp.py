@@ -14,7 +14,8 @@ import re
 from datetime import datetime
 
 from ..errors import DataError
-from .common import INVISIBLE, Conversation, Found, Message, clean_name, first_text_line, head_bytes
+from .common import (INVISIBLE, Conversation, Found, Message, clean_name, first_text_line, head_bytes, others,
+                     read_text)
 
 KIND = "whatsapp"
 _DATE = r"(?P<date>\d{1,4}[./-]\d{1,2}[./-]\d{1,4})"
@@ -30,19 +31,18 @@ DELETED = ("this message was deleted", "you deleted this message")
 EDITED = re.compile(r"\s*<this message was edited>\s*$", re.IGNORECASE)
 
 
+def _form(line):
+    """The FORMS pattern a chat's first line is written in, or None."""
+    return next((f for f in FORMS.values() if line and f.match(line)), None)
+
+
 def sniff(path):
-    line = first_text_line(head_bytes(path)) if path.is_file() else None
-    return bool(line) and any(f.match(line) for f in FORMS.values())
+    return path.is_file() and _form(first_text_line(head_bytes(path))) is not None
 
 
 def read(path):
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text at byte {e.start} (WhatsApp exports are UTF-8)") from None
-    lines = text.lstrip("\ufeff").splitlines()
-    first = next((line for line in lines if line.strip()), "")
-    form = next((f for f in FORMS.values() if f.match(first)), None)
+    lines = read_text(path, "WhatsApp exports are UTF-8").lstrip("\ufeff").splitlines()
+    form = _form(next((line for line in lines if line.strip()), ""))
     if form is None:
         raise DataError(f"{path}: not a WhatsApp chat export (its first line is not '[date, time] Name: text' or "
                         "'date, time - Name: text')")
@@ -63,9 +63,8 @@ def read(path):
             found.dropped[kind] += 1
             continue
         messages.append(Message(sender, t, body))
-    senders = {m.sender for m in messages}
     if messages:
-        found.conversations.append(Conversation(KIND, str(path), str(path), messages, others=max(1, len(senders) - 1)))
+        found.conversations.append(Conversation(KIND, str(path), str(path), messages, others=others(messages)))
     return found
 
 
