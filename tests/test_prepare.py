@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
+import yaml
 
 from mesp_mlx.data import encode_row
 from mesp_mlx.errors import ConfigError, DataError
@@ -23,7 +24,7 @@ from mesp_mlx.personal import read_sources
 from mesp_mlx.personal.redact import redact
 from mesp_mlx.personal.rows import reply_rows, sessions
 from mesp_mlx.personal.whatsapp import date_order
-from mesp_mlx.prepare import load_tokenizer, main, prepare
+from mesp_mlx.prepare import MAX_TOKENS, RECIPE, load_tokenizer, main, prepare
 
 
 @pytest.fixture(scope="module")
@@ -296,6 +297,10 @@ def test_budget_drops_the_oldest_context(tmp_path, tok):
     assert rows(tmp_path / "out")["train"][1] == second
 
 
+def test_the_recipe_holds_a_row_of_the_default_budget():  # the printed train command adds no --max-seq-length
+    assert yaml.safe_load((Path(__file__).resolve().parents[1] / RECIPE).read_text())["max_seq_length"] == MAX_TOKENS
+
+
 def test_redact():
     text = ("Mail max.mustermann+x@mail.example.de or see https://example.com/a?b=1, www.foo.org. Call +49 170 "
             "1234567, (030) 123 456 78, 0170-1234567 or 555-123-4567. Not: 01.02.2024, 2024-01-02, 12:30, "
@@ -490,6 +495,7 @@ def test_ollama_modelfile(adapter, capsys):
 def test_ollama_system_and_templates_of_other_formats(adapter):
     from mesp_mlx.io.formats.ollama import DIALECTS, default_system, dialect_of
     from mesp_mlx.io.gguf import field, open_gguf
+    from mesp_mlx.io import SourceError
     from mesp_mlx.io.sources import smollm2_gguf
     _, store = adapter
     tok = store.tokenizer()
@@ -497,9 +503,10 @@ def test_ollama_system_and_templates_of_other_formats(adapter):
     # SmolLM2's own template (the default model's, read from its GGUF) writes one into every conversation, so the
     # Modelfile's SYSTEM must say it: Ollama then sends it as the first message, and the TEMPLATE renders it
     try:
-        tok.chat_template = str(field(open_gguf(smollm2_gguf(install=False)), "tokenizer.chat_template"))
-    except Exception as e:
+        path = smollm2_gguf(install=False)
+    except SourceError as e:
         pytest.skip(f"the default model is not installed ({e})")
+    tok.chat_template = str(field(open_gguf(path), "tokenizer.chat_template"))
     system = default_system(tok, dialect_of(tok.chat_template))
     assert system == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
     conv = [{"role": "user", "content": "Hallo"}, {"role": "assistant", "content": "Hi"}]
