@@ -135,11 +135,12 @@ def split_by_time(rows, fraction=0.1):
                         "two (add sources, or a smaller --gap-hours to cut a chat into more sessions)")
     order = sorted(last, key=lambda k: (last[k], k))
     size = Counter(r.key for r in rows)
-    want, held = max(1, math.ceil(fraction * len(rows))), set()
+    want, held, n = max(1, math.ceil(fraction * len(rows))), set(), 0
     for k in reversed(order[1:]):
-        if sum(size[h] for h in held) >= want:
+        if n >= want:
             break
         held.add(k)
+        n += size[k]
     train = [r for r in rows if r.key not in held]
     valid = [r for r in rows if r.key in held]
     return train, valid

@@ -45,20 +45,22 @@ def read(path):
         raise DataError(f"{f}: JSON, but not a Telegram export (expected an object with a \"messages\" list, or "
                         "\"chats\": {\"list\": [chats with \"messages\"]})")
     found = Found(KIND, str(f), chats=len(chats))
-    for c in chats:
-        key = f"{f}#{c.get('id', chats.index(c))}"
+    for k, c in enumerate(chats):
+        chat = c.get("id", k)
+        key = f"{f}#{chat}"
         messages = []
         for i, m in enumerate(c["messages"]):
             reason = _skip(m)
             if reason:
                 found.dropped[reason] += 1
                 continue
-            text = _text(m.get("text"), f, key, i).strip()
+            where = f"{f}: chat {chat}, message {i}"
+            text = _text(m.get("text"), where).strip()
             if not text:
                 found.dropped["media placeholder" if _media(m) else "empty message"] += 1
                 continue
             sender = clean_name(m.get("from") or "") or str(m.get("from_id") or "unknown")
-            messages.append(Message(sender, _time(m, f, key, i), text, (str(m.get("from_id") or ""),)))
+            messages.append(Message(sender, _time(m, where), text, (str(m.get("from_id") or ""),)))
         if messages:
             found.conversations.append(Conversation(KIND, str(f), key, messages, others=others(messages)))
     return found
@@ -79,7 +81,7 @@ def _media(m):
                                 "contact_information"))
 
 
-def _text(text, f, key, i):
+def _text(text, where):
     if text is None:
         return ""
     if isinstance(text, str):
@@ -92,19 +94,17 @@ def _text(text, f, key, i):
             elif isinstance(part, dict) and isinstance(part.get("text"), str):
                 parts.append(part["text"])
             else:
-                raise DataError(f"{f}: chat {key.rsplit('#', 1)[1]}, message {i}: a text entity that is neither a "
-                                "string nor an object with a \"text\" string")
+                raise DataError(f"{where}: a text entity that is neither a string nor an object with a \"text\" "
+                                "string")
         return "".join(parts)
-    raise DataError(f"{f}: chat {key.rsplit('#', 1)[1]}, message {i}: \"text\" is a {type(text).__name__}, "
-                    "expected a string or a list of entities")
+    raise DataError(f"{where}: \"text\" is a {type(text).__name__}, expected a string or a list of entities")
 
 
-def _time(m, f, key, i):
+def _time(m, where):
     try:
         if "date_unixtime" in m:
             return float(m["date_unixtime"])
         # the local time of older exports, read as UTC like every zone-less time here
         return datetime.fromisoformat(m["date"]).replace(tzinfo=timezone.utc).timestamp()
     except (KeyError, TypeError, ValueError):
-        raise DataError(f"{f}: chat {key.rsplit('#', 1)[1]}, message {i}: no readable \"date_unixtime\" or "
-                        "\"date\"") from None
+        raise DataError(f"{where}: no readable \"date_unixtime\" or \"date\"") from None
