@@ -34,7 +34,7 @@ cuda = ["mlx[cuda]"]
 """
 
 
-def needed(target, python, nodeps=("mlx-lm-lora",), tmp=None):
+def needed(target, python, tmp, nodeps=("mlx-lm-lora",)):
     f = tmp / "pyproject.toml"
     f.write_text(PYPROJECT)
     return cl.closure(cl.project_roots(f), list(nodeps), METADATA.get, cl.marker_env(target, python))

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib  # Python 3.11+, as the Makefile's PYTHONS that run this
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -37,10 +38,6 @@ except ImportError:  # pip always carries its own copy
     from pip._vendor.packaging.requirements import Requirement
     from pip._vendor.packaging.tags import mac_platforms
     from pip._vendor.packaging.utils import canonicalize_name
-try:
-    import tomllib
-except ImportError:  # Python 3.10
-    from pip._vendor import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -204,8 +201,9 @@ def check(lock, pyproject, nodeps, target, python, resolve=pip_resolve, skip=())
     def requires(name):
         return picked[name][1] if name in picked else None
 
+    roots = project_roots(pyproject)
     while True:
-        needed = closure(project_roots(pyproject), nodeps, requires, env)
+        needed = closure(roots, nodeps, requires, env)
         unknown = [f"{pins[n][0]}=={pins[n][1]}" for n in needed if n in pins and n not in picked and n not in failed]
         if not unknown:
             break
