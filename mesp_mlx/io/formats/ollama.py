@@ -23,7 +23,7 @@ ADAPTER_FILE = gguf_lora.DEFAULT_OUT
 PROBE = "\x00probe\x00"  # a user message no template writes by itself: what surrounds it is the template's own
 
 # name -> (a marker of the format in its Jinja template, Ollama's TEMPLATE, the default system prompt in a one-turn
-# rendering (group 1), or None where the format has none)
+# rendering (group 1))
 DIALECTS = {
     "chatml": ("<|im_start|>",
                "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}"
@@ -70,7 +70,7 @@ def dialect_of(template):
 
 def default_system(tokenizer, dialect):
     """The system prompt the model's template writes into a conversation that has none, or None."""
-    if dialect is None or DIALECTS[dialect][2] is None:
+    if dialect is None:
         return None
     try:
         text = tokenizer.apply_chat_template([{"role": "user", "content": PROBE}], tokenize=False,
