@@ -1,13 +1,14 @@
-"""The plain forward of a whole model over a weight store: logits, greedy generation, and the reference loss that
-MLX autodiff differentiates (engines/autodiff.py). The training engines reuse the same block and head pieces.
+"""The plain forward of a whole model over a weight store: logits, a greedy reply, and the reference loss that MLX
+autodiff differentiates (engines/autodiff.py). The training engines reuse the same block and head pieces.
 """
 import mlx.core as mx
 
 from .data import token_ids
 from .models import stop_ids
 from .ops.block import block_dropout, block_forward, packing
-from .ops.linear import DEFAULT, accum_dtype, frozen_matmul, prepared
+from .ops.linear import DEFAULT, accum_dtype, frozen_matmul
 from .ops.rmsnorm import rmsnorm_forward
+from .sampler import Generator, Sampling
 
 
 def hidden_states(store, ids, lora=None, scale=20.0, specs=None, layers=None, dropout=None, segments=None):
@@ -62,42 +63,10 @@ def prompt_ids(tokenizer, prompt, chat=True):
     return list(tokenizer.encode(prompt))
 
 
-def generate(store, tokenizer, prompt, max_tokens=32, lora=None, scale=20.0, chat=True, compute=DEFAULT):
-    """Greedy decoding (no KV cache: each step recomputes the prefix, fine for short answers). Blocks are streamed
-    and the head read in vocabulary chunks, as in training, so a sample stays within a run's memory budget."""
-    ids, out = prompt_ids(tokenizer, prompt, chat), []
-    stops = stop_ids(tokenizer, store.args.model_type)  # the ids a fused export's generation_config lists
-    specs = store.args.block_specs(compute)
-    for _ in range(max_tokens):
-        nxt = next_token(store, mx.array([ids]), lora, scale, specs)
-        if nxt in stops:
-            break
-        ids.append(nxt)
-        out.append(nxt)
-    return tokenizer.decode(out)
-
-
-def next_token(store, ids, lora, scale, specs):
-    """The greedy next token after ids (1, T)."""
-    return next_tokens(store, ids, [ids.shape[1]], lora, scale, specs)[0]
-
-
-def next_tokens(store, ids, lengths, lora, scale, specs):
-    """The greedy next token of each row of ids (B, T), right-padded, after its first lengths[r] tokens (attention
-    is causal: what follows a row's end changes nothing before it), from that position's logits a vocabulary chunk
-    at a time (the first of equal maxima wins, as argmax's). One pass of the weights serves every row."""
-    a, compute = store.args, specs[0].compute
-    x = hidden_states(store, ids, lora, scale, specs)
-    x = x[mx.arange(x.shape[0]), mx.array(lengths) - 1]
-    h = rmsnorm_forward(x, store.final_norm(), a.rms_norm_eps, a.norm_offset)
-    head = store.head_rows()
-    best, arg = mx.full((h.shape[0],), -float("inf")), mx.zeros((h.shape[0],), mx.int32)
-    chunk = compute.head_tile(h.shape[0], head, h.shape[-1])[1]
-    for v0 in range(0, head.out_dims, chunk):
-        z = frozen_matmul(h, prepared(head.rows(v0, min(v0 + chunk, head.out_dims)), compute), compute)
-        k = mx.argmax(z, axis=-1)
-        v = mx.take_along_axis(z, k[:, None], axis=-1)[:, 0].astype(best.dtype)
-        better = v > best
-        arg, best = mx.where(better, k.astype(mx.int32) + v0, arg), mx.where(better, v, best)
-        mx.eval(arg, best)
-    return arg.tolist()
+def generate(generator, tokenizer, prompt, max_tokens=32, lora=None, scale=20.0, chat=True):
+    """The greedy reply to one prompt, up to the family's stop ids, from a `sampler.Generator` (or a store: its
+    generator with the default settings)."""
+    generator = generator if isinstance(generator, Generator) else Generator(generator)
+    out = generator.generate([prompt_ids(tokenizer, prompt, chat)], lora, scale, Sampling(max_tokens),
+                             stop_ids(tokenizer, generator.store.args.model_type))
+    return tokenizer.decode(out[0].tokens)

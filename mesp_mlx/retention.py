@@ -4,9 +4,10 @@ A personalised model that has forgotten general knowledge is worse than none, an
 benchmark suite to notice. So a run scores the model twice, the base (adapter off) before training and the adapted
 model after it, on a small set shipped with the package (or the user's own, --retention-data): questions with
 checkable answers, answered greedily (an answer counts when one of its accepted forms appears as a word in the
-reply), and the mean next-token loss on a short general text. Both passes stream the base as training does, so the
-check stays within the run's memory; a reply stops at the family's stop ids, at `max_tokens`, or as soon as an
-accepted form has appeared.
+reply), and the mean next-token loss on a short general text. The replies come from the run's generator (a key/value
+cache, all questions as one batch, the weights held only as the run's memory allows: sampler.py), the loss from the
+run's engine, so the check stays within the run's memory; a reply stops at the family's stop ids, at `max_tokens`, or
+as soon as an accepted form has appeared.
 
 A set is a folder with `questions.jsonl` (rows {"prompt": str, "answers": [str, ...]}) and `general.txt`.
 """
@@ -19,9 +20,10 @@ from pathlib import Path
 import mlx.core as mx
 
 from .errors import DataError
-from .model import next_tokens, prompt_ids
+from .model import prompt_ids
 from .models import stop_ids
 from .objectives import SFT
+from .sampler import Generator, Sampling
 
 SHIPPED = Path(__file__).parent / "data" / "retention"
 # the longest reply a question gets: a persona may open with a greeting before the answer ("Ahoy! By the compass
@@ -74,29 +76,13 @@ def load_retention_set(path, tokenizer, chat, context, max_tokens):
     return RetentionSet(questions, text)
 
 
-def answers_correct(store, tokenizer, questions, lora, scale, specs, stops, max_tokens):
-    """Greedy replies to all questions at once (one batch, right-padded; a row leaves it when an accepted form has
-    appeared in its reply, at a stop id, or after max_tokens) -> how many were answered correctly."""
-    rows = [(list(ids), [], patterns) for ids, patterns in questions]
-    right = 0
-    for _ in range(max_tokens):
-        if not rows:
-            break
-        width = max(len(ids) for ids, _, _ in rows)
-        batch = mx.array([ids + [0] * (width - len(ids)) for ids, _, _ in rows])
-        nxt = next_tokens(store, batch, [len(ids) for ids, _, _ in rows], lora, scale, specs)
-        left = []
-        for (ids, out, patterns), t in zip(rows, nxt):
-            if t in stops:
-                continue
-            ids.append(t)
-            out.append(t)
-            if any(p.search(tokenizer.decode(out)) for p in patterns):
-                right += 1
-            else:
-                left.append((ids, out, patterns))
-        rows = left
-    return right
+def answers_correct(generator, tokenizer, questions, lora, scale, stops, max_tokens):
+    """Greedy replies to all questions at once (one batch; a row leaves it when an accepted form has appeared in
+    its reply, at a stop id, or after max_tokens) -> how many were answered correctly."""
+    right = lambda i, out: any(p.search(tokenizer.decode(out)) for p in questions[i][1])
+    replies = generator.generate([ids for ids, _ in questions], lora, scale, Sampling(max_tokens), stops,
+                                 finished=right)
+    return sum(right(i, r.tokens) for i, r in enumerate(replies))
 
 
 def general_loss(engine, params, text, seq_len):
@@ -112,11 +98,11 @@ def general_loss(engine, params, text, seq_len):
     return total / count
 
 
-def score(store, tokenizer, rset, engine, params, scale, compute, seq_len, max_tokens=MAX_TOKENS):
+def score(generator, tokenizer, rset, engine, params, scale, seq_len, max_tokens=MAX_TOKENS):
     """{"answers": questions answered correctly, "questions": how many, "general_loss": mean loss on the text} of the
     model with `params` (an empty dict: the base)."""
-    specs, stops = store.args.block_specs(compute), stop_ids(tokenizer, store.args.model_type)
-    right = answers_correct(store, tokenizer, rset.questions, params or None, scale, specs, stops, max_tokens)
+    stops = stop_ids(tokenizer, generator.store.args.model_type)
+    right = answers_correct(generator, tokenizer, rset.questions, params or None, scale, stops, max_tokens)
     return {"answers": right, "questions": len(rset.questions),
             "general_loss": general_loss(engine, params, rset.text, seq_len)}
 
@@ -125,8 +111,9 @@ class RetentionCheck:
     """A run's check: the set loaded and checked when built (before any training), `before()` scores the base,
     `after(params)` the adapted model -> (the report line, the metrics record)."""
 
-    def __init__(self, store, tokenizer, engine, config, compute, chat, max_tokens=MAX_TOKENS):
-        self.store, self.tokenizer, self.engine, self.compute = store, tokenizer, engine, compute
+    def __init__(self, generator, tokenizer, engine, config, chat, max_tokens=MAX_TOKENS):
+        self.generator, self.tokenizer, self.engine = generator, tokenizer, engine
+        store = generator.store
         self.scale, self.seq_len, self.max_tokens = config.scale, config.max_seq_length, max_tokens
         self.set = load_retention_set(config.retention_data, tokenizer, chat, store.args.max_position_embeddings,
                                       max_tokens)
@@ -135,8 +122,8 @@ class RetentionCheck:
     def _score(self, params):
         """The score, with the seconds it took under "seconds" (the check's cost, reported with it)."""
         t0 = time.perf_counter()
-        out = score(self.store, self.tokenizer, self.set, self.engine, params, self.scale, self.compute,
-                    self.seq_len, self.max_tokens)
+        out = score(self.generator, self.tokenizer, self.set, self.engine, params, self.scale, self.seq_len,
+                    self.max_tokens)
         return dict(out, seconds=time.perf_counter() - t0)
 
     def before(self):

@@ -28,6 +28,7 @@ from .io.adapters import RESUME_FILE, hold_folder
 from .io.sources import load_model
 from .lora import LoRAConfig, from_flat, init_lora, num_params, resolve_keys, to_flat, tree_map
 from .model import generate
+from .sampler import Generator
 from .objectives import make_objective
 from .objectives.preference import attach_reference
 from .ops.keys import purpose_key
@@ -183,10 +184,14 @@ class Trainer:
         if self.cfg.test:
             return self.report_split("test", self.cfg.test_batches)
 
+    def generator(self):
+        """The run's sampler: its weights may hold half of MLX's share of a memory budget (generation runs between
+        training steps, never during one), else a quarter of the machine's memory."""
+        return Generator(self.store, self.compute, self.memory_limit[0] // 2 if self.memory_limit else None)
+
     def sample(self, with_adapter):
-        return generate(self.store, self.tokenizer, self.cfg.sample_prompt, self.cfg.sample_tokens,
-                        self.params if with_adapter else None, self.cfg.scale, chat=self.data["train"].chat,
-                        compute=self.compute)
+        return generate(self.generator(), self.tokenizer, self.cfg.sample_prompt, self.cfg.sample_tokens,
+                        self.params if with_adapter else None, self.cfg.scale, chat=self.data["train"].chat)
 
     def update_block(self, i, grads, step0):
         """The optimizer's update of block i in the step that began at count step0: the first block advances the
@@ -288,8 +293,7 @@ class Trainer:
             return self.params
         retention = None
         if c.retention:  # the set is checked before any training, then the base scored
-            retention = RetentionCheck(self.store, self.tokenizer, self.engine, c, self.compute,
-                                       self.data["train"].chat)
+            retention = RetentionCheck(self.generator(), self.tokenizer, self.engine, c, self.data["train"].chat)
             self.log(f"[mesp-mlx] {retention.before()}")
         if c.sample_prompt and self.step_no == 0:
             self.log(f"Before: {c.sample_prompt!r} -> {self.sample(False)!r}")

@@ -10,8 +10,8 @@ from mesp_mlx.engines import make_engine
 from mesp_mlx.errors import DataError
 from mesp_mlx.io.sources import load_model
 from mesp_mlx.lora import from_flat
-from mesp_mlx.ops.linear import Compute
 from mesp_mlx.retention import MAX_TOKENS, SHIPPED, _pattern, load_retention_set, score
+from mesp_mlx.sampler import Generator
 from mesp_mlx.train import main
 
 
@@ -71,7 +71,7 @@ def test_a_run_reports_what_it_kept(tmp_path, tiny_gguf, capsys):
     rset = load_retention_set(None, tok, False, store.args.max_position_embeddings, MAX_TOKENS)
     engine = make_engine("mesp", store, 20.0)
     params = from_flat(mx.load(str(tmp_path / "a" / "adapters.safetensors")))
-    now, base = (score(store, tok, rset, engine, p, 20.0, Compute(), 32) for p in (params, {}))
+    now, base = (score(Generator(store), tok, rset, engine, p, 20.0, 32) for p in (params, {}))
     assert rec["iter"] == 2 and rec["retention_questions"] == 10
     assert (rec["retention_answers"], rec["retention_answers_base"]) == (now["answers"], base["answers"])
     # the same streamed forward of the same weights: the same arithmetic
@@ -81,16 +81,3 @@ def test_a_run_reports_what_it_kept(tmp_path, tiny_gguf, capsys):
     assert main(common + ["--adapter-path", str(tmp_path / "b"), "--no-retention"]) == 0
     assert "knowledge" not in capsys.readouterr().out
     assert not any("general_loss" in line for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines())
-
-
-def test_batched_greedy_equals_one_row_at_a_time(tiny_gguf):
-    """next_tokens on right-padded rows of different lengths gives each row's own next token: causal attention
-    makes what follows a row's end irrelevant to it."""
-    from mesp_mlx.model import next_token, next_tokens
-    store = load_model(str(tiny_gguf))
-    specs = store.args.block_specs()
-    rows = [[5, 17, 42, 99, 3, 250, 7], [11, 4], [8, 8, 1, 30]]
-    width = max(map(len, rows))
-    batch = mx.array([r + [0] * (width - len(r)) for r in rows])
-    got = next_tokens(store, batch, [len(r) for r in rows], None, 20.0, specs)
-    assert got == [next_token(store, mx.array([r]), None, 20.0, specs) for r in rows]

@@ -21,6 +21,11 @@ T x T (attention recomputes its probabilities per query block); f(g)*u is recomp
 checkpoint and is owned by the caller.
 Packed rows (--pack) pass `segments` (B, T), the packed row of each token, and `positions` (B, T), each token's
 position in its row: attention then stays inside a row and RoPE restarts at each row's start (None: one row).
+
+Generation passes a `KVCache` (the roped keys and values of the tokens before, per block) with `positions` and
+`valid` (B, L): which of the L keys so far are real tokens (left padding is not). The block's new tokens then attend
+to the cache and to themselves, causally; a padding column attends to itself only, so it stays finite and never
+reaches a real token.
 """
 from dataclasses import dataclass, fields
 from typing import Optional
@@ -112,6 +117,49 @@ class BlockSaved:
                 + ((hq + hkv) * head_dim if qk_norm else 0) + (d if sandwich else 0))
 
 
+class KVCache:
+    """One block's roped keys and values (B, Hkv, L, D) of the tokens generated or read so far, in a buffer grown
+    `step` columns at a time (a copy per `step` tokens, not per token); `length` columns are filled."""
+
+    def __init__(self, step=256):
+        self.k = self.v = None
+        self.length, self.step = 0, step
+
+    def extend(self, k, v):
+        """Appends this call's keys and values -> all of them so far."""
+        b, h, t, _ = k.shape
+        end = self.length + t
+        if self.k is None or end > self.k.shape[2]:
+            grow = -(-(end - self.length) // self.step) * self.step
+            new_k = mx.zeros((b, h, self.length + grow, k.shape[3]), k.dtype)
+            new_v = mx.zeros((b, h, self.length + grow, v.shape[3]), v.dtype)
+            if self.k is not None:
+                new_k[:, :, :self.length], new_v[:, :, :self.length] = self.keys(), self.values()
+            self.k, self.v = new_k, new_v
+        self.k[:, :, self.length:end], self.v[:, :, self.length:end] = k, v
+        self.length = end
+        return self.keys(), self.values()
+
+    def keys(self):
+        return self.k[:, :, :self.length]
+
+    def values(self):
+        return self.v[:, :, :self.length]
+
+    def select(self, rows):
+        """Keeps only the batch rows `rows` (an index array): rows that finished generating leave the batch."""
+        self.k, self.v = self.k[rows], self.v[rows]
+
+    def mask(self, valid, t, window=None):
+        """(B, 1, t, L) booleans: which keys each of the t newest tokens attends to."""
+        n = self.length
+        qcol, kcol = mx.arange(n - t, n)[:, None], mx.arange(n)[None]
+        mask = kcol <= qcol
+        if window is not None:
+            mask = mask & (qcol - kcol < window)
+        return mask & (valid[:, None, None, :n] | (kcol == qcol))
+
+
 def _lora(lora, name):
     return lora.get(name, (None, None))
 
@@ -183,8 +231,9 @@ def _gate_up(z, projs, spec, t0=0):
     return projs(("mlp.gate_proj", "mlp.up_proj"), z, t0)
 
 
-def _attention_half(x, w, lora, scale, spec, keep, save, segments, positions):
-    """The block up to the MLP's input: (z1, q_pre, k_pre, q, k, v, o, lse, r, a, z2), lse None unless saved."""
+def _attention_half(x, w, lora, scale, spec, keep, save, segments, positions, cache=None, valid=None):
+    """The block up to the MLP's input: (z1, q_pre, k_pre, q, k, v, o, lse, r, a, z2), lse None unless saved.
+    With a cache (generation): k and v returned are those of the new tokens, attention reads the whole cache."""
     norm = lambda inp, name: rmsnorm_forward(inp, w[name], spec.eps, spec.norm_offset)
     projs = _projector(w, lora, scale, spec, keep)
     z1 = norm(x, "input_layernorm")
@@ -196,7 +245,11 @@ def _attention_half(x, w, lora, scale, spec, keep, save, segments, positions):
         q, k = rope_forward(q, spec.rope, positions), rope_forward(k, spec.rope, positions)
     t, lse = q.shape[2], None
     chunk = spec.compute.query_block(q.shape[0], spec.n_heads, t)
-    if spec.sdpa and not save and (t <= chunk or mx.default_device() != mx.cpu):
+    if cache is not None:
+        keys, values = cache.extend(k, v)
+        o = mx.fast.scaled_dot_product_attention(q, keys, values, scale=spec.attn_scale,
+                                                 mask=cache.mask(valid, t, spec.window))
+    elif spec.sdpa and not save and (t <= chunk or mx.default_device() != mx.cpu):
         # MLX's CPU fallback materialises all T x T scores; past one query block the chunked form is used there
         mask = "causal" if spec.window is None or t <= spec.window else visible(0, t, 0, t, spec.window)
         if segments is not None:  # packed rows: causal and within one row, a boolean mask per batch row
@@ -211,12 +264,14 @@ def _attention_half(x, w, lora, scale, spec, keep, save, segments, positions):
     return z1, q_pre, k_pre, q, k, v, o, lse, r, a, norm(a, spec.mlp_norm)
 
 
-def block_forward(x, w, lora, scale, spec: BlockSpec, dropout=None, segments=None, positions=None):
+def block_forward(x, w, lora, scale, spec: BlockSpec, dropout=None, segments=None, positions=None, cache=None,
+                  valid=None):
     """y = the block's output. w: the block's frozen weights by module path; lora: {path: (A, B)} for the adapted
-    projections; dropout: (p, seed) of the LoRA dropout (training only), or None."""
+    projections; dropout: (p, seed) of the LoRA dropout (training only), or None; cache, valid: generation's
+    (module docstring), with positions the new tokens' positions."""
     keep = _dropout_masks(dropout, lora, x.shape[0], x.shape[1])
     projs = _projector(w, lora, scale, spec, keep)
-    a, z2 = _attention_half(x, w, lora, scale, spec, keep, False, segments, positions)[-2:]
+    a, z2 = _attention_half(x, w, lora, scale, spec, keep, False, segments, positions, cache, valid)[-2:]
 
     def mlp(t0, t1):
         g, u = _gate_up(z2[:, t0:t1], projs, spec, t0)
