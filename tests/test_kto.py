@@ -263,3 +263,22 @@ def test_kto_refusals_are_one_line(tmp_path, tiny_gguf, capsys):
     assert main(base[:2] + ["--data", str(bad)] + base[4:]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("[transformers]")]
     assert len(err) == 1 and "train.jsonl:4:" in err[0] and "JSON boolean" in err[0] and "Traceback" not in err[0]
+
+
+def test_shipped_kto_data_is_the_tools_unpaired_pairs():
+    """mesp_mlx/data/kto is make_kto_data.py's output: each shipped preference pair once, chosen (true) and rejected
+    (false) by turns."""
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "tools"))
+    try:
+        from make_kto_data import unpair
+    finally:
+        sys.path.remove(str(root / "tools"))
+    for split in ("train", "valid"):
+        read = lambda p: [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+        pairs, rows = read(root / "mesp_mlx/data/preference" / f"{split}.jsonl"), read(root / "mesp_mlx/data/kto"
+                                                                                    / f"{split}.jsonl")
+        assert rows == unpair(pairs)
+        assert len({r["prompt"] for r in rows}) == len(rows) and abs(2 * sum(r["label"] for r in rows) - len(rows)) <= 1
