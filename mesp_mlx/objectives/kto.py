@@ -37,7 +37,7 @@ def check_kto_row(row):
 
 def kto_messages(row, where):
     """-> (prompt messages, completion messages) of a KTO row, its "system" first in the prompt."""
-    if "completion" in row:
+    if "messages" not in row:
         prompt, completion = _messages(row["prompt"], "prompt", where), _messages(row["completion"], "completion",
                                                                                   where)
     else:

@@ -11,10 +11,10 @@ length of the prompt rendered with the generation prompt on (mlx-lm-lora's DPODa
 KTO (kto.py) reuses this module's encoding, batching and reference cache: its examples are two rows each, its own
 completion and a KL completion, held as a pair's two rows are.
 
-DPO's and KTO's reference is the base with the adapter off, or a reference adapter: its scores come from a streamed forward
-without a backward (model.hidden_states reads one block at a time) and the chunked head, once per row, and are kept
-in `reference_logps.json` beside the adapter, keyed by the model, the reference adapter and each row's tokens, and
-saved after every batch, so an interrupted run and every later run on the same rows reuse them.
+DPO's and KTO's reference is the base with the adapter off, or a reference adapter: its scores come from a streamed
+forward without a backward (model.hidden_states reads one block at a time) and the chunked head, once per row, and
+are kept in `reference_logps.json` beside the adapter, keyed by the model, the reference adapter and each row's
+tokens, and saved after every batch, so an interrupted run and every later run on the same rows reuse them.
 """
 import hashlib
 import json
