@@ -101,8 +101,8 @@ class TrainConfig:
                                  DPO_VARIANTS)
     rpo_alpha: float = opt(0.0, "DPO: weight of the chosen answers' next-token NLL added to the loss (TRL's "
                                 "rpo_alpha), which keeps the preferred answers likely while the margin grows")
-    reference_adapter_path: str = opt(None, "DPO's reference model: the base with this adapter (default: the base, "
-                                            "adapter off)")
+    reference_adapter_path: str = opt(None, "DPO's and KTO's reference model: the base with this adapter (default: "
+                                            "the base, adapter off)")
     sample_prompt: str = opt("What is the capital of France?", "prompt answered before and after training "
                                                                "('' to skip)")
     sample_tokens: int = opt(24, "tokens of the sample answers")
