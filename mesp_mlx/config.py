@@ -88,17 +88,21 @@ class TrainConfig:
     matmul: str = opt(DEFAULT_COMPUTE.matmul, "products with the frozen base: auto picks dequantize+BLAS on the "
                                               "CPU and quantized kernels on GPUs", MATMUL_PATHS)
     mezo_eps: float = opt(1e-2, "MeZO's perturbation size")
-    loss: str = opt("sft", "training objective: sft (next-token cross-entropy), or a preference loss on rows with "
-                           "prompt/chosen/rejected: dpo (against a reference model) or orpo (no reference)",
+    loss: str = opt("sft", "training objective: sft (next-token cross-entropy), a preference loss on rows with "
+                           "prompt/chosen/rejected: dpo (against a reference model) or orpo (no reference), or kto "
+                           "(against a reference model) on rows with prompt/completion/label (thumbs up / down)",
                     tuple(OBJECTIVES))
-    beta: float = opt(0.1, "DPO's beta (temperature of the implicit reward); ORPO's lambda (weight of the odds-ratio "
-                           "term), as TRL and mlx-lm-lora name both")
+    beta: float = opt(0.1, "DPO's and KTO's beta (temperature of the implicit reward); ORPO's lambda (weight of the "
+                           "odds-ratio term), as TRL and mlx-lm-lora name them")
+    desirable_weight: float = opt(1.0, "KTO: weight of the desirable (label true) examples' losses (TRL's name)")
+    undesirable_weight: float = opt(1.0, "KTO: weight of the undesirable (label false) examples' losses (TRL's "
+                                         "name)")
     dpo_cpo_loss_type: str = opt("sigmoid", "DPO's loss: sigmoid (the paper's) or ipo (squared, on mean log-probs)",
                                  DPO_VARIANTS)
     rpo_alpha: float = opt(0.0, "DPO: weight of the chosen answers' next-token NLL added to the loss (TRL's "
                                 "rpo_alpha), which keeps the preferred answers likely while the margin grows")
-    reference_adapter_path: str = opt(None, "DPO's reference model: the base with this adapter (default: the base, "
-                                            "adapter off)")
+    reference_adapter_path: str = opt(None, "DPO's and KTO's reference model: the base with this adapter (default: "
+                                            "the base, adapter off)")
     sample_prompt: str = opt("What is the capital of France?", "prompt answered before and after training "
                                                                "('' to skip)")
     sample_tokens: int = opt(24, "tokens of the sample answers")

@@ -141,6 +141,7 @@ class Dataset:
 
     def __init__(self, examples, truncated=0, chat=False):
         self.examples, self.truncated, self.skipped = examples, truncated, 0
+        self.warnings = []  # lines the run's log gives as warnings (the train split's), once
         self.chat = chat  # rows were conversations: samples are asked through the chat template
 
     def __len__(self):

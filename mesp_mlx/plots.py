@@ -39,16 +39,18 @@ def plot_metrics(metrics_path, png_path):
     ax_mem.plot([r["iter"] for r in train], [r["rss_peak_mb"] for r in train], label="process peak RSS")
     ax_mem.set(xlabel="step", ylabel="MB", title="Memory")
     ax_mem.legend()
-    if preference:  # DPO / ORPO: what TRL plots beside the loss
+    if preference:  # DPO / ORPO / KTO: what TRL plots beside the loss (the pairs' accuracy, or KTO's kl)
         ax = axes[2]
+        second = next((k for k in ("accuracy", "kl") if f"train_{k}" in train[-1]), None)
         for split, rs in (("train", train), ("val", [r for r in val if "val_reward_margin" in r])):
             if rs:
                 style = "o" if split == "val" else ""  # validation points may be single ones
                 ax.plot([r["iter"] for r in rs], [r[f"{split}_reward_margin"] for r in rs], style + "-",
                         label=f"{split} margin")
-                ax.plot([r["iter"] for r in rs], [r[f"{split}_accuracy"] for r in rs], style + "--",
-                        label=f"{split} accuracy")
-        ax.set(xlabel="step", title="Reward margin and accuracy")
+                if second:
+                    ax.plot([r["iter"] for r in rs], [r[f"{split}_{second}"] for r in rs], style + "--",
+                            label=f"{split} {second}")
+        ax.set(xlabel="step", title="Reward margin" + (f" and {second}" if second else ""))
         ax.legend()
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)

@@ -284,6 +284,8 @@ class Trainer:
         skipped = sum(d.skipped for d in self.data.values())
         if skipped:
             self.log(f"[mesp-mlx] warning: skipped {skipped} bad data row(s) (--skip-bad-rows)")
+        for warning in self.data["train"].warnings:
+            self.log(f"[mesp-mlx] warning: {warning}")
         if self.data["train"].truncated:
             self.log(f"[mesp-mlx] warning: {self.data['train'].truncated} examples truncated to {c.max_seq_length}")
         if not c.train:

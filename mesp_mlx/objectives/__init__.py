@@ -1,11 +1,12 @@
 """Training objectives behind one interface (base.py) and one table. Adding an objective is its own module and
 one line here: the trainer, the engines and the memory planner ask the objective, never its name."""
 from .base import Batch, Objective
+from .kto import KTO
 from .preference import DPO, ORPO
 from .sft import SFT
 
-OBJECTIVES = {"sft": SFT, "dpo": DPO, "orpo": ORPO}
-__all__ = ["DPO", "OBJECTIVES", "ORPO", "SFT", "Batch", "Objective", "make_objective"]
+OBJECTIVES = {"sft": SFT, "dpo": DPO, "orpo": ORPO, "kto": KTO}
+__all__ = ["DPO", "KTO", "OBJECTIVES", "ORPO", "SFT", "Batch", "Objective", "make_objective"]
 
 
 def make_objective(config):

@@ -22,7 +22,7 @@ from ..ops.loss import nll_loss_forward, nll_loss_forward_backward
 class Batch:
     """inputs, targets, mask: (B, T), mask 1.0 where a target counts; segments (B, T): which packed row each
     position belongs to (--pack), or None; objective: what scores it; fields: the objective's own per-batch arrays
-    (DPO: each row's reference log-probability under "reference")."""
+    (DPO, KTO: each row's reference log-probability under "reference"; KTO: its labels under "desirable")."""
     inputs: object
     targets: object
     mask: object
@@ -34,7 +34,7 @@ class Batch:
 class Objective:
     name = None
     stats = ("loss",)  # the names in every stats dict it returns, "loss" first
-    rows_per_example = 1  # batch rows one training example becomes (a preference pair: 2)
+    rows_per_example = 1  # batch rows one training example becomes (a preference pair, a KTO example: 2)
     needs_reference = False  # scores rows against a reference model's log-probabilities, computed before training
 
     @classmethod
@@ -48,6 +48,13 @@ class Objective:
         if c.reference_adapter_path or c.dpo_cpo_loss_type != "sigmoid" or c.rpo_alpha:
             raise ConfigError(f"--reference-adapter-path, --dpo-cpo-loss-type and --rpo-alpha are DPO's: --loss "
                               f"{c.loss} has no reference model")
+
+    @staticmethod
+    def refuse_label_weights(c):
+        """KTO's weights of its labels are errors for an objective without labels."""
+        if c.desirable_weight != 1.0 or c.undesirable_weight != 1.0:
+            raise ConfigError(f"--desirable-weight and --undesirable-weight are KTO's: --loss {c.loss} has no "
+                              "desirable / undesirable labels")
 
     def load_data(self, tokenizer, config):
         """-> {split: Dataset} of the run's data, encoded for this objective."""

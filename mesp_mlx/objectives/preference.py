@@ -8,10 +8,13 @@ answers; without one, the messages the two lists share form the prompt, as TRL's
 rendered through the chat template after the prompt's messages; the loss counts only the answer's tokens, from the
 length of the prompt rendered with the generation prompt on (mlx-lm-lora's DPODataset / ORPODataset rule).
 
-DPO's reference is the base with the adapter off, or a reference adapter: its scores come from a streamed forward
-without a backward (model.hidden_states reads one block at a time) and the chunked head, once per row, and are kept
-in `reference_logps.json` beside the adapter, keyed by the model, the reference adapter and each row's tokens, and
-saved after every batch, so an interrupted run and every later run on the same rows reuse them.
+KTO (kto.py) reuses this module's encoding, batching and reference cache: its examples are two rows each, its own
+completion and a KL completion, held as a pair's two rows are.
+
+DPO's and KTO's reference is the base with the adapter off, or a reference adapter: its scores come from a streamed
+forward without a backward (model.hidden_states reads one block at a time) and the chunked head, once per row, and
+are kept in `reference_logps.json` beside the adapter, keyed by the model, the reference adapter and each row's
+tokens, and saved after every batch, so an interrupted run and every later run on the same rows reuse them.
 """
 import hashlib
 import json
@@ -86,7 +89,8 @@ def check_pair_row(row):
 class PairDataset(Dataset):
     """Pairs (chosen ids, rejected ids, prompt length). `examples` holds the longer row of each pair with the
     prompt length, so length grouping and the memory planner see the longer answer; `reference` holds each pair's
-    reference scores (chosen, rejected) once computed."""
+    reference scores (chosen, rejected) once computed; `unit`: what one example is called in the run's log."""
+    unit = "pair"
 
     def __init__(self, pairs, truncated=0):
         super().__init__([(max(c, r, key=len), s) for c, r, s in pairs], truncated, chat=True)
@@ -106,18 +110,21 @@ def encode_pairs(tokenizer, rows, max_seq_length, skip_bad=False, skipped=0):
     return out
 
 
-def load_preference_datasets(tokenizer, data, max_seq_length, skip_bad=False):
-    """train.jsonl / valid.jsonl / test.jsonl of preference rows (a folder, or one file as the train split)."""
+def load_preference_datasets(tokenizer, data, max_seq_length, skip_bad=False, check=check_pair_row, encode=encode_pairs,
+                             expected="preference pairs (expected train.jsonl with 'prompt', 'chosen', 'rejected')"):
+    """train.jsonl / valid.jsonl / test.jsonl of preference rows (a folder, or one file as the train split): each
+    file's rows checked by check(row) -> a problem or None, then encode(tokenizer, rows, max_seq_length, skip_bad,
+    skipped) -> its dataset (pairs by default; KTO's labelled completions)."""
     root = resolve_data(data)
     if not root.exists():
         raise DataError(f"{root}: no such data file or directory (preference data is read from local jsonl files)")
     def load(path):
-        rows, skipped = read_jsonl(path, skip_bad, check_pair_row)
-        return encode_pairs(tokenizer, rows, max_seq_length, skip_bad, skipped)
+        rows, skipped = read_jsonl(path, skip_bad, check)
+        return encode(tokenizer, rows, max_seq_length, skip_bad, skipped)
 
     out = local_splits(root, load)
     if not out.get("train"):
-        raise DataError(f"{root}: no preference pairs (expected train.jsonl with 'prompt', 'chosen', 'rejected')")
+        raise DataError(f"{root}: no {expected}")
     return out
 
 
@@ -126,6 +133,7 @@ class PairObjective(Objective):
     masked to its answer; every stat is a mean over the pairs."""
     stats = STATS
     rows_per_example = 2
+    data_kind = "pairs"  # what its data rows are, for its refusals
 
     def __init__(self, beta):
         self.beta = beta
@@ -134,8 +142,8 @@ class PairObjective(Objective):
     def check(cls, c):
         problems = [(c.method != "mezo", f"--loss {c.loss} needs exact gradients: use --method mesp, mebp or "
                                          "autodiff (not mezo)"),
-                    (not (c.pack or c.hf_dataset), f"--loss {c.loss} reads pairs from local jsonl files, unpacked "
-                                                   "(no --pack, no hf_dataset)"),
+                    (not (c.pack or c.hf_dataset), f"--loss {c.loss} reads {cls.data_kind} from local jsonl files, "
+                                                   "unpacked (no --pack, no hf_dataset)"),
                     (c.beta > 0, "beta must be > 0")]
         for ok, msg in problems:
             if not ok:
@@ -178,6 +186,7 @@ class DPO(PairObjective):
     @classmethod
     def from_config(cls, c):
         cls.check(c)
+        cls.refuse_label_weights(c)
         if c.dpo_cpo_loss_type not in DPO_VARIANTS:
             raise ConfigError(f"dpo_cpo_loss_type must be one of {', '.join(DPO_VARIANTS)}")
         if c.rpo_alpha < 0:
@@ -197,6 +206,7 @@ class ORPO(PairObjective):
     def from_config(cls, c):
         cls.check(c)
         cls.refuse_reference_settings(c)
+        cls.refuse_label_weights(c)
         return cls(c.beta)
 
     def loss_stats(self, nll, batch):
@@ -227,9 +237,11 @@ def _save(path, cache):
 
 
 def attach_reference(datasets, store, compute, out_dir, lora=None, scale=20.0, batch_pairs=4, log=print):
-    """Fills each dataset's `reference` with the reference model's (chosen, rejected) summed log-probabilities:
-    those cached in out_dir/reference_logps.json are read, the rest computed (a forward without a backward) and
-    added to the cache after every batch. Returns how many pairs were computed."""
+    """Fills each `PairDataset`'s `reference` with the reference model's summed log-probabilities of each example's
+    two rows (DPO: chosen, rejected; KTO: the completion, the KL completion): those cached in
+    out_dir/reference_logps.json are read, the rest computed (a forward without a backward, batch_pairs examples
+    at a time) and added to the cache after every batch. A row's entry is keyed by the model and the example's
+    tokens only, so it holds whichever objective asks. Returns how many examples were computed."""
     path = Path(out_dir) / REFERENCE_FILE
     try:
         cache = json.loads(path.read_text()) if path.exists() else {}
@@ -242,7 +254,7 @@ def attach_reference(datasets, store, compute, out_dir, lora=None, scale=20.0, b
     cache = {"rows": rows}
     specs = store.args.block_specs(compute)
     eps, offset = store.args.rms_norm_eps, store.args.norm_offset
-    computed = 0
+    computed, units = 0, set()
     for data in datasets:
         keys = [_row_key(fingerprint, p) for p in data.pairs]
         todo = [i for i, k in enumerate(keys) if k not in rows]
@@ -256,8 +268,10 @@ def attach_reference(datasets, store, compute, out_dir, lora=None, scale=20.0, b
             for j, i in enumerate(items):
                 rows[keys[i]] = [logps[j], logps[len(items) + j]]
             computed += len(items)
+            units.add(data.unit)
             _save(path, cache)
         data.reference = [rows[k] for k in keys]
     if computed:
-        log(f"[mesp-mlx] reference log-probabilities of {computed} pair(s) computed and cached in {path}")
+        log(f"[mesp-mlx] reference log-probabilities of {computed} {'/'.join(sorted(units))}(s) computed and cached "
+            f"in {path}")
     return computed

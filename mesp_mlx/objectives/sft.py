@@ -16,6 +16,7 @@ class SFT(Objective):
     @classmethod
     def from_config(cls, config):
         cls.refuse_reference_settings(config)
+        cls.refuse_label_weights(config)
         return cls()
 
     def load_data(self, tokenizer, c):

@@ -1,4 +1,4 @@
-"""Sequence-level preference losses (DPO, ORPO) as functions of the per-token negative log-likelihoods.
+"""Sequence-level preference losses (DPO, ORPO, KTO) as functions of the per-token negative log-likelihoods.
 
 A preference batch holds P pairs as 2P rows: the P chosen answers, then the P rejected ones, each row masked to its
 answer. Both losses are functions of the per-token negative log-likelihoods nll_i only, through each row's
@@ -21,6 +21,14 @@ row (summed log-probabilities; their mean per token for the `ipo` variant):
 ORPO (Hong et al. 2024), as mlx-lm-lora writes it, with each row's mean log-probability a (beta is ORPO's lambda):
     L = -a_c - beta log sigmoid((a_c - a_r) - (log(1 - e^a_c) - log(1 - e^a_r)))      rewards beta a.
 Every loss and metric is the mean over pairs.
+KTO (Ethayarajh et al. 2024), as TRL's KTOTrainer computes it: a batch of B labelled examples is 2B rows, each
+example's own completion then, in the same order, its KL completion (the prompt with another example's completion).
+With z = s - r each row's log-ratio, d_i = 1 for a desirable example and 0 for an undesirable one:
+    kl = max(0, mean over the KL rows of z), a constant of the loss (no gradient flows through it)
+    L_i = w_D (1 - sigmoid(beta (z_i - kl)))  desirable,   w_U (1 - sigmoid(beta (kl - z_i)))  undesirable
+    L = mean_i L_i;  rewards beta z_i; rewards_chosen / rejected, logps_chosen / rejected: means over the batch's
+    desirable / undesirable examples, 0 for a group the batch has none of (TRL: NaN, and 0 in the margin);
+    reward_margin = rewards_chosen - rewards_rejected.
 """
 import mlx.core as mx
 
@@ -29,6 +37,7 @@ from .loss import token_nll_forward
 
 DPO_VARIANTS = ("sigmoid", "ipo")
 STATS = ("loss", "rewards_chosen", "rewards_rejected", "reward_margin", "accuracy", "logps_chosen", "logps_rejected")
+KTO_STATS = ("loss", "rewards_chosen", "rewards_rejected", "reward_margin", "kl", "logps_chosen", "logps_rejected")
 
 
 def row_logps(nll, mask):
@@ -84,8 +93,37 @@ def orpo_stats(nll, mask, beta):
     return _pair_stats(mx.mean(-ac - beta * _log_sigmoid(log_odds)), beta * mean, logp)
 
 
+def kto_losses(logratio, kl, desirable, beta, desirable_weight=1.0, undesirable_weight=1.0):
+    """Each example's weighted KTO loss from its log-ratio z and the reference point kl (desirable: 1.0 or 0.0):
+    w_D (1 - sigmoid(beta (z - kl))) = w_D sigmoid(beta (kl - z)) where desirable, w_U sigmoid(beta (z - kl))
+    where not."""
+    u = beta * (logratio - kl)
+    return desirable * desirable_weight * mx.sigmoid(-u) + (1 - desirable) * undesirable_weight * mx.sigmoid(u)
+
+
+def _group_mean(x, member):
+    """The mean of x over the entries where member is 1.0; 0 where there are none."""
+    return mx.sum(x * member) / mx.maximum(mx.sum(member), 1.0)
+
+
+def kto_stats(nll, mask, desirable, beta, reference=None, desirable_weight=1.0, undesirable_weight=1.0):
+    """KTO's loss and what TRL reports beside it (KTO_STATS). nll, mask: (2B, T), the B examples' own completions
+    first, then their B KL completions; desirable: (B,) 1.0 / 0.0; reference: the reference model's summed
+    log-probability of each row, (2B,) (None: every row 0)."""
+    logp, _ = row_logps(nll, mask)
+    n = logp.shape[0] // 2
+    ratio = logp - (mx.zeros_like(logp) if reference is None else reference.astype(logp.dtype))
+    kl = mx.stop_gradient(mx.maximum(mx.mean(ratio[n:]), 0.0))
+    d = desirable.astype(logp.dtype)
+    loss = mx.mean(kto_losses(ratio[:n], kl, d, beta, desirable_weight, undesirable_weight))
+    rewards, own = mx.stop_gradient(beta * ratio[:n]), mx.stop_gradient(logp[:n])
+    chosen, rejected = _group_mean(rewards, d), _group_mean(rewards, 1 - d)
+    return {"loss": loss, "rewards_chosen": chosen, "rewards_rejected": rejected, "reward_margin": chosen - rejected,
+            "kl": kl, "logps_chosen": _group_mean(own, d), "logps_rejected": _group_mean(own, 1 - d)}
+
+
 def reference_logps(h, head, targets, mask, compute=DEFAULT):
-    """Each row's summed log-probability (no gradient): the reference model's scores that DPO subtracts."""
+    """Each row's summed log-probability (no gradient): the reference model's scores that DPO and KTO subtract."""
     nll, _ = token_nll_forward(h, head, targets, compute)
     out = row_logps(nll.reshape(mask.shape), mask)[0]
     mx.eval(out)
