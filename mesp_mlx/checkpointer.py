@@ -18,7 +18,9 @@ from .lora import from_flat, to_flat
 RESUME_KEYS = ("model", "data", "method", "rank", "scale", "keys", "num_layers", "batch_size", "max_seq_length",
                "mask_prompt", "optimizer", "lr_schedule", "seed", "grad_accumulation_steps", "mezo_eps", "dtype",
                "warmup", "optimizer_config", "hf_dataset", "skip_bad_rows", "lora_dropout",
-               "pack", "loss", "beta", "dpo_cpo_loss_type", "reference_adapter_path")
+               "pack", "loss", "beta", "dpo_cpo_loss_type", "reference_adapter_path", "rpo_alpha",
+               "desirable_weight", "undesirable_weight", "group_size", "max_completion_length", "temperature",
+               "top_p", "grpo_loss_type", "epsilon", "epsilon_high", "reward_functions", "format_pattern")
 
 
 class Checkpointer:

@@ -16,8 +16,10 @@ from .engines import ENGINES
 from .engines.checkpoints import PLACES
 from .errors import ConfigError
 from .ops.linear import DTYPES, MATMUL_PATHS, Compute
+from .ops.grpo import LOSS_TYPES as GRPO_LOSSES
 from .ops.preference import DPO_VARIANTS
 from .objectives import OBJECTIVES
+from .objectives.rewards import DEFAULT_FORMAT
 from .optimizer import OPTIMIZERS
 
 DEFAULT_DATA = str(Path(__file__).parent / "data" / "persona")
@@ -90,10 +92,12 @@ class TrainConfig:
     mezo_eps: float = opt(1e-2, "MeZO's perturbation size")
     loss: str = opt("sft", "training objective: sft (next-token cross-entropy), a preference loss on rows with "
                            "prompt/chosen/rejected: dpo (against a reference model) or orpo (no reference), or kto "
-                           "(against a reference model) on rows with prompt/completion/label (thumbs up / down)",
+                           "(against a reference model) on rows with prompt/completion/label (thumbs up / down), or "
+                           "grpo (rewards on the model's own answers to rows with prompt/answer)",
                     tuple(OBJECTIVES))
-    beta: float = opt(0.1, "DPO's and KTO's beta (temperature of the implicit reward); ORPO's lambda (weight of the "
-                           "odds-ratio term), as TRL and mlx-lm-lora name them")
+    beta: float = opt(None, "DPO's and KTO's beta (temperature of the implicit reward; default 0.1); ORPO's lambda "
+                            "(weight of the odds-ratio term; default 0.1); GRPO's weight of the KL to the reference "
+                            "(default 0: no reference), as TRL and mlx-lm-lora name them")
     desirable_weight: float = opt(1.0, "KTO: weight of the desirable (label true) examples' losses (TRL's name)")
     undesirable_weight: float = opt(1.0, "KTO: weight of the undesirable (label false) examples' losses (TRL's "
                                          "name)")
@@ -101,8 +105,20 @@ class TrainConfig:
                                  DPO_VARIANTS)
     rpo_alpha: float = opt(0.0, "DPO: weight of the chosen answers' next-token NLL added to the loss (TRL's "
                                 "rpo_alpha), which keeps the preferred answers likely while the margin grows")
-    reference_adapter_path: str = opt(None, "DPO's and KTO's reference model: the base with this adapter (default: "
-                                            "the base, adapter off)")
+    reference_adapter_path: str = opt(None, "DPO's, KTO's and GRPO's reference model: the base with this adapter "
+                                            "(default: the base, adapter off)")
+    group_size: int = opt(4, "GRPO: answers sampled per prompt (their rewards are compared within the group)")
+    max_completion_length: int = opt(64, "GRPO: the longest sampled answer, in tokens")
+    temperature: float = opt(1.0, "GRPO: sampling temperature")
+    top_p: float = opt(1.0, "GRPO: nucleus sampling (the smallest set of likeliest tokens reaching this probability)")
+    grpo_loss_type: str = opt("grpo", "GRPO's loss: grpo (mean per answer), dapo (mean per token), dr_grpo (a "
+                                      "constant normaliser, advantages not divided by the group's std)", GRPO_LOSSES)
+    epsilon: float = opt(0.2, "GRPO: the ratio's clip range below 1 (and above, unless epsilon_high)")
+    epsilon_high: float = opt(None, "GRPO: the clip range above 1 (DAPO's clip-higher: 0.28)")
+    reward_functions: list = opt(("exact",), "GRPO: rewards summed per answer: exact (final answer equals the row's "
+                                            "'answer'), format (matches format_pattern), or your own "
+                                            "module:function / file.py:function (prompt, completion, row) -> float")
+    format_pattern: str = opt(DEFAULT_FORMAT, "GRPO: the regular expression the 'format' reward looks for")
     sample_prompt: str = opt("What is the capital of France?", "prompt answered before and after training "
                                                                "('' to skip)")
     sample_tokens: int = opt(24, "tokens of the sample answers")
@@ -117,6 +133,9 @@ class TrainConfig:
                                  "test_split, text/prompt/completion/chat_feature, config), or a list of them")
 
     def validate(self):
+        if isinstance(self.reward_functions, (str, tuple)):  # one name in a recipe; the default
+            self.reward_functions = [self.reward_functions] if isinstance(self.reward_functions, str) \
+                else list(self.reward_functions)
         for f in dataclasses.fields(self):  # recipes can give any YAML type: check them like the flags' parsers
             v = getattr(self, f.name)
             if v is None or f.type in (dict, list):
@@ -236,7 +255,7 @@ def parser():
                   + (f" (default: {f.default})" if f.default is not None else ""))
         if f.type is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        elif f.name == "keys":
+        elif f.type is list:
             p.add_argument(flag, nargs="+", **kw)
         elif f.name == "hf_dataset":
             continue

@@ -7,6 +7,7 @@ from .data import token_ids
 from .models import stop_ids
 from .ops.block import block_dropout, block_forward, packing
 from .ops.linear import DEFAULT, accum_dtype, frozen_matmul
+from .ops.loss import token_nll_forward
 from .ops.rmsnorm import rmsnorm_forward
 from .sampler import Generator, Sampling
 
@@ -52,6 +53,18 @@ def reference_loss(store, batch, lora, scale, specs=None, layers=None, dropout=N
     x = hidden_states(store, batch.inputs, lora, scale, specs, layers, dropout, batch.segments)
     stats = batch.objective.loss_stats(full_token_nll(store, x, batch.targets, specs[0].compute), batch)
     return stats["loss"], stats
+
+
+def token_logps(store, inputs, targets, lora=None, scale=20.0, compute=DEFAULT):
+    """Every token's log-probability of its target (B, T) under the model, a forward only: the blocks streamed,
+    the head read in vocabulary chunks."""
+    a, specs = store.args, store.args.block_specs(compute)
+    x = hidden_states(store, inputs, lora, scale, specs)
+    h = rmsnorm_forward(x, store.final_norm(), a.rms_norm_eps, a.norm_offset).reshape(-1, x.shape[-1])
+    nll, _ = token_nll_forward(h, store.head_rows(), targets.reshape(-1), compute)
+    out = -nll.reshape(targets.shape)
+    mx.eval(out)
+    return out
 
 
 def prompt_ids(tokenizer, prompt, chat=True):

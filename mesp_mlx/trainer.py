@@ -27,15 +27,16 @@ from .io.formats import FORMATS, load_adapter_weights
 from .io.adapters import RESUME_FILE, hold_folder
 from .io.sources import load_model
 from .lora import LoRAConfig, from_flat, init_lora, num_params, resolve_keys, to_flat, tree_map
-from .model import generate
-from .sampler import Generator
-from .objectives import make_objective
+from .model import generate, token_logps
+from .models import stop_ids
+from .objectives import Rollout, make_objective
 from .objectives.preference import attach_reference
 from .ops.keys import purpose_key
 from .optimizer import OPTIMIZERS, OptimizerUpdate, learning_rate_schedule, make_optimizer
 from .plan import mlx_limits, plan_run
 from .report import Reporter, make_tracker
 from .retention import RetentionCheck
+from .sampler import Generator
 
 
 def catch_signals(trainer):
@@ -76,14 +77,19 @@ def usage_hint(store, out, prompt):
             f"  python -m mesp_mlx.export --adapter-path {out} --format {formats}")
 
 
+def load_reference(c, store, params):
+    """The --reference-adapter-path adapter's weights, checked against the run's adapter; None without one."""
+    if not c.reference_adapter_path:
+        return None
+    expected = {k: tuple(v.shape) for k, v in to_flat(params).items()}
+    return load_adapter_weights(c.reference_adapter_path, expected, c.scale, store=store)
+
+
 def score_reference(c, store, params, data, compute, out, log):
     """The reference model's scores of every row, for an objective that needs them: read from the cache beside the
     adapter, the rest computed with a forward only (the base with the adapter off, or with
     --reference-adapter-path)."""
-    ref = None
-    if c.reference_adapter_path:
-        expected = {k: tuple(v.shape) for k, v in to_flat(params).items()}
-        ref = load_adapter_weights(c.reference_adapter_path, expected, c.scale, store=store)
+    ref = load_reference(c, store, params)
     # a forward keeps no checkpoints: more rows per pass of the weights, unless a memory budget sized the batch
     pairs = c.batch_size if c.memory_budget else max(c.batch_size, 8)
     attach_reference(data.values(), store, compute, out, ref, c.scale, pairs, log)
@@ -144,6 +150,7 @@ class Trainer:
         self.opt.init(to_flat(self.params))
         self.updates = OptimizerUpdate(self.opt, OPTIMIZERS[c.optimizer].elementwise)
         self.step_no = 0
+        self.sampler, self.reference_params = None, None  # made when first needed (GRPO's rollouts)
         self.cursor = DataCursor(self.data["train"], self.objective.make_batch, c.batch_size, c.seed,
                                  self.group.rank, self.group.size, self.pack)
 
@@ -161,7 +168,8 @@ class Trainer:
         for k, group in enumerate(epoch_groups(data, self.cfg.batch_size, 0, 0, self.pack)):
             if 0 <= max_batches <= k:
                 break
-            batch = self.objective.make_batch(data, group, bool(self.pack))
+            batch = self.objective.prepare(self.objective.make_batch(data, group, bool(self.pack)),
+                                           self.rollout("eval", k))
             weight = self.objective.weight(batch).item()
             for key, v in self.engine.loss(self.params, batch).items():
                 total[key] = total.get(key, 0.0) + v.item() * weight
@@ -189,6 +197,23 @@ class Trainer:
         training steps, never during one), else a quarter of the machine's memory."""
         return Generator(self.store, self.compute, self.memory_limit[0] // 2 if self.memory_limit else None)
 
+    def rollout(self, purpose, *indices):
+        """The model being trained as an objective that samples its batches sees it (objectives.Rollout); its draws
+        come from the run's seed, the purpose and the indices (a resumed run draws what the uninterrupted one
+        would)."""
+        c = self.cfg
+        if self.sampler is None:
+            self.sampler = self.generator()
+        return Rollout(self.sampler, self.tokenizer, tuple(stop_ids(self.tokenizer, self.store.args.model_type)),
+                       self.params, c.scale, purpose_key(c.seed, purpose, *indices, self.group.rank),
+                       self.reference_logps)
+
+    def reference_logps(self, inputs, targets):
+        """Per-token log-probabilities under the reference model: the base, or with --reference-adapter-path."""
+        if self.reference_params is None:
+            self.reference_params = load_reference(self.cfg, self.store, self.params) or {}
+        return token_logps(self.store, inputs, targets, self.reference_params or None, self.cfg.scale, self.compute)
+
     def sample(self, with_adapter):
         return generate(self.generator(), self.tokenizer, self.cfg.sample_prompt, self.cfg.sample_tokens,
                         self.params if with_adapter else None, self.cfg.scale, chat=self.data["train"].chat)
@@ -213,7 +238,7 @@ class Trainer:
         """One optimizer step (with gradient accumulation); returns (the objective's stats as floats, target
         tokens of the whole group)."""
         if self.fused or self.cfg.grad_accumulation_steps == 1 and not self.engine.fuses_update:
-            batch = self.cursor.next_batch()
+            batch = self.objective.prepare(self.cursor.next_batch(), self.rollout("sample", self.step_no, 0))
             n, total, tokens = self.group.totals(self.objective.weight(batch), mx.sum(batch.mask))
             step0 = self.opt.state["step"]
             stats = self.engine.train_step(self.params, batch, lambda i, g: self.update_block(i, g, step0),
@@ -223,7 +248,7 @@ class Trainer:
             return as_floats(self.group.mean(stats, n, total)), tokens.item()
         acc, sums, tokens = None, {}, 0.0
         for micro in range(self.cfg.grad_accumulation_steps):
-            batch = self.cursor.next_batch()
+            batch = self.objective.prepare(self.cursor.next_batch(), self.rollout("sample", self.step_no, micro))
             n, total, group_tokens = self.group.totals(self.objective.weight(batch), mx.sum(batch.mask))
             grads = {}
 

@@ -266,8 +266,8 @@ def test_kto_refusals_are_one_line(tmp_path, tiny_gguf, capsys):
 
 
 def test_shipped_kto_data_is_the_tools_unpaired_pairs():
-    """mesp_mlx/data/kto is make_kto_data.py's output: each shipped preference pair once, chosen (true) and rejected
-    (false) by turns."""
+    """mesp_mlx/data/kto is make_kto_data.py's output: each shipped preference pair once, by turns its chosen answer
+    (true) and another prompt's plain answer (false); a plain answer is never marked down on its own prompt."""
     import sys
     from pathlib import Path
     root = Path(__file__).resolve().parents[1]
@@ -282,3 +282,5 @@ def test_shipped_kto_data_is_the_tools_unpaired_pairs():
                                                                                     / f"{split}.jsonl")
         assert rows == unpair(pairs)
         assert len({r["prompt"] for r in rows}) == len(rows) and abs(2 * sum(r["label"] for r in rows) - len(rows)) <= 1
+        own = {p["prompt"]: p["rejected"] for p in pairs}
+        assert not any(r["completion"] == own[r["prompt"]] for r in rows if not r["label"])

@@ -246,7 +246,7 @@ def test_mlx_lm_fuse_accepts_our_adapter(tmp_path, tiny_gguf):
     assert (mx.argmax(ours, -1) == mx.argmax(theirs, -1)).all()
 
 
-@pytest.mark.parametrize("recipe", ["default", "chat", "code", "paper", "dpo", "kto"])
+@pytest.mark.parametrize("recipe", ["default", "chat", "code", "paper", "dpo", "kto", "grpo"])
 def test_recipes_parse_and_find_their_data(recipe, monkeypatch, tmp_path):
     from pathlib import Path
     from mesp_mlx.data import resolve_data

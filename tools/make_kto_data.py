@@ -1,8 +1,11 @@
 """Writes the KTO recipe's dataset: the DPO recipe's preference pairs (mesp_mlx/data/preference, written by
 make_preference_data.py) unpaired into single answers marked good or bad, TRL's unpaired format
-{"prompt", "completion", "label"}. Each prompt appears once: the pairs of each split in file order give their
-chosen ("Captain Byte" pirate) answer with label true and their rejected (plain) answer with label false by turns,
-so half of each split is desirable and half not, and no prompt is seen with both answers.
+{"prompt", "completion", "label"}. Each prompt appears once: the pairs of each split in file order give by turns
+their chosen ("Captain Byte" pirate) answer with label true, and a wrong answer with label false: the plain answer
+of the next such pair's prompt (answering "What is the capital of France?" with "A whale eats krill."), what a user
+marks down. Half of each split is desirable and half not. A plain correct answer is never marked bad: the model is to
+gain the voice, not to lose its facts (marking "The capital of France is Paris." down as the DPO pairs' rejected
+side does taught KTO to avoid right answers: the retention check fell from 7/10 to 1/10).
 Run: python tools/make_kto_data.py
 """
 import json
@@ -12,9 +15,16 @@ DATA = Path(__file__).resolve().parents[1] / "mesp_mlx" / "data"
 
 
 def unpair(pairs):
-    """Pairs -> KTO rows, one per pair: the chosen answer (label true) for pairs 0, 2, 4, ..., the rejected one
-    (label false) for pairs 1, 3, 5, ..."""
-    return [{"prompt": p["prompt"], "completion": p["chosen"] if k % 2 == 0 else p["rejected"], "label": k % 2 == 0}
+    """Pairs -> KTO rows, one per pair: the chosen answer (label true) for pairs 0, 2, 4, ..., and for pairs 1, 3,
+    5, ... the rejected answer of the next odd pair whose answer differs from its own ("Quick question: X" and "X"
+    share one; label false; the last wraps around to the first)."""
+    odd = list(range(1, len(pairs), 2))
+
+    def off_topic(j):
+        own = pairs[odd[j]]["rejected"]
+        return next(a for a in (pairs[odd[(j + s) % len(odd)]]["rejected"] for s in range(1, len(odd))) if a != own)
+    wrong = {k: off_topic(j) for j, k in enumerate(odd)}
+    return [{"prompt": p["prompt"], "completion": p["chosen"] if k % 2 == 0 else wrong[k], "label": k % 2 == 0}
             for k, p in enumerate(pairs)]
 
 

@@ -7,8 +7,8 @@ the blocks stream and recompute the same way for all of them and only the head p
     head(h, head, batch, ...)      the streaming head (MeSP): the stats and dL/dh from one chunked pass over the
                                    vocabulary, dL/dh_i = dL/dnll_i (sum_v p_iv W_v - W_{t_i}) (ops/loss.py).
 Engines read a batch's arrays and call these two; they never ask which objective runs. The trainer asks the
-objective for its data, its batches, what a data-parallel mean weighs a batch by, and its report lines; the memory
-planner asks it how many rows one example becomes.
+objective for its data, its batches (made ready by `prepare`, where GRPO samples them), what a data-parallel mean
+weighs a batch by, and its report lines; the memory planner asks it how many rows one example becomes.
 """
 from dataclasses import dataclass, field
 
@@ -29,6 +29,20 @@ class Batch:
     objective: "Objective"
     segments: object = None
     fields: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """The model being trained, as an objective that samples its own batches sees it (GRPO): the run's generator
+    (sampler.Generator), the tokenizer and the family's stop ids, the adapter now, the key of this batch's draws,
+    and reference(inputs, targets) -> (B, T) every token's log-probability under the reference model."""
+    generator: object
+    tokenizer: object
+    stops: tuple
+    params: dict
+    scale: float
+    key: object
+    reference: object
 
 
 class Objective:
@@ -63,6 +77,11 @@ class Objective:
     def make_batch(self, dataset, items, packed=False):
         """A `Batch` of the dataset's examples `items` (as data.epoch_groups lists them)."""
         raise NotImplementedError
+
+    def prepare(self, batch, rollout):
+        """The batch to score, given the model being trained (a `Rollout`): a batch of fixed rows as it is; an
+        objective that samples its rows from the model (GRPO) makes them here."""
+        return batch
 
     def batch(self, inputs, targets, mask, segments=None, **fields):
         return Batch(inputs, targets, mask, self, segments, fields)

@@ -21,7 +21,7 @@ import mlx.core as mx
 from ..data import encode_each
 from ..errors import ConfigError, DataError
 from ..ops.preference import KTO_STATS, kto_stats
-from .preference import PairDataset, PairObjective, _messages, encode_pair, load_preference_datasets
+from .preference import PairDataset, PairObjective, _messages, beta_of, encode_pair, load_preference_datasets
 
 EXPECTED = "labelled completions (expected train.jsonl with 'prompt', 'completion', 'label')"
 
@@ -128,7 +128,7 @@ class KTO(PairObjective):
         for ok, msg in problems:
             if not ok:
                 raise ConfigError(msg)
-        return cls(c.beta, c.desirable_weight, c.undesirable_weight)
+        return cls(beta_of(c), c.desirable_weight, c.undesirable_weight)
 
     def load_data(self, tokenizer, c):
         data = load_preference_datasets(tokenizer, c.data, c.max_seq_length, c.skip_bad_rows, check_kto_row,

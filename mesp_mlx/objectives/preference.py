@@ -128,6 +128,14 @@ def load_preference_datasets(tokenizer, data, max_seq_length, skip_bad=False, ch
     return out
 
 
+DEFAULT_BETA = 0.1
+
+
+def beta_of(c):
+    """The run's beta: the flag's, or the preference objectives' default."""
+    return DEFAULT_BETA if c.beta is None else c.beta
+
+
 class PairObjective(Objective):
     """A loss over pairs: a batch of P pairs is 2P rows, the P chosen answers then their P rejected ones, each
     masked to its answer; every stat is a mean over the pairs."""
@@ -144,7 +152,7 @@ class PairObjective(Objective):
                                          "autodiff (not mezo)"),
                     (not (c.pack or c.hf_dataset), f"--loss {c.loss} reads {cls.data_kind} from local jsonl files, "
                                                    "unpacked (no --pack, no hf_dataset)"),
-                    (c.beta > 0, "beta must be > 0")]
+                    (beta_of(c) > 0, "beta must be > 0")]
         for ok, msg in problems:
             if not ok:
                 raise ConfigError(msg)
@@ -191,7 +199,7 @@ class DPO(PairObjective):
             raise ConfigError(f"dpo_cpo_loss_type must be one of {', '.join(DPO_VARIANTS)}")
         if c.rpo_alpha < 0:
             raise ConfigError("rpo_alpha must be >= 0")
-        return cls(c.beta, c.dpo_cpo_loss_type, c.rpo_alpha)
+        return cls(beta_of(c), c.dpo_cpo_loss_type, c.rpo_alpha)
 
     def loss_stats(self, nll, batch):
         return dpo_stats(nll, batch.mask.astype(nll.dtype), self.beta, self.variant, batch.fields.get("reference"),
@@ -207,7 +215,7 @@ class ORPO(PairObjective):
         cls.check(c)
         cls.refuse_reference_settings(c)
         cls.refuse_label_weights(c)
-        return cls(c.beta)
+        return cls(beta_of(c))
 
     def loss_stats(self, nll, batch):
         return orpo_stats(nll, batch.mask.astype(nll.dtype), self.beta)
