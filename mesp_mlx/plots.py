@@ -27,8 +27,10 @@ def plot_metrics(metrics_path, png_path):
     val = [r for r in rows if "val_loss" in r]
     if not train:
         return None
-    preference = "train_reward_margin" in train[-1]
-    fig, axes = plt.subplots(1, 3 if preference else 2, figsize=(15 if preference else 10, 4))
+    # DPO / ORPO / KTO: the reward margin and the pairs' accuracy or KTO's kl, as TRL plots them; GRPO: the mean
+    # reward and each function's
+    reward = next((k for k in ("reward_margin", "reward") if f"train_{k}" in train[-1]), None)
+    fig, axes = plt.subplots(1, 3 if reward else 2, figsize=(15 if reward else 10, 4))
     ax_loss, ax_mem = axes[0], axes[1]
     ax_loss.plot([r["iter"] for r in train], [r["train_loss"] for r in train], label="train")
     if val:
@@ -39,18 +41,22 @@ def plot_metrics(metrics_path, png_path):
     ax_mem.plot([r["iter"] for r in train], [r["rss_peak_mb"] for r in train], label="process peak RSS")
     ax_mem.set(xlabel="step", ylabel="MB", title="Memory")
     ax_mem.legend()
-    if preference:  # DPO / ORPO / KTO: what TRL plots beside the loss (the pairs' accuracy, or KTO's kl)
+    if reward:
         ax = axes[2]
-        second = next((k for k in ("accuracy", "kl") if f"train_{k}" in train[-1]), None)
-        for split, rs in (("train", train), ("val", [r for r in val if "val_reward_margin" in r])):
+        if reward == "reward_margin":
+            others = [k for k in ("accuracy", "kl") if f"train_{k}" in train[-1]][:1]
+        else:
+            others = sorted(k[len("train_"):] for k in train[-1] if k.startswith("train_reward_")
+                            and k != "train_reward_std")
+        for split, rs in (("train", train), ("val", [r for r in val if f"val_{reward}" in r])):
             if rs:
                 style = "o" if split == "val" else ""  # validation points may be single ones
-                ax.plot([r["iter"] for r in rs], [r[f"{split}_reward_margin"] for r in rs], style + "-",
-                        label=f"{split} margin")
-                if second:
-                    ax.plot([r["iter"] for r in rs], [r[f"{split}_{second}"] for r in rs], style + "--",
-                            label=f"{split} {second}")
-        ax.set(xlabel="step", title="Reward margin" + (f" and {second}" if second else ""))
+                ax.plot([r["iter"] for r in rs], [r[f"{split}_{reward}"] for r in rs], style + "-",
+                        label=f"{split} {reward.replace('_', ' ')}")
+                for k in others:
+                    ax.plot([r["iter"] for r in rs], [r[f"{split}_{k}"] for r in rs], style + "--",
+                            label=f"{split} {k.replace('_', ' ')}")
+        ax.set(xlabel="step", title=" and ".join([reward.replace("_", " ")] + [k.replace("_", " ") for k in others]))
         ax.legend()
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)

@@ -66,9 +66,15 @@ class Reporter:
         self.metrics = open(self.metrics_path if self.first else os.devnull, "a")
         self.started = self.t0 = time.perf_counter()
         self.window, self.window_tok = [], 0.0
-        self.bar = None
+        self.bar, self.peak = None, 0
         self.tqdm = tqdm
         return self
+
+    def peak_memory(self):
+        """MLX's peak since the run began: kept here, since a generation resets MLX's own counter to measure its
+        part (sampler.py)."""
+        self.peak = max(self.peak, mx.get_peak_memory())
+        return self.peak
 
     def start(self, total, initial):
         self.bar = self.tqdm(total=total, initial=initial, disable=None if self.first else True, file=sys.stderr,
@@ -82,7 +88,7 @@ class Reporter:
         self.bar.update(1)
         brief = self.objective.brief(stats)
         self.bar.set_postfix_str(f"loss {stats['loss']:.3f}, {brief + ', ' if brief else ''}lr {lr:.2e}, "
-                                 f"{tokens / seconds:.0f} tok/s, peak {mx.get_peak_memory() / 1e9:.3f} GB, "
+                                 f"{tokens / seconds:.0f} tok/s, peak {self.peak_memory() / 1e9:.3f} GB, "
                                  f"RSS {rss_mb():.0f} MB")
         if not report:
             return
@@ -90,7 +96,7 @@ class Reporter:
         means = {k: sum(s[k] for s in self.window) / len(self.window) for k in self.objective.stats}
         rec = {"iter": step, "train_loss": means["loss"], "learning_rate": lr,
                "it_per_sec": len(self.window) / dt, "tokens_per_sec": self.window_tok / dt,
-               "peak_memory_gb": mx.get_peak_memory() / 1e9, "active_memory_gb": mx.get_active_memory() / 1e9,
+               "peak_memory_gb": self.peak_memory() / 1e9, "active_memory_gb": mx.get_active_memory() / 1e9,
                "rss_peak_mb": rss_mb(), "elapsed_s": time.perf_counter() - self.started}
         rec.update({f"train_{k}": v for k, v in means.items() if k != "loss"})
         words = self.objective.describe(means, "Train")

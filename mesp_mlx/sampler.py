@@ -19,6 +19,7 @@ Weights, chosen by what `memory` (bytes) allows them to hold for the generation:
     streamed   each block read from the store at each step, as training reads them, when memory is tight
 """
 import os
+import time
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -83,6 +84,7 @@ class Generator:
         self.store, self.compute, self.prefill = store, compute, prefill
         self.specs = store.args.block_specs(compute)
         self.holding = weight_holding(store, compute, machine_bytes() // 4 if memory is None else memory)
+        self.last = {}
 
     def weights(self):
         """(every block's weights, the head) as this generation holds them; (None, None) when streamed."""
@@ -122,8 +124,16 @@ class Generator:
         return x[:, -1]
 
     def generate(self, prompts, lora=None, scale=20.0, sampling=Sampling(), stops=(), key=None, finished=None):
-        """prompts: lists of token ids -> one `Completion` per prompt."""
-        lora, stops = lora or {}, set(stops)
+        """prompts: lists of token ids -> one `Completion` per prompt. What it cost is left in `last`: {"seconds",
+        "peak_bytes"}, MLX's peak during the generation (its counter is reset at the start: a caller that reports a
+        run's peak keeps its own maximum, as report.Reporter does)."""
+        t0 = time.perf_counter()
+        mx.reset_peak_memory()
+        out = self._generate(prompts, lora or {}, scale, sampling, set(stops), key, finished)
+        self.last = {"seconds": time.perf_counter() - t0, "peak_bytes": mx.get_peak_memory()}
+        return out
+
+    def _generate(self, prompts, lora, scale, sampling, stops, key, finished):
         n = self.store.num_layers
         layers, head = self.weights()
         width = max(len(p) for p in prompts)

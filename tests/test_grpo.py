@@ -36,7 +36,8 @@ def grpo_batch(vocab, obj, seed=0, dtype=mx.float32):
         mask[r, end:] = 0
     rewards = mx.array([1.0, 0.0, 0.5, 2.0, 2.0, -1.0])
     fields = dict(advantages=advantages(rewards, 3, True).astype(dtype), reward=mx.mean(rewards),
-                  reward_std=mx.array(0.0), reward_exact=mx.array(0.0), completion_length=mx.mean(mx.sum(mask, 1)))
+                  reward_std=mx.array(0.0), reward_exact=mx.array(0.0), completion_length=mx.mean(mx.sum(mask, 1)),
+                  sample_seconds=mx.array(1.0), sample_peak_gb=mx.array(0.1))
     if obj.beta:
         fields["reference"] = (-3.0 + 0.5 * mx.random.normal((6, 16))).astype(dtype)
     return obj.batch(ids[:, :-1], ids[:, 1:], mask, **fields)
@@ -209,7 +210,7 @@ def test_cli_trains_and_reports_under_mesp_and_autodiff(tmp_path, tiny_gguf, cap
         assert main(common + ["--method", method, "--adapter-path", str(tmp_path / method)]) == 0
         runs[method] = [r for r in metrics(tmp_path / method) if "train_loss" in r]
     out = capsys.readouterr().out
-    assert "Reward" in out and "digits" in out and "Clip ratio" in out
+    assert "Reward" in out and "digits" in out and "Clip ratio" in out and "sampled in" in out
     first, ref = runs["mesp"][0], runs["autodiff"][0]
     for k in ("train_reward", "train_reward_digits", "train_reward_exact", "train_completion_length"):
         assert first[k] == ref[k], k  # the same draws

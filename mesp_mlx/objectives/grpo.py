@@ -25,6 +25,7 @@ from ..model import prompt_ids
 from ..ops.grpo import LOSS_TYPES, SCALED, advantages, grpo_stats
 from ..sampler import Sampling
 from .base import Objective
+from .preference import _messages, with_system
 from .rewards import reward_functions, score
 
 
@@ -41,22 +42,10 @@ def prompt_messages(row, where):
         prompt = row["prompt"]
     else:
         prompt = row["messages"]
-        if isinstance(prompt, list) and prompt and isinstance(prompt[-1], dict) and prompt[-1].get("role") == "assistant":
-            row = dict(row, answer=row.get("answer", prompt[-1].get("content")))
-            prompt = prompt[:-1]
-    if isinstance(prompt, str):
-        messages = [{"role": "user", "content": prompt}]
-    elif isinstance(prompt, list) and prompt and all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                                                     and isinstance(m.get("content"), str) for m in prompt):
-        messages = list(prompt)
-    else:
-        raise DataError(f"{where}: the prompt must be a string or a non-empty list of {{\"role\": str, \"content\": "
-                        "str}}")
-    if "system" in row:
-        if not isinstance(row["system"], str):
-            raise DataError(f"{where}: 'system' must be a string")
-        messages = [{"role": "system", "content": row["system"]}] + messages
-    return prompt, messages, row
+        last = prompt[-1] if isinstance(prompt, list) and prompt else None
+        if isinstance(last, dict) and last.get("role") == "assistant":  # the reference answer
+            row, prompt = dict(row, answer=row.get("answer", last.get("content"))), prompt[:-1]
+    return prompt, with_system(row, _messages(prompt, "prompt", where), where), row
 
 
 class PromptDataset(Dataset):
@@ -101,7 +90,7 @@ class GRPO(Objective):
         self.eps_low, self.eps_high = epsilon, epsilon if epsilon_high is None else epsilon_high
         self.rows_per_example = group_size
         self.stats = ("loss", "reward", "reward_std", *[f"reward_{n}" for n, _ in functions], "completion_length",
-                      "clip_ratio", "kl")
+                      "clip_ratio", "kl", "sample_seconds", "sample_peak_gb")
 
     @classmethod
     def from_config(cls, c):
@@ -164,7 +153,9 @@ class GRPO(Objective):
         total = mx.array(per_fn.sum(axis=1))
         fields = dict(advantages=advantages(total, g, SCALED[self.loss_type]), reward=mx.mean(total),
                       reward_std=mx.mean(mx.sqrt(mx.var(total.reshape(-1, g), axis=1, ddof=1))),
-                      completion_length=mx.mean(mx.sum(mask, axis=1)))
+                      completion_length=mx.mean(mx.sum(mask, axis=1)),
+                      sample_seconds=mx.array(rollout.generator.last["seconds"]),
+                      sample_peak_gb=mx.array(rollout.generator.last["peak_bytes"] / 1e9))
         for j, (name, _) in enumerate(self.functions):
             fields[f"reward_{name}"] = mx.array(float(per_fn[:, j].mean()))
         if self.beta:
@@ -186,7 +177,8 @@ class GRPO(Objective):
     def describe(self, stats, split):
         parts = ", ".join(f"{n} {stats[f'reward_{n}']:.3f}" for n, _ in self.functions)
         return (f"Reward {stats['reward']:.3f} (std {stats['reward_std']:.3f}; {parts}), completion length "
-                f"{stats['completion_length']:.1f}, Clip ratio {stats['clip_ratio']:.3f}, KL {stats['kl']:.4f}")
+                f"{stats['completion_length']:.1f}, Clip ratio {stats['clip_ratio']:.3f}, KL {stats['kl']:.4f}, "
+                f"sampled in {stats['sample_seconds']:.1f} s (peak {stats['sample_peak_gb']:.3f} GB)")
 
     def brief(self, stats):
         return f"reward {stats['reward']:.3f}, length {stats['completion_length']:.0f}"

@@ -21,7 +21,8 @@ import mlx.core as mx
 from ..data import encode_each
 from ..errors import ConfigError, DataError
 from ..ops.preference import KTO_STATS, kto_stats
-from .preference import PairDataset, PairObjective, _messages, beta_of, encode_pair, load_preference_datasets
+from .preference import (PairDataset, PairObjective, _messages, beta_of, encode_pair, load_preference_datasets,
+                         with_system)
 
 EXPECTED = "labelled completions (expected train.jsonl with 'prompt', 'completion', 'label')"
 
@@ -49,11 +50,7 @@ def kto_messages(row, where):
             raise DataError(f"{where}: the last of 'messages' must be the assistant's answer (the one 'label' "
                             "judges)")
         prompt, completion = msgs[:-1], msgs[-1:]
-    if "system" in row:
-        if not isinstance(row["system"], str):
-            raise DataError(f"{where}: 'system' must be a string")
-        prompt = [{"role": "system", "content": row["system"]}] + prompt
-    return prompt, completion
+    return with_system(row, prompt, where), completion
 
 
 def kl_partners(n, chunk):

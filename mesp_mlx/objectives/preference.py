@@ -58,11 +58,16 @@ def pair_messages(row, where):
     else:
         raise DataError(f"{where}: 'prompt' is missing (it may be left out only when 'chosen' and 'rejected' are "
                         "message lists that share it)")
-    if "system" in row:
-        if not isinstance(row["system"], str):
-            raise DataError(f"{where}: 'system' must be a string")
-        prompt = [{"role": "system", "content": row["system"]}] + prompt
-    return prompt, chosen, rejected
+    return with_system(row, prompt, where), chosen, rejected
+
+
+def with_system(row, messages, where):
+    """The prompt's messages with the row's optional "system" string first."""
+    if "system" not in row:
+        return messages
+    if not isinstance(row["system"], str):
+        raise DataError(f"{where}: 'system' must be a string")
+    return [{"role": "system", "content": row["system"]}] + messages
 
 
 def encode_pair(tokenizer, row, where):
