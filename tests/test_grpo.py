@@ -235,3 +235,30 @@ def test_refusals_are_one_line(tmp_path, tiny_gguf, capsys):
     assert main(base[:2] + ["--data", str(long)] + base[4:]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("[transformers]")]
     assert len(err) == 1 and "train.jsonl:3:" in err[0] and "do not fit --max-seq-length 64" in err[0]
+
+
+def test_memory_budget_covers_the_sampling(tmp_path, tiny_gguf):
+    """Under --memory-budget the planner sees G rows per prompt, each as long as the prompt and the longest answer,
+    and the sampler's weights may take half of MLX's share: the run's MLX peak, sampling included, stays within
+    the share (as for DPO), and the weights are streamed when half the share cannot hold them."""
+    from mesp_mlx.config import config_from_args
+    from mesp_mlx.plan import GROWTH
+    from mesp_mlx.resident import resident_bytes
+    from mesp_mlx.sampler import weight_holding
+    from mesp_mlx.train import main
+    from mesp_mlx.trainer import Trainer
+    from mesp_mlx.plots import chart_library
+    data = write_prompts(tmp_path / "data")
+    load_model(str(tiny_gguf)).tokenizer(), chart_library()  # what the run holds before its plan, loaded once
+    budget = int(resident_bytes() * (1 + GROWTH)) + 50_000_000  # the process's part, then MLX's 50 MB
+    args = ["--model", str(tiny_gguf), "--data", str(data), "--sample-prompt", "", "--rank", "4", "--iters", "2",
+            "--loss", "grpo", "--batch-size", "2", "--group-size", "3", "--max-completion-length", "6",
+            "--max-seq-length", "64", "--no-retention", "--memory-budget", f"{budget}B"]
+    assert main(args + ["--adapter-path", str(tmp_path / "a")]) == 0
+    recs = metrics(tmp_path / "a")
+    assert max(r["peak_memory_gb"] for r in recs if "peak_memory_gb" in r) * 1e9 <= 50e6
+    assert all(0 < r["train_sample_peak_gb"] * 1e9 <= 50e6 for r in recs if "train_loss" in r)
+    trainer = Trainer(config_from_args(args + ["--adapter-path", str(tmp_path / "b")]))
+    share = trainer.memory_limit[0]
+    assert trainer.generator().holding == weight_holding(trainer.store, trainer.compute, share // 2)
+    assert weight_holding(trainer.store, trainer.compute, 0) == "streamed"
