@@ -127,6 +127,8 @@ class Generator:
         """prompts: lists of token ids -> one `Completion` per prompt. What it cost is left in `last`: {"seconds",
         "peak_bytes"}, MLX's peak during the generation (its counter is reset at the start: a caller that reports a
         run's peak keeps its own maximum, as report.Reporter does)."""
+        if not prompts or not all(prompts):
+            raise ValueError("generate: every prompt needs at least one token")
         t0 = time.perf_counter()
         mx.reset_peak_memory()
         out = self._generate(prompts, lora or {}, scale, sampling, set(stops), key, finished)
@@ -140,7 +142,7 @@ class Generator:
         valid = mx.array([[False] * (width - len(p)) + [True] * len(p) for p in prompts])
         ids = mx.array([[0] * (width - len(p)) + list(p) for p in prompts])
         positions = mx.maximum(mx.cumsum(valid.astype(mx.int32), axis=1) - 1, 0)
-        caches = [KVCache() for _ in range(n)]
+        caches = [KVCache(step=width + sampling.max_tokens) for _ in range(n)]  # one buffer, the exact size
         for c0 in range(0, width, self.prefill):
             c1 = min(width, c0 + self.prefill)
             x = self._forward(ids[:, c0:c1], positions[:, c0:c1], valid[:, :c1], caches, layers, lora, scale)
