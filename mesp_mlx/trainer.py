@@ -150,7 +150,7 @@ class Trainer:
         self.opt.init(to_flat(self.params))
         self.updates = OptimizerUpdate(self.opt, OPTIMIZERS[c.optimizer].elementwise)
         self.step_no = 0
-        self.sampler, self.reference_params = None, None  # made when first needed (GRPO's rollouts)
+        self.sampler, self.reference_params = None, None  # made when first needed
         self.cursor = DataCursor(self.data["train"], self.objective.make_batch, c.batch_size, c.seed,
                                  self.group.rank, self.group.size, self.pack)
 
@@ -193,18 +193,19 @@ class Trainer:
             return self.report_split("test", self.cfg.test_batches)
 
     def generator(self):
-        """The run's sampler: its weights may hold half of MLX's share of a memory budget (generation runs between
-        training steps, never during one), else a quarter of the machine's memory."""
-        return Generator(self.store, self.compute, self.memory_limit[0] // 2 if self.memory_limit else None)
+        """The run's sampler (made once): its weights may hold half of MLX's share of a memory budget (generation
+        runs between training steps, never during one), else a quarter of the machine's memory."""
+        if self.sampler is None:
+            memory = self.memory_limit[0] // 2 if self.memory_limit else None
+            self.sampler = Generator(self.store, self.compute, memory)
+        return self.sampler
 
     def rollout(self, purpose, *indices):
         """The model being trained as an objective that samples its batches sees it (objectives.Rollout); its draws
         come from the run's seed, the purpose and the indices (a resumed run draws what the uninterrupted one
         would)."""
         c = self.cfg
-        if self.sampler is None:
-            self.sampler = self.generator()
-        return Rollout(self.sampler, self.tokenizer, tuple(stop_ids(self.tokenizer, self.store.args.model_type)),
+        return Rollout(self.generator(), self.tokenizer, tuple(stop_ids(self.tokenizer, self.store.args.model_type)),
                        self.params, c.scale, purpose_key(c.seed, purpose, *indices, self.group.rank),
                        self.reference_logps)
 
