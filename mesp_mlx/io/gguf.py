@@ -2,8 +2,9 @@
 
 GGML-quantized tensors are kept exactly (ggml_types.py: repacked into MLX's affine format where a group of 32
 represents the blocks, else kept as packed blocks); plain float matrices follow the run's precision choice.
-We read tensors one at a time from the memory-mapped file, so a conversion never holds the whole model, and every
-tensor the header lists is accounted for (`mx.load` silently drops some types).
+We read tensors one at a time, each from its offset in the file into memory of its own that is freed with it
+(`tensor_bytes`), so a conversion never holds the whole model, nor the pages of the whole file, and every tensor the
+header lists is accounted for (`mx.load` silently drops some types).
 
 What differs between architectures (llama.cpp's name for each, tensor names, q/k permutation, norm storage, the
 config fields a file records its own way) is each family's record (`models/<family>.py`, `FAMILY`); this module
@@ -114,6 +115,20 @@ def config_from_gguf(reader, path):
     return config
 
 
+def tensor_bytes(tensor, path):
+    """A tensor's bytes, read from its offset in the file into an array of their own, freed when it is dropped.
+    Reading through the reader's map of the whole file would keep every page read resident (and counted in this
+    process's RSS) as long as the reader lives, which is the whole conversion: this holds one tensor's bytes."""
+    n = int(tensor.n_bytes)
+    try:
+        raw = np.fromfile(path, np.uint8, n, offset=int(tensor.data_offset))
+    except (OSError, ValueError) as e:
+        raise SourceError(f"{path}: tensor {tensor.name} could not be read ({e})") from None
+    if raw.size != n:
+        raise SourceError(f"{path}: tensor {tensor.name} is cut short ({raw.size} of {n} bytes; truncated file?)")
+    return raw
+
+
 def read_tensor(tensor, path, quantize_to=(64, 4), requantize=None):
     """One GGUF tensor -> ({suffix: array}, quant): quant is (group_size, bits) for affine weights, a GGML type name
     for blocks kept packed (ggml_types.py), None for dense. GGML-quantized tensors are kept exactly as the file has
@@ -123,7 +138,7 @@ def read_tensor(tensor, path, quantize_to=(64, 4), requantize=None):
     from ..ops.linear import Frozen, dense as dense_of
     shape = [int(s) for s in reversed(tensor.shape)]  # GGUF lists the fastest dim first
     qtype = tensor.tensor_type
-    arrays, quant = convert(np.asarray(tensor.data), getattr(qtype, "name", str(qtype)), shape,
+    arrays, quant = convert(tensor_bytes(tensor, path), getattr(qtype, "name", str(qtype)), shape,
                             f"{path}: tensor {tensor.name}")
     arrays = {k: mx.array(v) for k, v in arrays.items()}
     if quant is not None and requantize is not None and quantize_to:
