@@ -10,6 +10,8 @@ What differs between architectures (llama.cpp's name for each, tensor names, q/k
 config fields a file records its own way) is each family's record (`models/<family>.py`, `FAMILY`); this module
 reads those records and holds no family knowledge of its own.
 """
+from typing import NamedTuple
+
 import numpy as np
 
 import mlx.core as mx
@@ -115,6 +117,21 @@ def config_from_gguf(reader, path):
     return config
 
 
+class TensorInfo(NamedTuple):
+    """What reading one tensor needs from the header, kept without the reader (whose parsed fields can be large)."""
+    name: str
+    tensor_type: object
+    shape: tuple
+    n_elements: int
+    n_bytes: int
+    data_offset: int
+
+    @classmethod
+    def of(cls, t):
+        return cls(t.name, t.tensor_type, tuple(int(s) for s in t.shape), int(t.n_elements), int(t.n_bytes),
+                   int(t.data_offset))
+
+
 def tensor_bytes(tensor, path):
     """A tensor's bytes, read from its offset in the file into an array of their own, freed when it is dropped.
     Reading through the reader's map of the whole file would keep every page read resident (and counted in this
@@ -140,7 +157,8 @@ def read_tensor(tensor, path, quantize_to=(64, 4), requantize=None):
     qtype = tensor.tensor_type
     arrays, quant = convert(tensor_bytes(tensor, path), getattr(qtype, "name", str(qtype)), shape,
                             f"{path}: tensor {tensor.name}")
-    arrays = {k: mx.array(v) for k, v in arrays.items()}
+    for k in list(arrays):  # one numpy array and its MLX copy at a time
+        arrays[k] = mx.array(arrays.pop(k))
     if quant is not None and requantize is not None and quantize_to:
         w = (Frozen(arrays["weight"], ggml=quant) if isinstance(quant, str) else
              Frozen(arrays["weight"], arrays["scales"], arrays["biases"], group_size=quant[0], bits=quant[1]))

@@ -8,6 +8,7 @@ Conversion streams (store.stream_store): source tensors are read lazily (safeten
 from their offsets), converted one at a time and written one store file (one block) at a time, so its peak memory is
 a fixed part plus one block's converted weights plus one source tensor, whatever the model's size.
 """
+import gc
 import glob
 import hashlib
 import importlib.metadata
@@ -206,12 +207,19 @@ def convert_gguf(path, out, quantize=(64, 4), requantize=False, watch=None):
     one source tensor held). requantize: the file's GGML-quantized matrices follow `quantize` too (an
     mlx-lm-readable store of that precision; the relative L2 error of all matrices against the file's values is
     printed and recorded), instead of being kept exactly. watch: see stream_store."""
-    from .gguf import config_from_gguf, gguf_tensors, norm_shift, open_gguf, read_tensor
+    from .gguf import TensorInfo, config_from_gguf, gguf_tensors, norm_shift, open_gguf, read_tensor
     from .tokenizer import tokenizer_from_gguf
     reader = open_gguf(path)
     config = config_from_gguf(reader, path)
     shift = norm_shift(reader)
-    plan = dict(gguf_tensors(reader, path))  # {hf name: tensor}: its header only, nothing read yet
+    plan = {name: TensorInfo.of(t) for name, t in gguf_tensors(reader, path)}  # headers only, nothing read yet
+    matrices = [t for t in reader.tensors if len(t.shape) == 2]
+    source_bits = 8 * sum(int(t.n_bytes) for t in matrices) / max(1, sum(int(t.n_elements) for t in matrices))
+    tokenizer_from_gguf(reader, path, out)
+    # the reader's parsed header (each token and merge its own numpy array: ~0.5 GB for a 150k vocabulary) is
+    # released before the weights are converted, so the two peaks do not add up
+    del reader, matrices
+    gc.collect()
     errors = [] if requantize and quantize else None
 
     def convert(name):
@@ -226,9 +234,6 @@ def convert_gguf(path, out, quantize=(64, 4), requantize=False, watch=None):
 
     stream_store(out, config, {name: int(t.n_bytes) for name, t in plan.items()}, convert, label=path.name,
                  watch=watch)
-    tokenizer_from_gguf(reader, path, out)
-    matrices = [t for t in reader.tensors if len(t.shape) == 2]
-    source_bits = 8 * sum(int(t.n_bytes) for t in matrices) / max(1, sum(int(t.n_elements) for t in matrices))
     info = {"source": str(path), "kind": "gguf", "source_bits_per_weight": source_bits}
     if errors is not None:
         info["requantized_rel_l2"] = (sum(e for e, _ in errors) / max(sum(r for _, r in errors), 1e-30)) ** 0.5
