@@ -5,9 +5,10 @@
 Each SPEC (a .gguf file, a model directory, `default` for the shipped SmolLM2, or a name load_model knows) is
 converted in a fresh process per measurement, with MESP_MLX_CACHE pointing at a new temporary directory so the
 conversion really runs (the store is deleted afterwards). That process reports its peak RSS (VmHWM: what the OS
-charges, page-cache pages of mapped files included) once its imports are done ("fixed": Python, MLX, the package)
-and again after the conversion. With --before, the same conversion also runs on another checkout's code (e.g. the
-main branch's worktree), its bytecode not written there. Prints one markdown row per SPEC:
+charges, page-cache pages of mapped files included) once its imports are done ("fixed": Python, MLX, the package
+and the libraries a conversion imports: gguf, tokenizers, transformers) and again after the conversion. With
+--before, the same conversion also runs on another checkout's code (e.g. the main branch's worktree), its bytecode
+not written there. Prints one markdown row per SPEC:
 
     | source | file size | fixed (imports) | peak RSS before (x file) | peak RSS after (x file) |
 """
@@ -25,6 +26,7 @@ import json, sys
 from mesp_mlx.resident import resident_bytes
 from mesp_mlx.io.sources import load_model
 import mlx.core as mx
+import gguf, tokenizers, tqdm, transformers  # what every conversion imports: part of its fixed cost
 fixed = resident_bytes(peak=True)
 spec = sys.argv[1]
 store = load_model(None if spec == "default" else spec)
