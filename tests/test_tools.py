@@ -67,6 +67,22 @@ def test_bench_memory_loss_check():
     assert "FAIL" in bench_memory.table(rows) and "| FAIL" in bench_memory.markdown(rows, bench_memory.device_info())
 
 
+def test_make_model_unquantized(tmp_path):
+    """--unquantized: every weight in bf16, drawn as the 4-bit model's are (the same first rows before rounding),
+    no quantization entry: a full-precision checkpoint that load_model quantizes on conversion."""
+    import mlx.core as mx
+    import make_model
+    from mesp_mlx.io.sources import load_model
+    out = make_model.make_model("qwen2.5-0.5b", tmp_path / "m", layers=2, vocab=2048, quantized=False)
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization" not in config and "quantization_config" not in config
+    weights = mx.load(str(out / "model.safetensors"))
+    assert all(w.dtype == mx.bfloat16 for w in weights.values()) and "model.embed_tokens.scales" not in weights
+    assert weights["model.layers.1.mlp.up_proj.weight"].shape == (4864, 896)
+    store = load_model(str(out))
+    assert store.config["quantization"]["bits"] == 4 and store.num_layers == 2
+
+
 @pytest.mark.parametrize("preset,vocab", [("smollm2-135m", None), ("qwen2.5-0.5b", 2048)])
 def test_make_model(tmp_path, preset, vocab):
     """A random 4-bit model of a real shape, one layer: our loader trains a step on it, mlx-lm loads it and computes

@@ -1,6 +1,7 @@
 """Random-weight 4-bit models of real architectures' shapes, so any benchmark runs at any size without a download.
 
     python tools/make_model.py qwen2.5-0.5b --out DIR [--layers N] [--vocab V] [--seed S] [--dtype bfloat16]
+                               [--unquantized]
     python tools/make_model.py --list
 
 Writes an mlx-lm / Hugging Face style directory: config.json (the preset's real config, with mlx-lm's
@@ -14,6 +15,10 @@ before the next, so no fp32 copy of the whole model, nor of its largest tensor, 
 GPT-2 style byte-level BPE trained on a few of this Python's standard-library sources and padded with unreachable
 dummy tokens up to the preset's vocabulary size: real text tokenizes to a few thousand distinct ids, which is all a
 benchmark needs (what it measures depends on V through the head's shape, not on which ids occur).
+
+--unquantized writes every weight in `--dtype` instead (a Hugging Face checkpoint as published, bf16 shards of at
+most 2 GB with an index, no `quantization` entry): what a conversion from full precision reads (tools/
+bench_conversion.py).
 """
 import argparse
 import json
@@ -125,9 +130,9 @@ def tensor_shapes(config):
     return out
 
 
-def _nbytes(shape, kind, itemsize):
+def _nbytes(shape, kind, itemsize, quantized=True):
     n = shape[0] * (shape[1] if len(shape) > 1 else 1)
-    return n // 2 + 2 * (n // GROUP) * itemsize if kind == "q" else n * itemsize
+    return n // 2 + 2 * (n // GROUP) * itemsize if kind == "q" and quantized else n * itemsize
 
 
 def _key(seed, name, block):
@@ -135,8 +140,9 @@ def _key(seed, name, block):
     return mx.random.key(zlib.crc32(f"{seed}|{name}|{block}".encode()))
 
 
-def make_tensor(name, shape, kind, seed, dtype):
-    """{full name: array} for one weight, quantized a block of rows at a time when kind == "q"."""
+def make_tensor(name, shape, kind, seed, dtype, quantized=True):
+    """{full name: array} for one weight, quantized a block of rows at a time when kind == "q" (unless not
+    `quantized`: then the rows in `dtype`, drawn the same way)."""
     if kind in ("norm", "norm0"):
         return {name: (mx.ones if kind == "norm" else mx.zeros)(shape, dtype=dtype)}
     if kind == "bias":
@@ -146,10 +152,14 @@ def make_tensor(name, shape, kind, seed, dtype):
     parts = []
     for k, r in enumerate(range(0, rows, step)):
         w = 0.02 * mx.random.normal((min(step, rows - r), cols), key=_key(seed, name, k))
-        wq, s, b = mx.quantize(w, group_size=GROUP, bits=BITS)
-        parts.append((wq, s.astype(dtype), b.astype(dtype)))
+        parts.append(mx.quantize(w, group_size=GROUP, bits=BITS) if quantized else (w.astype(dtype),))
+        parts[-1] = (parts[-1][0],) + tuple(a.astype(dtype) for a in parts[-1][1:])
         mx.eval(parts[-1])  # frees this block's fp32 rows before the next block is drawn
     cat = lambda j: parts[0][j] if len(parts) == 1 else mx.concatenate([p[j] for p in parts])
+    if not quantized:
+        out = {f"{name}.weight": cat(0)}
+        mx.eval(out)
+        return out
     out = {f"{name}.weight": cat(0), f"{name}.scales": cat(1), f"{name}.biases": cat(2)}
     mx.eval(out)
     return out
@@ -201,18 +211,20 @@ def write_tokenizer(out, vocab_size, trained=4096):
     hf.save_pretrained(str(out))
 
 
-def make_model(preset, out, layers=None, seed=0, vocab=None, dtype="bfloat16"):
-    """Writes the random 4-bit model of `preset` into directory `out` (replaced if present); returns its path."""
+def make_model(preset, out, layers=None, seed=0, vocab=None, dtype="bfloat16", quantized=True):
+    """Writes the random 4-bit model of `preset` (every weight in `dtype` if not `quantized`) into directory `out`
+    (replaced if present); returns its path."""
     out = Path(out)
     config = preset_config(preset, layers, vocab)
     dt = getattr(mx, dtype)
     config["torch_dtype"] = dtype
-    config["quantization"] = {"group_size": GROUP, "bits": BITS}
-    config["quantization_config"] = dict(config["quantization"])
+    if quantized:
+        config["quantization"] = {"group_size": GROUP, "bits": BITS}
+        config["quantization_config"] = dict(config["quantization"])
     specs = tensor_shapes(config)
     shards, size = [[]], 0
     for spec in specs:
-        nb = _nbytes(spec[1], spec[2], dt.size)
+        nb = _nbytes(spec[1], spec[2], dt.size, quantized)
         if shards[-1] and size + nb > SHARD_BYTES:
             shards.append([])
             size = 0
@@ -227,7 +239,7 @@ def make_model(preset, out, layers=None, seed=0, vocab=None, dtype="bfloat16"):
         for fname, shard in zip(names, shards):
             tensors = {}
             for name, shape, kind in shard:
-                tensors.update(make_tensor(name, shape, kind, seed, dt))
+                tensors.update(make_tensor(name, shape, kind, seed, dt, quantized))
             mx.save_safetensors(str(tmp / fname), tensors, metadata={"format": "mlx"})
             index.update({k: fname for k in tensors})
             del tensors
@@ -254,6 +266,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                    help="dtype of scales, biases and norms (mlx-community's 4-bit models ship bfloat16)")
+    p.add_argument("--unquantized", action="store_true",
+                   help="every weight in --dtype, no quantization (a full-precision checkpoint to convert)")
     p.add_argument("--list", action="store_true", help="print the presets")
     a = p.parse_args(argv)
     if a.list or not a.preset:
@@ -264,7 +278,7 @@ def main(argv=None):
         return None
     if not a.out:
         p.error("--out is required")
-    path = make_model(a.preset, a.out, a.layers, a.seed, a.vocab, a.dtype)
+    path = make_model(a.preset, a.out, a.layers, a.seed, a.vocab, a.dtype, not a.unquantized)
     print(path, file=sys.stderr)
     return path
 

@@ -165,16 +165,17 @@ def convert(raw, type_name, shape, where):
                               "(corrupt file?)")
     if spec.how == "packed":
         return {"weight": raw.reshape(rows, row_bytes).copy()}, type_name
-    q, scales, biases = [], [], []
+    # filled a chunk of rows at a time: the output and one chunk's temporaries are all this holds besides `raw`
+    q = np.empty((rows, cols * spec.bits // 32), np.uint32)
+    scales, biases = np.empty((rows, cols // GROUP), np.float32), np.empty((rows, cols // GROUP), np.float32)
     step = max(1, (1 << 22) // row_bytes)  # rows per chunk: bounds the bit-level temporaries of 5-bit packing
     for r in range(0, rows, step):
         lv, s, b = spec.levels(raw[r * row_bytes:min(rows, r + step) * row_bytes].reshape(-1, spec.block_bytes))
         n = min(rows, r + step) - r
-        q.append(pack_levels(lv.reshape(n, cols), spec.bits))
-        scales.append(s.reshape(n, cols // GROUP))
-        biases.append(b.reshape(n, cols // GROUP))
-    scales, biases = np.concatenate(scales), np.concatenate(biases)
+        q[r:r + n] = pack_levels(lv.reshape(n, cols), spec.bits)
+        scales[r:r + n] = s.reshape(n, cols // GROUP)
+        biases[r:r + n] = b.reshape(n, cols // GROUP)
     dt = _scale_dtype(scales, biases)
-    return ({"weight": np.concatenate(q), "scales": scales.astype(dt), "biases": biases.astype(dt)},
+    return ({"weight": q, "scales": scales.astype(dt, copy=False), "biases": biases.astype(dt, copy=False)},
             (GROUP, spec.bits))
 

