@@ -90,16 +90,17 @@ class MeSPEngine(StreamingEngine):
         packed = self.store.packed_types()
         out = {}
         for name, (i, o) in shapes.items():
-            worst = (0, i * o * s)
+            each = []
             for kind in {packed.get(f"model.layers.{layer}.{name}") for layer in range(self.store.num_layers)}:
                 if kind is None:
+                    each.append((0, i * o * s))
                     continue
                 t = dequant_temp_bytes(kind, c.dtype)
                 blocked = 0 < c.dequant_rows < o
                 rows = c.dequant_rows if blocked else o
                 partial = n * max(o * s, 2 * i * 4) if blocked else 0
-                worst = max(worst[0], i * o * t), max(worst[1], rows * i * (s + t) + partial)
-            out[name] = worst
+                each.append((i * o * t, rows * i * (s + t) + partial))
+            out[name] = max(t for t, _ in each), max(p for _, p in each)
         return out
 
     def _shares_dequant(self):
