@@ -1,5 +1,7 @@
 """--memory-budget: choose the engine's chunk sizes and checkpoint placement so a step fits, from the engine's
-memory model (engines/mesp.py), or refuse before any work with the nearest setting that would fit.
+memory model (engines/mesp.py), or refuse before any work with the nearest setting that would fit. Stores that keep
+GGML blocks packed (Q6_K, Q3_K, Q2_K, IQ4_*) are planned too: the model counts their measured dequantization
+temporaries, and the planner row-blocks their products where a whole matrix's would not fit (`candidate_plans`).
 
 The budget bounds the process, not MLX's allocator alone: what the process holds before the first step (its resident
 set: interpreter, libraries, tokenizer, data, the weight files read so far) is measured and the step is planned in
@@ -33,10 +35,28 @@ PLANS = [
     (dict(share_dequant=False, attn_chunk=32, mlp_chunk=128, vocab_chunk=512, token_chunk=64, recompute_mlp=True),
      "disk"),
 ]
+# output rows per dequantized block of a product with GGML blocks kept packed (Compute.dequant_rows), largest first:
+# tried within each plan that does not hold a block's dense weights, where the whole matrix's dequantization
+# temporaries (ops.ggml.dequant_temp_bytes) and dense copy do not fit
+ROW_BLOCKS = (1024, 256, 64)
 MARGIN = 1.25
 # the process grows beyond MLX's allocations as it runs (its Python objects, the allocator's fragmentation): 24 MB
 # over the 157 MB it held at the start on the default run (BENCHMARKS.md); kept out of MLX's share with room to spare
 GROWTH = 0.2
+
+
+def candidate_plans(store):
+    """PLANS, fastest first, for this store: where it keeps GGML blocks packed, each plan that dequantizes one
+    matrix per product is followed by the same plan with those products row-blocked (ROW_BLOCKS), which bounds a
+    product's dequantization temporaries and dense copy by dequant_rows rows for the same arithmetic."""
+    if not store.packed_types():
+        return PLANS
+    out = []
+    for fields, checkpoints in PLANS:
+        out.append((fields, checkpoints))
+        if not fields["share_dequant"]:
+            out += [(dict(fields, dequant_rows=r), checkpoints) for r in ROW_BLOCKS]
+    return out
 
 
 def trainable_state_bytes(params, optimizer):
@@ -61,13 +81,14 @@ def plan_for_budget(store, scale, batch_size, seq_len, params, optimizer, fused,
     setting when none fits. held: bytes the process holds besides (counted in the advice)."""
     peak_of = lambda plan, t=seq_len: predicted_peak(store, scale, batch_size, t, params, optimizer, fused,
                                                      engine_settings(compute, plan))
-    for plan in PLANS:
+    plans = candidate_plans(store)
+    for plan in plans:
         peak = peak_of(plan)
         if peak <= budget:
             return engine_settings(compute, plan), peak
-    leanest = peak_of(PLANS[-1])
+    leanest = peak_of(plans[-1])
     fit = seq_len
-    while fit > 16 and peak_of(PLANS[-1], fit) > budget:
+    while fit > 16 and peak_of(plans[-1], fit) > budget:
         fit //= 2
     hint = (f"--max-seq-length {fit} fits in it" if fit > 16 and fit < seq_len
             else "a smaller --rank or fewer --num-layers is needed")
@@ -88,10 +109,6 @@ def plan_run(config, store, params, examples, rows_per_example, fused, log):
     longest = max(len(ids) - 1 for ids, _ in examples)
     if config.pack:  # packed rows fill up to max_seq_length
         longest = min(config.max_seq_length, sum(len(ids) - 1 for ids, _ in examples))
-    if not store.mlx_lm_readable:
-        raise ConfigError(f"--memory-budget: {store.path} keeps GGML blocks (Q6_K, Q2_K, Q3_K, IQ4_*) as bytes, whose "
-                          "dequantization temporaries the memory model does not count yet; train without a budget, "
-                          "or add --requantize for a store the planner can bound")
     if held >= budget:
         raise ConfigError(f"--memory-budget {budget / 1e6:.0f} MB: the process already holds "
                           f"{held / (1 + GROWTH) / 1e6:.0f} MB (+{GROWTH:.0%} for its growth) "
@@ -104,6 +121,7 @@ def plan_run(config, store, params, examples, rows_per_example, fused, log):
         f"before the first step (+{GROWTH:.0%} for its growth), MLX's share is {(budget - held) / 1e6:.0f} MB; "
         f"plan: chunks attention {c.attn_chunk}, MLP {c.mlp_chunk}, vocabulary {c.vocab_chunk}, tokens "
         f"{c.token_chunk}, checkpoints in {settings['checkpoints']}{', MLP recomputed' if c.recompute_mlp else ''}"
+        f"{f', GGML weights dequantized {c.dequant_rows} rows at a time' if c.dequant_rows else ''}"
         f"; predicted MLX peak {peak / 1e6:.0f} MB")
     return settings, (budget - held, budget - held - peak)
 

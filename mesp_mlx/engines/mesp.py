@@ -7,7 +7,15 @@ checks it against MLX's measured peak.
     checkpoints   L * B*T*d*s                         block inputs, kept from the forward (only adapted blocks);
                                                       half with 16-bit checkpoints, ~0 with checkpoints on disk
     then the larger of two phases:
-    block phase   one block's quantized weights (+ its dense copy when share_dequant, else one matrix at a time)
+    block phase   one block's quantized weights (+ its dense copy when share_dequant, else the dense copies of
+                    the attention's or the MLP's products, whichever are larger: each half's products are one graph
+                    (the MLP's backward runs down, gate and up together), so their copies are alive at once;
+                    measured on a tiny Q4_K store at f = 8d: the whole MLP's, not one matrix's)
+                  + for GGML blocks kept packed (ops/ggml.py), the dequantization temporaries, t bytes per weight
+                    element (ops.ggml.dequant_temp_bytes, measured by tools/bench_ggml_dequant.py): of one matrix
+                    with share_dequant; without, a product with such a matrix holds r*in*(s + t) for r = its out
+                    rows, or Compute.dequant_rows when row-blocked (each row block evaluated as it goes), plus then
+                    its row blocks' partial results (B*T*out*s forward, two fp32 B*T*in accumulators transposed)
                   + saved B*T*(4d + (Hq + 2Hkv)D + Hq + 2f)*s (ops/block.py's BlockSaved, what block_backward
                     keeps; o counted as Hq D; no 2f with recompute_mlp;
                     + (Hq + Hkv)D with q/k norms, + d with Gemma's sandwich norms)
@@ -16,6 +24,7 @@ checks it against MLX's measured peak.
                   + MLP temporaries 8 * B*mlp_chunk*f*s (the MLP backward runs one block of tokens at a time)
                   + ~12 B*T*d*s gradients and temporaries in flight (the attention half is one graph)
     head phase    one vocab chunk of head rows (quantized, read from the store) + its dense copy
+                  (+ its dequantization temporaries, vocab chunk * d * t, when the head is kept packed)
                   + 4 (token chunk x vocab chunk) fp32 tiles; never B*T*V
                   + ~8 B*T*d*s: x, h, the softmax-weighted rows, the target rows, dh and dx (one-pass loss;
                     measured 135 MB at T=4096 on Qwen2.5-0.5B, resident state included)
@@ -25,8 +34,13 @@ import mlx.core as mx
 
 from ..lora import num_params
 from ..ops.block import BlockSaved, block_backward, block_recompute
+from ..ops.ggml import dequant_temp_bytes
 from ..ops.linear import Frozen, prepared
 from .streaming import StreamingEngine
+
+# the projections whose products one graph holds together (module docstring: block phase)
+PHASES = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.qkv_proj", "self_attn.o_proj"),
+          ("mlp.gate_proj", "mlp.up_proj", "mlp.gate_up_proj", "mlp.down_proj"))
 
 
 class MeSPEngine(StreamingEngine):
@@ -43,23 +57,50 @@ class MeSPEngine(StreamingEngine):
         hq, hkv = a.num_attention_heads, a.num_key_value_heads
         act = n * d * s
         lowest = min(params) if params else a.num_hidden_layers
-        shapes = a.projection_shapes().values()
-        dense = [i * o * s for i, o in shapes]
+        shapes = a.projection_shapes()
+        dense = [i * o * s for i, o in shapes.values()]
+        products = self._product_bytes(shapes, n)
         saved = BlockSaved.floats_per_token(d, f, hq, hkv, hd, c.recompute_mlp, a.qk_norm, a.sandwich_norms)
         chunk = c.query_block(batch_size, hq, seq_len)
         keys = max(seq_len if s.window is None else min(seq_len, chunk + s.window - 1) for s in self.specs)
-        block = (self.store.layer_bytes() + (sum(dense) if self._shares_dequant() else max(dense))
+        held = (sum(dense) + max(t for t, _ in products.values()) if self._shares_dequant()
+                else max(sum(products[k][1] for k in names if k in products) for names in PHASES))
+        block = (self.store.layer_bytes() + held
                  + n * saved * s + 5 * batch_size * hq * chunk * keys * s + 12 * act
                  + 8 * batch_size * min(c.mlp_chunk, seq_len) * f * s)
         head = self.store.head_rows()
         tc, vc = c.head_tile(n, head, d)
-        head_phase = vc * (head.row_bytes + 2 * d * s) + 4 * tc * vc * max(s, 4) + 8 * act
+        head_type = self.store.packed_types().get(head.module)
+        head_temp = dequant_temp_bytes(head_type, c.dtype) if head_type else 0
+        head_phase = vc * (head.row_bytes + (2 * s + head_temp) * d) + 4 * tc * vc * max(s, 4) + 8 * act
         kept = 0 if self.checkpoints == "disk" else (a.num_hidden_layers - lowest) * n * d * (
             self.checkpoint_dtype.size if self.checkpoint_dtype is not None else s)
         grads = 4 * (max(num_params({i: m}) for i, m in params.items()) if fused and params else num_params(params))
         out = {"gradients": grads, "checkpoints": kept,
                "block": block, "head": head_phase}
         out["peak"] = out["gradients"] + out["checkpoints"] + max(block, head_phase)
+        return out
+
+    def _product_bytes(self, shapes, n):
+        """{projection: (temporaries of dequantizing the whole matrix, bytes one product with it holds beyond its
+        output)}, the largest over layers: packed GGML matrices hold t bytes per element dequantizing
+        (dequant_temp_bytes), a product r*in*(s + t) for r rows at a time (Compute.dequant_rows when row-blocked,
+        ops.linear.row_blocks) and then its blocks' partial results; other matrices their dense copy."""
+        c, s = self.compute, self.compute.dtype.size
+        packed = self.store.packed_types()
+        out = {}
+        for name, (i, o) in shapes.items():
+            each = []
+            for kind in {packed.get(f"model.layers.{layer}.{name}") for layer in range(self.store.num_layers)}:
+                if kind is None:
+                    each.append((0, i * o * s))
+                    continue
+                t = dequant_temp_bytes(kind, c.dtype)
+                blocked = 0 < c.dequant_rows < o
+                rows = c.dequant_rows if blocked else o
+                partial = n * max(o * s, 2 * i * 4) if blocked else 0
+                each.append((i * o * t, rows * i * (s + t) + partial))
+            out[name] = max(t for t, _ in each), max(p for _, p in each)
         return out
 
     def _shares_dequant(self):

@@ -229,6 +229,11 @@ class WeightStore:
         """Size of the largest block's weights (what streaming holds for one block)."""
         return max((self.path / layer_file(i)).stat().st_size for i in range(self.num_layers))
 
+    def packed_types(self):
+        """{module path: GGML type} of the matrices kept as packed GGML blocks (ops/ggml.py), which every product
+        dequantizes on the fly; empty for stores mlx-lm reads."""
+        return {k: v["ggml_type"] for k, v in self.quantization.items() if isinstance(v, dict) and "ggml_type" in v}
+
     @property
     def mlx_lm_readable(self):
         """False where the store keeps packed GGML blocks (mlx-lm has no such layer)."""

@@ -88,6 +88,19 @@ def _iq4_xs(b):
 PACKED = {"Q6_K": (210, QK_K, _q6_k), "Q3_K": (110, QK_K, _q3_k), "Q2_K": (84, QK_K, _q2_k),
           "IQ4_NL": (18, 32, _iq4_nl), "IQ4_XS": (136, QK_K, _iq4_xs)}
 
+# MLX peak of `dequantize_packed` to fp32 beyond its (rows x cols) result, in bytes per weight element: its uint8
+# fields, fp32 levels and sub-block scales alive at once. Measured on the CPU by tools/bench_ggml_dequant.py, the same
+# at 2048x2048, 4096x1024 and 512x4096 (BENCHMARKS.md, "--memory-budget on GGML-kept types"); the memory model
+# (engines/mesp.py) counts them through `dequant_temp_bytes`.
+DEQUANT_TEMP_BYTES = {"Q6_K": 2.27, "Q3_K": 6.40, "Q2_K": 1.67, "IQ4_NL": 5.19, "IQ4_XS": 5.34}
+
+
+def dequant_temp_bytes(ggml_type, dtype=mx.float32):
+    """Bytes per weight element that dequantizing `ggml_type` to `dtype` holds beyond its result: the fp32
+    temporaries above, plus the fp32 result itself (4 bytes) when it is then cast to another dtype (measured: 6.27
+    for Q6_K to bfloat16 against 2.27 + 4). A product with the weight adds its dense copy, dtype.size per element."""
+    return DEQUANT_TEMP_BYTES[ggml_type] + (0 if dtype == mx.float32 else 4)
+
 
 def dequantize_packed(packed, ggml_type, dtype=mx.float32):
     """(rows, row bytes) uint8 blocks of `ggml_type` -> the (rows, cols) matrix in `dtype` (computed in fp32)."""

@@ -38,6 +38,11 @@ class Compute:
                        (`head_tile`): Qwen2.5's 151,936-row head in 3 tiles at T=256 instead of 38, each ~9 kernels
                        and a host sync
         share_dequant  on the dequantize path, dequantize each block weight once for its recompute and backward
+        dequant_rows   output rows per block of a product with GGML blocks kept packed (ops/ggml.py), 0 for the whole
+                       weight at once: x @ W^T is computed as [x @ W[r0:r1]^T for each row block] concatenated and
+                       g @ W as the sum over row blocks of g[:, r0:r1] @ W[r0:r1], so a product's dequantization
+                       temporaries and dense copy are those of dequant_rows rows (the memory planner sets it where
+                       a whole weight's would not fit; with sync="chunk" each block is evaluated as it goes)
         recompute_mlp  keep only the MLP's input and recompute its gate/up outputs one token block at a time in the
                        backward (two more products per block; 2 B*T*f fewer saved floats, the largest saved item
                        at long T): the memory planner's lean plans turn it on
@@ -60,6 +65,7 @@ class Compute:
     token_chunk: int = 512
     vocab_chunk: int = 0
     share_dequant: bool = True
+    dequant_rows: int = 0
     sync: str = "auto"
     recompute_mlp: bool = False
     compile: str = "auto"
@@ -75,6 +81,8 @@ class Compute:
             raise ValueError(f"sync must be one of {', '.join(SYNCS)}, got {self.sync!r}")
         if self.compile not in COMPILES:
             raise ValueError(f"compile must be one of {', '.join(COMPILES)}, got {self.compile!r}")
+        if self.dequant_rows < 0:
+            raise ValueError(f"dequant_rows must be >= 0, got {self.dequant_rows}")
         if self.compile == "on" and self.sync == "chunk":
             raise ValueError("compile='on' evaluates each block as one graph; it cannot be combined with sync='chunk'")
 
@@ -191,11 +199,29 @@ def cast_scales(ws, dtype):
     return out
 
 
+def row_blocks(w: Frozen, compute: Compute = DEFAULT):
+    """[(r0, r1)] output-row blocks of compute.dequant_rows rows for a product with packed GGML blocks, or None when
+    the weight is dequantized whole (affine or dense weights, dequant_rows 0, or no more rows than that)."""
+    r = compute.dequant_rows
+    if w.ggml is None or not r or w.out_dims <= r:
+        return None
+    return [(r0, min(r0 + r, w.out_dims)) for r0 in range(0, w.out_dims, r)]
+
+
 def frozen_matmul(x, w: Frozen, compute: Compute = DEFAULT):
-    """x @ W^T (+ bias): the forward product."""
+    """x @ W^T (+ bias): the forward product. Packed GGML weights with `row_blocks`: output columns r0:r1 are
+    x @ W[r0:r1]^T, the same dot products as the whole product's (one dequantized row block alive at a time)."""
+    blocks = row_blocks(w, compute)
     if w.scales is not None and compute.path == "quantized":
         y = mx.quantized_matmul(x, w.weight, w.scales, w.biases, transpose=True,
                                 group_size=w.group_size, bits=w.bits).astype(x.dtype)
+    elif blocks:
+        parts = []
+        for r0, r1 in blocks:
+            parts.append(x @ dense(w.rows(r0, r1), compute.dtype).T)
+            if compute.sync_chunks:
+                mx.eval(parts[-1])
+        y = mx.concatenate(parts, axis=-1)
     else:
         y = x @ dense(w, compute.dtype).T
     if w.bias is not None:
@@ -204,11 +230,22 @@ def frozen_matmul(x, w: Frozen, compute: Compute = DEFAULT):
 
 
 def frozen_matmul_t(g, w: Frozen, compute: Compute = DEFAULT):
-    """g @ W: the product that carries a gradient back through the frozen weight."""
+    """g @ W: the product that carries a gradient back through the frozen weight. Packed GGML weights with
+    `row_blocks`: sum over row blocks of g[:, r0:r1] @ W[r0:r1], accumulated in at least fp32 (accum_dtype) and
+    cast once: the whole product's sums over rows, split into partial sums (equal to it to rounding)."""
     if w.scales is not None and compute.path == "quantized":
         return mx.quantized_matmul(g, w.weight, w.scales, w.biases, transpose=False,
                                    group_size=w.group_size, bits=w.bits).astype(g.dtype)
-    return g @ dense(w, compute.dtype)
+    blocks = row_blocks(w, compute)
+    if not blocks:
+        return g @ dense(w, compute.dtype)
+    acc = None
+    for r0, r1 in blocks:
+        part = (g[..., r0:r1] @ dense(w.rows(r0, r1), compute.dtype)).astype(accum_dtype(g.dtype))
+        acc = part if acc is None else acc + part
+        if compute.sync_chunks:
+            mx.eval(acc)
+    return acc.astype(g.dtype)
 
 
 def embedding_rows(table: Frozen, ids, dtype=mx.float32):
