@@ -57,6 +57,13 @@ class Objective:
         raise NotImplementedError
 
     @staticmethod
+    def require(checks):
+        """checks: [(condition, message)] -> ConfigError with the first failing condition's message."""
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(msg)
+
+    @staticmethod
     def refuse_reference_settings(c):
         """The settings of DPO's reference model are errors for an objective without one."""
         if c.reference_adapter_path or c.dpo_cpo_loss_type != "sigmoid" or c.rpo_alpha:

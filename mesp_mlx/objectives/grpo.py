@@ -20,7 +20,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..data import Dataset, collate, encode_each, local_splits, read_jsonl, resolve_data, token_ids
-from ..errors import ConfigError, DataError
+from ..errors import DataError
 from ..model import prompt_ids
 from ..ops.grpo import LOSS_TYPES, SCALED, advantages, grpo_stats
 from ..sampler import Sampling
@@ -110,9 +110,7 @@ class GRPO(Objective):
                                                                "--loss grpo (the KL term is its only use)"),
                     (c.dpo_cpo_loss_type == "sigmoid" and not c.rpo_alpha, "--dpo-cpo-loss-type and --rpo-alpha are "
                                                                            "DPO's")]
-        for ok, msg in problems:
-            if not ok:
-                raise ConfigError(msg)
+        cls.require(problems)
         cls.refuse_label_weights(c)
         return cls(reward_functions(c.reward_functions, c.format_pattern), c.group_size, c.max_completion_length,
                    c.temperature, c.top_p, c.grpo_loss_type, c.epsilon, c.epsilon_high, beta)

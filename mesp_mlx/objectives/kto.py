@@ -122,9 +122,7 @@ class KTO(PairObjective):
                                        "the batch's mismatched completions, which one example does not have"),
                     (c.desirable_weight > 0, "desirable_weight must be > 0"),
                     (c.undesirable_weight > 0, "undesirable_weight must be > 0")]
-        for ok, msg in problems:
-            if not ok:
-                raise ConfigError(msg)
+        cls.require(problems)
         return cls(beta_of(c), c.desirable_weight, c.undesirable_weight)
 
     def load_data(self, tokenizer, c):

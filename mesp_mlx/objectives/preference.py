@@ -158,9 +158,7 @@ class PairObjective(Objective):
                     (not (c.pack or c.hf_dataset), f"--loss {c.loss} reads {cls.data_kind} from local jsonl files, "
                                                    "unpacked (no --pack, no hf_dataset)"),
                     (beta_of(c) > 0, "beta must be > 0")]
-        for ok, msg in problems:
-            if not ok:
-                raise ConfigError(msg)
+        cls.require(problems)
 
     def load_data(self, tokenizer, c):
         return load_preference_datasets(tokenizer, c.data, c.max_seq_length, c.skip_bad_rows)
