@@ -33,6 +33,7 @@ from typing import Optional
 import mlx.core as mx
 
 from .attention import attention_backward, attention_forward, visible
+from .gated_delta import DeltaSpec
 from .keys import fold
 from .linear import DEFAULT, Compute
 from .lora_linear import lora_group_backward, lora_group_forward
@@ -62,6 +63,8 @@ class BlockSpec:
     window: Optional[int] = None  # sliding-window attention: each query sees its `window` latest keys
     scale: Optional[float] = None  # attention scale; default head_dim ** -0.5 (Gemma: query_pre_attn_scalar)
     merged: bool = False  # Phi-3: merged qkv_proj and gate_up_proj
+    output_gate: bool = False  # Qwen3.5: q_proj gives per head [q | gate]; o times sigmoid(gate) before o_proj
+    delta: Optional[DeltaSpec] = None  # Qwen3.5's linear layers: the mixer is the gated delta rule, not attention
 
     @property
     def attn_scale(self):
