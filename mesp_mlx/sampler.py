@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from .ops.block import KVCache, block_forward
+from .ops.block import block_forward, new_cache
 from .ops.linear import DEFAULT, Frozen, frozen_matmul, prepared
 from .ops.rmsnorm import rmsnorm_forward
 
@@ -136,17 +136,16 @@ class Generator:
         return out
 
     def _generate(self, prompts, lora, scale, sampling, stops, key, finished):
-        n = self.store.num_layers
         layers, head = self.weights()
         width = max(len(p) for p in prompts)
         valid = mx.array([[False] * (width - len(p)) + [True] * len(p) for p in prompts])
         ids = mx.array([[0] * (width - len(p)) + list(p) for p in prompts])
         positions = mx.maximum(mx.cumsum(valid.astype(mx.int32), axis=1) - 1, 0)
-        caches = [KVCache(step=width + sampling.max_tokens) for _ in range(n)]  # one buffer, the exact size
+        caches = [new_cache(spec, width + sampling.max_tokens) for spec in self.specs]  # exact-size buffers
         for c0 in range(0, width, self.prefill):
             c1 = min(width, c0 + self.prefill)
             x = self._forward(ids[:, c0:c1], positions[:, c0:c1], valid[:, :c1], caches, layers, lora, scale)
-            mx.eval(x, *[(c.k, c.v) for c in caches])
+            mx.eval(x, *[c.arrays() for c in caches])
         nxt_pos = positions[:, -1] + 1
         out = [Completion([]) for _ in prompts]
         live = list(range(len(prompts)))  # prompt index of each batch row

@@ -1,5 +1,5 @@
 """One transformer block, forward and structured backward, for every supported family through the switches of
-`BlockSpec` (Llama / Mistral / SmolLM3 / Qwen2 / Qwen3 / Phi-3 / Gemma 3).
+`BlockSpec` (Llama / Mistral / SmolLM3 / Qwen2 / Qwen3 / Phi-3 / Gemma 3 / Qwen3.5).
 
     z1 = N_in(x);  q,k,v = LoRA-linears(z1) (+bias) [Phi-3: one merged qkv_proj, split];
     [Qwen3, Gemma 3: q,k = N_q(q), N_k(k) per head];  q,k = RoPE(q), RoPE(k) [not on SmolLM3's NoPE layers];
@@ -22,6 +22,17 @@ checkpoint and is owned by the caller.
 Packed rows (--pack) pass `segments` (B, T), the packed row of each token, and `positions` (B, T), each token's
 position in its row: attention then stays inside a row and RoPE restarts at each row's start (None: one row).
 
+Qwen3.5 has two kinds of block. Its full-attention blocks are the above with the output gate (`output_gate`):
+q_proj gives per head [q | gate] and o is multiplied by sigmoid(gate) before o_proj (the gate is kept for the
+backward). Its linear-attention blocks (`delta`) replace the attention by the gated delta rule:
+
+    z1 = N_in(x);  qkv, zg, b, a = in_proj_qkv / _z / _b / _a (z1);  c = causal depthwise conv(qkv)
+    q, k, v = split(silu(c)), q = l2norm(q) Dk^-1/2, k = l2norm(k);  beta = sigmoid(b), log g = -exp(A_log)
+    softplus(a + dt_bias);  y = rule(q, k, v, log g, beta) (ops/gated_delta.py);  r = out_proj(N_g(y) silu(zg))
+
+with N_g an RMSNorm per value head; the MLP half is shared. Its recompute keeps z1, c, zg, b, a, y (fp32) and the
+rule's states at the chunk boundaries (`BlockSaved`); q, k, v, the gates and N_g's output are recomputed.
+
 Generation passes a `KVCache` (the roped keys and values of the tokens before, per block) with `positions` and
 `valid` (B, L): which of the L keys so far are real tokens (left padding is not). The block's new tokens then attend
 to the cache and to themselves, causally; a padding column attends to itself only, so it stays finite and never
@@ -33,7 +44,9 @@ from typing import Optional
 import mlx.core as mx
 
 from .attention import attention_backward, attention_forward, visible
-from .gated_delta import DeltaSpec
+from .gated_delta import (DeltaCache, DeltaSpec, causal_conv, causal_conv_backward, gated_delta_backward,
+                          gated_delta_forward, l2norm, l2norm_backward, log_decay, log_decay_backward, silu,
+                          silu_backward)
 from .keys import fold
 from .linear import DEFAULT, Compute
 from .lora_linear import lora_group_backward, lora_group_forward
@@ -45,6 +58,9 @@ from .rope import Rope, rope_backward, rope_forward, segment_positions
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 MERGED_PROJECTIONS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+# Qwen3.5's linear-attention blocks (its full-attention blocks have PROJECTIONS, q_proj twice as wide)
+DELTA_INPUTS = ("linear_attn.in_proj_qkv", "linear_attn.in_proj_z", "linear_attn.in_proj_b", "linear_attn.in_proj_a")
+DELTA_PROJECTIONS = DELTA_INPUTS + ("linear_attn.out_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
 @dataclass(frozen=True)
@@ -80,6 +96,8 @@ class BlockSpec:
 
     @property
     def projections(self):
+        if self.delta is not None:
+            return DELTA_PROJECTIONS
         return MERGED_PROJECTIONS if self.merged else PROJECTIONS
 
 
@@ -90,13 +108,20 @@ class BlockSaved:
     is freed as the backward goes) and the memory model (`floats_per_token`). None: not kept in this configuration."""
 
     z1: mx.array
-    q: mx.array
-    k: mx.array
-    v: mx.array
-    o: mx.array
-    lse: mx.array
     a: mx.array
     z2: mx.array
+    q: Optional[mx.array] = None  # attention blocks
+    k: Optional[mx.array] = None
+    v: Optional[mx.array] = None
+    o: Optional[mx.array] = None
+    lse: Optional[mx.array] = None
+    gate: Optional[mx.array] = None  # with the output gate
+    c: Optional[mx.array] = None  # linear-attention blocks: the conv's output (before SiLU),
+    zg: Optional[mx.array] = None  # the output gate's input, the beta and decay projections' outputs,
+    b_in: Optional[mx.array] = None
+    a_in: Optional[mx.array] = None
+    y: Optional[mx.array] = None  # the rule's output (fp32) and its states at the chunk boundaries
+    states: Optional[mx.array] = None
     g: Optional[mx.array] = None  # without recompute_mlp
     u: Optional[mx.array] = None
     q_pre: Optional[mx.array] = None  # with q/k norms
@@ -153,6 +178,9 @@ class KVCache:
         """Keeps only the batch rows `rows` (an index array): rows that finished generating leave the batch."""
         self.k, self.v = self.k[rows], self.v[rows]
 
+    def arrays(self):
+        return [a for a in (self.k, self.v) if a is not None]
+
     def mask(self, valid, t, window=None):
         """(B, 1, t, L) booleans: which keys each of the t newest tokens attends to."""
         n = self.length
@@ -179,7 +207,7 @@ def _dropout_masks(dropout, lora, batch, length):
     if dropout is None or not dropout[0]:
         return lambda name, inp, t0=0: None
     p, key = dropout
-    names = PROJECTIONS + MERGED_PROJECTIONS
+    names = PROJECTIONS + MERGED_PROJECTIONS + DELTA_PROJECTIONS[:5]
 
     def keep(name, inp, t0=0):
         if name not in lora:
@@ -219,13 +247,19 @@ def _projector(w, lora, scale, spec, keep):
 
 
 def _qkv(z1, projs, spec):
-    """q, k, v in (B, H, T, D) layout, from three projections or one merged one (q rows, then k, then v)."""
+    """q, k, v in (B, H, T, D) layout, from three projections or one merged one (q rows, then k, then v), and the
+    output gate's input (B, T, Hq D) when q_proj gives per head [q | gate] (else None)."""
+    gate = None
     if spec.merged:
         nq, nk = spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim
         q, k, v = mx.split(projs(("self_attn.qkv_proj",), z1)[0], [nq, nq + nk], axis=-1)
     else:
         q, k, v = projs(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), z1)
-    return _heads(q, spec.n_heads), _heads(k, spec.n_kv_heads), _heads(v, spec.n_kv_heads)
+    if spec.output_gate:
+        b, t, _ = q.shape
+        q, gate = mx.split(q.reshape(b, t, spec.n_heads, 2 * spec.head_dim), 2, axis=-1)
+        q, gate = q.reshape(b, t, -1), gate.reshape(b, t, -1)
+    return _heads(q, spec.n_heads), _heads(k, spec.n_kv_heads), _heads(v, spec.n_kv_heads), gate
 
 
 def _gate_up(z, projs, spec, t0=0):
@@ -235,12 +269,12 @@ def _gate_up(z, projs, spec, t0=0):
 
 
 def _attention_half(x, w, lora, scale, spec, keep, save, segments, positions, cache=None, valid=None):
-    """The block up to the MLP's input: (z1, q_pre, k_pre, q, k, v, o, lse, r, a, z2), lse None unless saved.
+    """The block up to the MLP's input: (z1, q_pre, k_pre, q, k, v, o, lse, gate, r, a, z2), lse None unless saved.
     With a cache (generation): k and v returned are those of the new tokens, attention reads the whole cache."""
     norm = lambda inp, name: rmsnorm_forward(inp, w[name], spec.eps, spec.norm_offset)
     projs = _projector(w, lora, scale, spec, keep)
     z1 = norm(x, "input_layernorm")
-    q, k, v = _qkv(z1, projs, spec)
+    q, k, v, gate = _qkv(z1, projs, spec)
     q_pre, k_pre = q, k
     if spec.qk_norm:
         q, k = norm(q, "self_attn.q_norm"), norm(k, "self_attn.k_norm")
@@ -262,9 +296,63 @@ def _attention_half(x, w, lora, scale, spec, keep, save, segments, positions, ca
         o, lse = attention_forward(q, k, v, spec.attn_scale, chunk, spec.compute.sync_chunks,
                                    spec.window, segments, logsumexp=spec.compute.compiled)
     o = _merge(o)
-    r = projs(("self_attn.o_proj",), o)[0]
+    r = projs(("self_attn.o_proj",), o if gate is None else o * mx.sigmoid(gate))[0]
     a = x + (norm(r, "post_attention_layernorm") if spec.sandwich else r)
-    return z1, q_pre, k_pre, q, k, v, o, lse, r, a, norm(a, spec.mlp_norm)
+    return z1, q_pre, k_pre, q, k, v, o, lse, gate, r, a, norm(a, spec.mlp_norm)
+
+
+def _delta_inputs(c, spec):
+    """The conv's output -> the rule's q (l2-normalised, times Dk^-1/2), k (l2-normalised), v, per head."""
+    ds = spec.delta
+    b, t, _ = c.shape
+    h = silu(c)
+    nk = ds.n_k_heads * ds.k_dim
+    q, k, v = mx.split(h, [nk, 2 * nk], axis=-1)
+    q, k = q.reshape(b, t, ds.n_k_heads, ds.k_dim), k.reshape(b, t, ds.n_k_heads, ds.k_dim)
+    return l2norm(q) * ds.k_dim ** -0.5, l2norm(k), v.reshape(b, t, ds.n_v_heads, ds.v_dim), q, k
+
+
+def _gated_out(y, zg, w, spec):
+    """The gated RMSNorm: RMSNorm(y) per value head times silu(z) -> (B, T, Hv Dv) (and the gate's backward)."""
+    ds = spec.delta
+    b, t = zg.shape[:2]
+    n = rmsnorm_forward(y, w["linear_attn.norm"], spec.eps).astype(zg.dtype)
+    act, back = gated_act_and_backward("silu", zg.reshape(b, t, ds.n_v_heads, ds.v_dim), n)
+    return act.reshape(b, t, -1), back
+
+
+def _delta_half(x, w, lora, scale, spec, keep, save, positions, cache=None, valid=None):
+    """A linear-attention block up to the MLP's input: (z1, c, zg, b_in, a_in, y, states, r, a, z2), states None
+    unless saved. With a `DeltaCache` (generation) the conv and the rule start from the cache's state and leave
+    theirs in it; tokens not `valid` (left padding) change neither."""
+    ds = spec.delta
+    projs = _projector(w, lora, scale, spec, keep)
+    z1 = rmsnorm_forward(x, w["input_layernorm"], spec.eps, spec.norm_offset)
+    qkv, zg, b_in, a_in = projs(DELTA_INPUTS, z1)
+    log_g, beta = log_decay(a_in, w["linear_attn.A_log"], w["linear_attn.dt_bias"]), mx.sigmoid(b_in)
+    starts = None if positions is None or cache is not None else positions == 0
+    if cache is not None:
+        real = valid[:, -x.shape[1]:, None]
+        qkv, log_g, beta = mx.where(real, qkv, 0), mx.where(real, log_g, 0), mx.where(real, beta, 0)
+        c = causal_conv(qkv, w["linear_attn.conv1d"], prefix=cache.conv)
+        before = cache.conv if cache.conv is not None else mx.zeros((x.shape[0], ds.conv_kernel - 1, qkv.shape[-1]),
+                                                                       qkv.dtype)
+        cache.conv = mx.concatenate([before, qkv], axis=1)[:, -(ds.conv_kernel - 1):]
+    else:
+        c = causal_conv(qkv, w["linear_attn.conv1d"], None if starts is None else positions)
+    q, k, v = _delta_inputs(c, spec)[:3]
+    out = gated_delta_forward(q, k, v, log_g, beta, ds.chunk, None if cache is None else cache.state, starts, save)
+    y, states = out[0], out[2] if save else None
+    if cache is not None:
+        cache.state = out[1]
+    r = projs(("linear_attn.out_proj",), _gated_out(y, zg, w, spec)[0])[0]
+    a = x + r
+    return z1, c, zg, b_in, a_in, y, states, r, a, rmsnorm_forward(a, w[spec.mlp_norm], spec.eps, spec.norm_offset)
+
+
+def new_cache(spec, step):
+    """Generation's per-block cache: keys and values for attention, the recurrent state for linear attention."""
+    return DeltaCache() if spec.delta is not None else KVCache(step)
 
 
 def block_forward(x, w, lora, scale, spec: BlockSpec, dropout=None, segments=None, positions=None, cache=None,
@@ -274,7 +362,10 @@ def block_forward(x, w, lora, scale, spec: BlockSpec, dropout=None, segments=Non
     (module docstring), with positions the new tokens' positions."""
     keep = _dropout_masks(dropout, lora, x.shape[0], x.shape[1])
     projs = _projector(w, lora, scale, spec, keep)
-    a, z2 = _attention_half(x, w, lora, scale, spec, keep, False, segments, positions, cache, valid)[-2:]
+    if spec.delta is not None:
+        a, z2 = _delta_half(x, w, lora, scale, spec, keep, False, positions, cache, valid)[-2:]
+    else:
+        a, z2 = _attention_half(x, w, lora, scale, spec, keep, False, segments, positions, cache, valid)[-2:]
 
     def mlp(t0, t1):
         g, u = _gate_up(z2[:, t0:t1], projs, spec, t0)
@@ -292,9 +383,13 @@ def block_recompute(x, w, lora, scale, spec: BlockSpec, dropout=None, segments=N
     backward never needs y: it stops before the down projection (and, with recompute_mlp, before the gate and up
     projections, which the backward redoes one token block at a time)."""
     keep = _dropout_masks(dropout, lora, x.shape[0], x.shape[1])
-    z1, q_pre, k_pre, q, k, v, o, lse, r, a, z2 = _attention_half(x, w, lora, scale, spec, keep, True, segments,
-                                                                 positions)
-    saved = BlockSaved(z1=z1, q=q, k=k, v=v, o=o, lse=lse, a=a, z2=z2)
+    if spec.delta is not None:
+        z1, c, zg, b_in, a_in, y, states, r, a, z2 = _delta_half(x, w, lora, scale, spec, keep, True, positions)
+        saved = BlockSaved(z1=z1, a=a, z2=z2, c=c, zg=zg, b_in=b_in, a_in=a_in, y=y, states=states)
+    else:
+        z1, q_pre, k_pre, q, k, v, o, lse, gate, r, a, z2 = _attention_half(x, w, lora, scale, spec, keep, True,
+                                                                           segments, positions)
+        saved = BlockSaved(z1=z1, q=q, k=k, v=v, o=o, lse=lse, a=a, z2=z2, gate=gate)
     if not spec.compute.recompute_mlp:
         saved.g, saved.u = _gate_up(z2, _projector(w, lora, scale, spec, keep), spec)
     if spec.qk_norm:
@@ -351,10 +446,19 @@ def block_backward(dy, x, saved: BlockSaved, w, lora, scale, spec: BlockSpec, dr
     if spec.compute.sync_chunks:
         mx.eval(da)
 
+    if spec.delta is not None:
+        return da + norm_back(_delta_backward(da, saved, w, spec, back, positions), x, "input_layernorm"), grads
+
     # attention
     dr = norm_back(da, saved.take("r"), "post_attention_layernorm") if spec.sandwich else da
-    o = saved.take("o")
-    do = _heads(back(("self_attn.o_proj",), [dr], o), spec.n_heads)
+    o, gate = saved.take("o"), saved.take("gate")
+    if gate is None:
+        do = _heads(back(("self_attn.o_proj",), [dr], o), spec.n_heads)
+    else:  # r = o_proj(o * sigmoid(gate))
+        sig = mx.sigmoid(gate)
+        dog = back(("self_attn.o_proj",), [dr], o * sig)
+        do, dgate = _heads(dog * sig, spec.n_heads), dog * o * sig * (1 - sig)
+        del sig, dog
     q, k, v = saved.take("q"), saved.take("k"), saved.take("v")
     chunk = spec.compute.query_block(q.shape[0], spec.n_heads, q.shape[2])
     dq, dk, dv = attention_backward(do, q, k, v, _heads(o, spec.n_heads), saved.take("lse"), spec.attn_scale, chunk,
@@ -366,6 +470,10 @@ def block_backward(dy, x, saved: BlockSaved, w, lora, scale, spec: BlockSpec, dr
         dq = norm_back(dq, saved.take("q_pre"), "self_attn.q_norm")
         dk = norm_back(dk, saved.take("k_pre"), "self_attn.k_norm")
     z1 = saved.take("z1")
+    if gate is not None:  # q_proj's rows per head: [q | gate]
+        b, t = z1.shape[:2]
+        dq = _heads(mx.concatenate([dq.transpose(0, 2, 1, 3), dgate.reshape(b, t, spec.n_heads, -1)], axis=-1)
+                    .reshape(b, t, -1), spec.n_heads)
     if spec.merged:
         dz1 = back(("self_attn.qkv_proj",), [mx.concatenate([_merge(dq), _merge(dk), _merge(dv)], axis=-1)], z1)
     else:
@@ -373,3 +481,29 @@ def block_backward(dy, x, saved: BlockSaved, w, lora, scale, spec: BlockSpec, dr
                    z1)
     dx = da + norm_back(dz1, x, "input_layernorm")
     return dx, grads
+
+
+def _delta_backward(da, saved, w, spec, back, positions):
+    """dz1 of a linear-attention block's mixer (module docstring of ops/gated_delta.py for the rule), given the
+    residual's gradient da; the LoRA gradients go through `back`."""
+    ds = spec.delta
+    zg, y = saved.take("zg"), saved.take("y")
+    o, gate_backward = _gated_out(y, zg, w, spec)
+    dzg, dn = gate_backward(back(("linear_attn.out_proj",), [da], o).reshape(*zg.shape[:2], ds.n_v_heads, ds.v_dim))
+    del o
+    dy = rmsnorm_backward(dn.astype(y.dtype), y, w["linear_attn.norm"], spec.eps)
+    c, b_in, a_in = saved.take("c"), saved.take("b_in"), saved.take("a_in")
+    q, k, v, q_raw, k_raw = _delta_inputs(c, spec)
+    log_g, beta = log_decay(a_in, w["linear_attn.A_log"], w["linear_attn.dt_bias"]), mx.sigmoid(b_in)
+    starts = None if positions is None else positions == 0
+    dq, dk, dv, dlog_g, dbeta = gated_delta_backward(dy, q, k, v, log_g, beta, saved.take("states"), ds.chunk,
+                                                     starts)
+    del q, k, v, dy, y
+    b, t = c.shape[:2]
+    dt = c.dtype
+    dh = mx.concatenate([l2norm_backward(dq * ds.k_dim ** -0.5, q_raw).reshape(b, t, -1),
+                         l2norm_backward(dk, k_raw).reshape(b, t, -1), dv.reshape(b, t, -1)], axis=-1).astype(dt)
+    dqkv = causal_conv_backward(silu_backward(dh, c), w["linear_attn.conv1d"], positions)
+    db_in = (dbeta * beta * (1 - beta)).astype(dt)
+    da_in = log_decay_backward(dlog_g, a_in, w["linear_attn.A_log"], w["linear_attn.dt_bias"])
+    return back(DELTA_INPUTS, [dqkv, dzg.reshape(b, t, -1), db_in, da_in], saved.take("z1"))
