@@ -16,11 +16,15 @@ checks it against MLX's measured peak.
                     with share_dequant; without, a product with such a matrix holds r*in*(s + t) for r = its out
                     rows, or Compute.dequant_rows when row-blocked (each row block evaluated as it goes), plus then
                     its row blocks' partial results (B*T*out*s forward, two fp32 B*T*in accumulators transposed)
-                  + saved B*T*(4d + (Hq + 2Hkv)D + Hq + 2f)*s (ops/block.py's BlockSaved, what block_backward
-                    keeps; o counted as Hq D; no 2f with recompute_mlp;
-                    + (Hq + Hkv)D with q/k norms, + d with Gemma's sandwich norms)
-                  + attention tiles 5 * B*Hq*chunk*K*s (scores, masked, probabilities, dp, ds of a query block;
-                    K = T keys, or chunk + window - 1 when every layer attends over a sliding window)
+                  + the mixer's, the largest over the model's kinds of block:
+                    attention: saved B*T*(4d + (Hq + 2Hkv)D + Hq + 2f)*s (ops/block.py's BlockSaved, what
+                      block_backward keeps; o counted as Hq D; no 2f with recompute_mlp; + (Hq + Hkv)D with q/k
+                      norms, + d with Gemma's sandwich norms, + Hq D with Qwen3.5's output gate)
+                      + tiles 5 * B*Hq*chunk*K*s (scores, masked, probabilities, dp, ds of a query block; K = T
+                      keys, or chunk + window - 1 for a sliding window)
+                    gated delta rule: saved B*T*(3d + conv + Hv Dv + 2Hv + 2f)*s + B*T*Hv Dv*4 (y, fp32)
+                      + 3 x the chunk-boundary states (B*ceil(T/C)*Hv*Dv*Dk*4: kept, their gradients, one more)
+                      + 12 chunk matrices B*Hv*T*C*4 + 16 per-token products B*T*Hv*max(Dk, Dv)*4
                   + MLP temporaries 8 * B*mlp_chunk*f*s (the MLP backward runs one block of tokens at a time)
                   + ~12 B*T*d*s gradients and temporaries in flight (the attention half is one graph)
     head phase    one vocab chunk of head rows (quantized, read from the store) + its dense copy
@@ -33,14 +37,15 @@ Blocks below the lowest adapted one are run forward only; the backward stops the
 import mlx.core as mx
 
 from ..lora import num_params
-from ..ops.block import BlockSaved, block_backward, block_recompute
+from ..ops.block import DELTA_PROJECTIONS, BlockSaved, block_backward, block_recompute
+from ..ops.gated_delta import chunk_length
 from ..ops.ggml import dequant_temp_bytes
 from ..ops.linear import Frozen, prepared
 from .streaming import StreamingEngine
 
 # the projections whose products one graph holds together (module docstring: block phase)
 PHASES = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.qkv_proj", "self_attn.o_proj"),
-          ("mlp.gate_proj", "mlp.up_proj", "mlp.gate_up_proj", "mlp.down_proj"))
+          DELTA_PROJECTIONS[:5], ("mlp.gate_proj", "mlp.up_proj", "mlp.gate_up_proj", "mlp.down_proj"))
 
 
 class MeSPEngine(StreamingEngine):
@@ -53,20 +58,16 @@ class MeSPEngine(StreamingEngine):
         (fused: the update is applied per block, so only one block's gradients exist at a time)."""
         a, c = self.store.args, self.compute
         s = c.dtype.size
-        n, d, f, hd = batch_size * seq_len, a.hidden_size, a.intermediate_size, a.head_dim
-        hq, hkv = a.num_attention_heads, a.num_key_value_heads
+        n, d, f = batch_size * seq_len, a.hidden_size, a.intermediate_size
         act = n * d * s
         lowest = min(params) if params else a.num_hidden_layers
         shapes = a.projection_shapes()
         dense = [i * o * s for i, o in shapes.values()]
         products = self._product_bytes(shapes, n)
-        saved = BlockSaved.floats_per_token(d, f, hq, hkv, hd, c.recompute_mlp, a.qk_norm, a.sandwich_norms)
-        chunk = c.query_block(batch_size, hq, seq_len)
-        keys = max(seq_len if s.window is None else min(seq_len, chunk + s.window - 1) for s in self.specs)
         held = (sum(dense) + max(t for t, _ in products.values()) if self._shares_dequant()
                 else max(sum(products[k][1] for k in names if k in products) for names in PHASES))
-        block = (self.store.layer_bytes() + held
-                 + n * saved * s + 5 * batch_size * hq * chunk * keys * s + 12 * act
+        mixer = max(self._mixer_bytes(spec, batch_size, seq_len) for spec in set(self.specs))
+        block = (self.store.layer_bytes() + held + mixer + 12 * act
                  + 8 * batch_size * min(c.mlp_chunk, seq_len) * f * s)
         head = self.store.head_rows()
         tc, vc = c.head_tile(n, head, d)
@@ -80,6 +81,26 @@ class MeSPEngine(StreamingEngine):
                "block": block, "head": head_phase}
         out["peak"] = out["gradients"] + out["checkpoints"] + max(block, head_phase)
         return out
+
+    def _mixer_bytes(self, spec, batch_size, seq_len):
+        """What one block of this spec keeps for its backward (BlockSaved) plus its mixer's largest temporaries:
+        attention's score tiles, or the gated delta rule's chunk matrices, per-token products and boundary states."""
+        a, c = self.store.args, self.compute
+        s, n, d, f = c.dtype.size, batch_size * seq_len, a.hidden_size, a.intermediate_size
+        if spec.delta is None:
+            saved = BlockSaved.floats_per_token(d, f, spec.n_heads, spec.n_kv_heads, spec.head_dim, c.recompute_mlp,
+                                                spec.qk_norm, spec.sandwich, spec.output_gate)
+            chunk = c.query_block(batch_size, spec.n_heads, seq_len)
+            keys = seq_len if spec.window is None else min(seq_len, chunk + spec.window - 1)
+            return n * saved * s + 5 * batch_size * spec.n_heads * chunk * keys * s
+        ds = spec.delta
+        saved = BlockSaved.delta_floats_per_token(d, f, ds, c.recompute_mlp)
+        hv, width = ds.n_v_heads, max(ds.k_dim, ds.v_dim)
+        cl = chunk_length(ds.chunk, seq_len)
+        padded = batch_size * -(-seq_len // cl) * cl
+        states = padded // cl * hv * ds.v_dim * ds.k_dim * 4
+        return (n * saved * s + n * hv * ds.v_dim * 4  # y is kept in fp32
+                + 3 * states + 12 * padded * hv * cl * 4 + 16 * padded * hv * width * 4)
 
     def _product_bytes(self, shapes, n):
         """{projection: (temporaries of dequantizing the whole matrix, bytes one product with it holds beyond its

@@ -138,11 +138,21 @@ class BlockSaved:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 
     @staticmethod
-    def floats_per_token(d, f, hq, hkv, head_dim, recompute_mlp=False, qk_norm=False, sandwich=False):
-        """Floats kept per token (one batch row's sequence position) by a block of these dimensions: z1, a, z2 (d
-        each), o (Hq D, which is d in most families), q, k, v, the per-head lse, and the optional items."""
+    def floats_per_token(d, f, hq, hkv, head_dim, recompute_mlp=False, qk_norm=False, sandwich=False,
+                         output_gate=False):
+        """Floats kept per token (one batch row's sequence position) by an attention block of these dimensions:
+        z1, a, z2 (d each), o (Hq D, which is d in most families), q, k, v, the per-head lse, and the optional
+        items."""
         return (3 * d + hq * head_dim + (hq + 2 * hkv) * head_dim + hq + (0 if recompute_mlp else 2 * f)
-                + ((hq + hkv) * head_dim if qk_norm else 0) + (d if sandwich else 0))
+                + ((hq + hkv) * head_dim if qk_norm else 0) + (d if sandwich else 0)
+                + (hq * head_dim if output_gate else 0))
+
+    @staticmethod
+    def delta_floats_per_token(d, f, delta, recompute_mlp=False):
+        """The same for a linear-attention block: z1, a, z2, c, zg, b, a_in in the compute dtype (y, fp32, and the
+        states at the chunk boundaries are counted apart)."""
+        return (3 * d + delta.conv_dim + delta.n_v_heads * delta.v_dim + 2 * delta.n_v_heads
+                + (0 if recompute_mlp else 2 * f))
 
 
 class KVCache:
