@@ -245,3 +245,16 @@ def test_qwen35_linear_block_generation_cache():
     got = mx.concatenate(outs, axis=1)
     assert_close(got[0], block_forward(x[:1], w, {}, 2.0, spec)[0])
     assert_close(got[1, pad:], block_forward(x[1:, pad:], w, {}, 2.0, spec)[0])
+
+
+def test_rule_by_head_groups():
+    """Groups of value heads (each evaluated alone, bounding the temporaries) give the very same results."""
+    inputs = rule_inputs(2, 19, 2, 8, 8, 4, seed=4)
+    state = R(2, 8, 4, 8)
+    y, s, st = gated_delta_forward(*inputs, 4, state=state, save=True)
+    yg, sg, stg = gated_delta_forward(*inputs, 4, state=state, save=True, group=4)
+    for a, b in ((y, yg), (s, sg), (st, stg)):
+        assert mx.array_equal(a, b)
+    dy = R(*y.shape)
+    for a, b in zip(gated_delta_backward(dy, *inputs, st, 4), gated_delta_backward(dy, *inputs, st, 4, group=4)):
+        assert rel_err(b, a) < EXACT

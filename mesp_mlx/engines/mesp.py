@@ -24,7 +24,8 @@ checks it against MLX's measured peak.
                       keys, or chunk + window - 1 for a sliding window)
                     gated delta rule: saved B*T*(3d + conv + Hv Dv + 2Hv + 2f)*s + B*T*Hv Dv*4 (y, fp32)
                       + 3 x the chunk-boundary states (B*ceil(T/C)*Hv*Dv*Dk*4: kept, their gradients, one more)
-                      + 12 chunk matrices B*Hv*T*C*4 + 16 per-token products B*T*Hv*max(Dk, Dv)*4
+                      + 30 B*T*G*max(Dk, Dv, C)*4 for G value heads at a time (Compute.delta_group; measured
+                      ~27 MB per head at T=2048 and 128-wide heads) + dq, dk, dv twice
                   + MLP temporaries 8 * B*mlp_chunk*f*s (the MLP backward runs one block of tokens at a time)
                   + ~12 B*T*d*s gradients and temporaries in flight (the attention half is one graph)
     head phase    one vocab chunk of head rows (quantized, read from the store) + its dense copy
@@ -95,12 +96,13 @@ class MeSPEngine(StreamingEngine):
             return n * saved * s + 5 * batch_size * spec.n_heads * chunk * keys * s
         ds = spec.delta
         saved = BlockSaved.delta_floats_per_token(d, f, ds, c.recompute_mlp)
-        hv, width = ds.n_v_heads, max(ds.k_dim, ds.v_dim)
+        hv, width = ds.n_v_heads, max(ds.k_dim, ds.v_dim, ds.chunk)
         cl = chunk_length(ds.chunk, seq_len)
         padded = batch_size * -(-seq_len // cl) * cl
         states = padded // cl * hv * ds.v_dim * ds.k_dim * 4
-        return (n * saved * s + n * hv * ds.v_dim * 4  # y is kept in fp32
-                + 3 * states + 12 * padded * hv * cl * 4 + 16 * padded * hv * width * 4)
+        group = c.delta_group(batch_size, hv, hv // ds.n_k_heads, seq_len, width) or hv
+        grads = 2 * padded * (2 * ds.n_k_heads * ds.k_dim + hv * ds.v_dim) * 4  # dq, dk, dv and their concatenation
+        return n * saved * s + n * hv * ds.v_dim * 4 + 3 * states + 30 * padded * group * width * 4 + grads
 
     def _product_bytes(self, shapes, n):
         """{projection: (temporaries of dequantizing the whole matrix, bytes one product with it holds beyond its

@@ -351,13 +351,20 @@ def _delta_half(x, w, lora, scale, spec, keep, save, positions, cache=None, vali
     else:
         c = causal_conv(qkv, w["linear_attn.conv1d"], None if starts is None else positions)
     q, k, v = _delta_inputs(c, spec)[:3]
-    out = gated_delta_forward(q, k, v, log_g, beta, ds.chunk, None if cache is None else cache.state, starts, save)
+    out = gated_delta_forward(q, k, v, log_g, beta, ds.chunk, None if cache is None else cache.state, starts, save,
+                              _delta_group(spec, x.shape[0], x.shape[1]))
     y, states = out[0], out[2] if save else None
     if cache is not None:
         cache.state = out[1]
     r = projs(("linear_attn.out_proj",), _gated_out(y, zg, w, spec)[0])[0]
     a = x + r
     return z1, c, zg, b_in, a_in, y, states, r, a, rmsnorm_forward(a, w[spec.mlp_norm], spec.eps, spec.norm_offset)
+
+
+def _delta_group(spec, batch, t):
+    ds = spec.delta
+    return spec.compute.delta_group(batch, ds.n_v_heads, ds.n_v_heads // ds.n_k_heads, t,
+                                    max(ds.k_dim, ds.v_dim, ds.chunk))
 
 
 def new_cache(spec, step):
@@ -507,7 +514,7 @@ def _delta_backward(da, saved, w, spec, back, positions):
     log_g, beta = log_decay(a_in, w["linear_attn.A_log"], w["linear_attn.dt_bias"]), mx.sigmoid(b_in)
     starts = None if positions is None else positions == 0
     dq, dk, dv, dlog_g, dbeta = gated_delta_backward(dy, q, k, v, log_g, beta, saved.take("states"), ds.chunk,
-                                                     starts)
+                                                     starts, _delta_group(spec, *c.shape[:2]))
     del q, k, v, dy, y
     b, t = c.shape[:2]
     dt = c.dtype

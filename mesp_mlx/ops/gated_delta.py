@@ -129,12 +129,31 @@ def chunk_length(spec_chunk, t):
     return max(1, min(spec_chunk, t))
 
 
-def gated_delta_forward(q, k, v, log_g, beta, chunk=64, state=None, starts=None, save=False):
+def _head_groups(q, k, v, log_g, beta, group, extra=()):
+    """The inputs split into groups of `group` value heads (and their key heads): heads never interact, so the rule
+    runs per group; `extra` are further (B, ..., Hv, ...) arrays split along their axis 2 (value heads)."""
+    hv, rep = v.shape[2], v.shape[2] // k.shape[2]
+    for h0 in range(0, hv, group):
+        h1 = min(hv, h0 + group)
+        yield ([q[:, :, h0 // rep:h1 // rep], k[:, :, h0 // rep:h1 // rep], v[:, :, h0:h1], log_g[:, :, h0:h1],
+                beta[:, :, h0:h1]], [x[:, :, h0:h1] if x is not None else None for x in extra])
+
+
+def gated_delta_forward(q, k, v, log_g, beta, chunk=64, state=None, starts=None, save=False, group=0):
     """y (B, T, Hv, Dv) fp32 of the gated delta rule, and the final state (B, Hv, Dv, Dk); with save=True also the
     states at the chunk boundaries (B, Hv, n, Dv, Dk) that `gated_delta_backward` needs. q, k: (B, T, Hk, Dk),
     already normalised and scaled; v (B, T, Hv, Dv); log_g, beta (B, T, Hv); state: the initial state (None: 0);
-    starts (B, T) booleans: the first token of each packed row (None: one row)."""
+    starts (B, T) booleans: the first token of each packed row (None: one row). group: value heads per group (a
+    multiple of Hv / Hk), each group evaluated before the next so one group's temporaries are alive at a time
+    (0: all heads in one graph)."""
     b, t, hv, dv = v.shape
+    if 0 < group < hv:
+        outs = []
+        for inputs, (s0,) in _head_groups(q, k, v, log_g, beta, group,
+                                          (None if state is None else state.swapaxes(1, 2),)):
+            outs.append(gated_delta_forward(*inputs, chunk, None if s0 is None else s0.swapaxes(1, 2), starts, save))
+            mx.eval(outs[-1])
+        return tuple(mx.concatenate(parts, axis=ax) for parts, ax in zip(zip(*outs), (2, 1, 1)))
     c = chunk_length(chunk, t)
     (qc, kc, vc, gc, bc), sc = _inputs(q, k, v, log_g, beta, starts, c)
     ch = _Chunk(qc, kc, vc, gc, bc, sc, c)
@@ -153,10 +172,17 @@ def gated_delta_forward(q, k, v, log_g, beta, chunk=64, state=None, starts=None,
     return (y, s, st) if save else (y, s)
 
 
-def gated_delta_backward(dy, q, k, v, log_g, beta, states, chunk=64, starts=None):
+def gated_delta_backward(dy, q, k, v, log_g, beta, states, chunk=64, starts=None, group=0):
     """(dq, dk, dv, dlog_g, dbeta) of `gated_delta_forward`'s y (from a zero or given initial state, whose gradient
-    is not returned), given dy (B, T, Hv, Dv) and the saved chunk-boundary states. dq, dk are per key head."""
+    is not returned), given dy (B, T, Hv, Dv) and the saved chunk-boundary states. dq, dk are per key head. group:
+    as in the forward."""
     b, t, hv, dv = v.shape
+    if 0 < group < hv:
+        outs = []
+        for inputs, (dyg, sg) in _head_groups(q, k, v, log_g, beta, group, (dy, states.swapaxes(1, 2))):
+            outs.append(gated_delta_backward(dyg, *inputs, sg.swapaxes(1, 2), chunk, starts))
+            mx.eval(outs[-1])
+        return tuple(mx.concatenate(parts, axis=2) for parts in zip(*outs))
     hk = k.shape[2]
     c = chunk_length(chunk, t)
     (qc, kc, vc, gc, bc), sc = _inputs(q, k, v, log_g, beta, starts, c)

@@ -113,6 +113,17 @@ class Compute:
             return min(256, seq_len)
         return min(seq_len, max(256, TILE_BYTES // (4 * batch * heads * seq_len)))
 
+    def delta_group(self, batch, v_heads, rep, seq_len, width):
+        """Value heads per evaluated group of the gated delta rule (ops/gated_delta.py): where chunks are evaluated
+        one at a time (the CPU), as many as keep ~30 per-token arrays of `width` floats per head within a tile
+        (a multiple of rep, the value heads per key head; measured on the CPU at Qwen3.5-4B's shape, T=2048:
+        2 heads per group hold 259 MB in the backward against 644 MB for 16, and run faster); elsewhere all heads
+        in one graph (0)."""
+        if not self.sync_chunks:
+            return 0
+        fit = TILE_BYTES // (30 * batch * max(seq_len, 1) * width * 4)
+        return min(v_heads, max(rep, fit // rep * rep))
+
     def head_tile(self, tokens, head, width):
         """(tokens, rows) per tile of the chunked loss over `tokens` positions of a head (a `Frozen` or the store's
         rows: out_dims, affine) of `width` columns (see vocab_chunk). Where the products read a chunk's rows as a
