@@ -1,13 +1,14 @@
 """Architecture registry: one file per family, each with its config reader (`model_args`) and its `FAMILY` record;
 model_type or llama.cpp architecture -> that file. Adding a family is one file here plus its tests."""
-from . import gemma3, llama, mistral, phi3, qwen2, qwen3, smollm3
+from . import gemma3, llama, mistral, phi3, qwen2, qwen3, qwen3_5, smollm3
 from ..errors import SourceError
 from .base import Family, ModelArgs
 
 # Llama before Mistral: llama.cpp writes both as `llama`, and a `llama` GGUF is read as a Llama
-FAMILIES = (llama, mistral, smollm3, qwen2, qwen3, phi3, gemma3)
+FAMILIES = (llama, mistral, smollm3, qwen2, qwen3, phi3, gemma3, qwen3_5)
 ARCHITECTURES = {kind: f for f in FAMILIES for kind in f.FAMILY.model_types}
-GGUF_ARCHITECTURES = {f.FAMILY.llamacpp_arch: f.FAMILY for f in reversed(FAMILIES)}  # the first family wins
+GGUF_ARCHITECTURES = {f.FAMILY.llamacpp_arch: f.FAMILY for f in reversed(FAMILIES)  # the first family wins
+                      if f.FAMILY.reads_gguf}
 
 
 class UnsupportedModel(SourceError):
@@ -33,11 +34,27 @@ def stop_ids(tokenizer, model_type):
 
 
 def text_model(config):
-    """(config, rename) for a checkpoint whose language model is one part of a larger model (Gemma 3's multimodal
-    configs): the language model's own config, and a map from tensor names to its names (None: not its tensor)."""
+    """(config, rename) for a checkpoint whose language model is one part of a larger model (Gemma 3's and
+    Qwen3.5's multimodal configs): the language model's own config, and a map from tensor names to its names
+    (None: not its tensor)."""
     if config.get("model_type") == "gemma3":
         return gemma3.text_config(config), gemma3.text_weight
+    if config.get("model_type") in qwen3_5.FAMILY.model_types:
+        return qwen3_5.text_config(config), qwen3_5.text_weight
     return config, lambda name: name
+
+
+def tensor_fix(config, shapes):
+    """f(name, array) -> array: a checkpoint's tensors (names and config as `text_model` gives them, `shapes` their
+    {name: shape}) in the form a store keeps (Qwen3.5's Hugging Face form: norms zero-centred, conv1d [C, 1, K])."""
+    if config.get("model_type") in qwen3_5.FAMILY.model_types:
+        return qwen3_5.sanitizer(shapes)
+    return lambda name, arr: arr
+
+
+def adapter_prefix(args):
+    """What mlx-lm's module tree puts before `model.layers.N` in adapter names for this model ("" for most)."""
+    return family(args.model_type).adapter_prefix
 
 
 def model_args(config, where="config.json"):

@@ -8,11 +8,12 @@ the spec of one block and `block_specs(compute)` those of all of them.
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from ..ops.block import MERGED_PROJECTIONS, PROJECTIONS, BlockSpec
+from ..ops.block import DELTA_PROJECTIONS, MERGED_PROJECTIONS, PROJECTIONS, BlockSpec
+from ..ops.gated_delta import DeltaSpec
 from ..ops.linear import DEFAULT
 from ..ops.rope import rope_spec
 
-SLIDING, FULL = "sliding_attention", "full_attention"
+SLIDING, FULL, LINEAR = "sliding_attention", "full_attention", "linear_attention"
 
 # llama.cpp's names of the tensors (GGUF) -> mlx-lm / Hugging Face module paths, as its Llama converter writes them;
 # a family lists only where its files differ (Family.gguf_names)
@@ -41,7 +42,12 @@ class Family:
         gguf_config       family fields of a config read from a GGUF: f(meta, config) -> dict, where meta.get(key)
                           reads "<arch>.<key>", meta.names holds the tensor names, meta.array(name) one tensor;
                           raises ValueError on what it cannot read
-        gguf_config_tensors  tensors gguf_config reads into the config (not weights)"""
+        gguf_config_tensors  tensors gguf_config reads into the config (not weights)
+        reads_gguf        our GGUF reader converts this family's base files (False: a file of its llamacpp_arch is
+                          refused as unsupported)
+        gguf_lora_check   f(args) -> None, or the reason a GGUF LoRA of this model cannot be written or read
+        adapter_prefix    what mlx-lm's module tree puts before `model.layers.N` (Qwen3.5's `language_model.`):
+                          mlx-lm loads adapters with strict=False, so a name without it would be silently ignored"""
     model_types: tuple
     llamacpp_arch: str
     hf_architecture: str
@@ -52,6 +58,9 @@ class Family:
     stop_tokens: tuple = ()
     gguf_config: Optional[Callable] = None
     gguf_config_tensors: tuple = ()
+    reads_gguf: bool = True
+    gguf_lora_check: Optional[Callable] = None
+    adapter_prefix: str = ""
 
     @property
     def model_type(self):
@@ -95,6 +104,13 @@ class ModelArgs:
     rope_local_theta: Optional[float] = None  # Gemma: RoPE base of the sliding layers (unscaled there)
     rope_layers: Optional[tuple] = None  # per layer whether RoPE applies (SmolLM3); None: everywhere
     merged_projections: bool = False  # Phi-3: qkv_proj and gate_up_proj
+    attn_output_gate: bool = False  # Qwen3.5's full-attention layers: q_proj gives per head [q | gate]
+    # Qwen3.5's linear-attention layers (layer_types LINEAR): the gated delta rule's heads, head sizes, conv taps
+    linear_num_key_heads: Optional[int] = None
+    linear_num_value_heads: Optional[int] = None
+    linear_key_head_dim: Optional[int] = None
+    linear_value_head_dim: Optional[int] = None
+    linear_conv_kernel_dim: int = 4
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -108,12 +124,30 @@ class ModelArgs:
                 raise ValueError(f"{name} lists {len(per_layer)} layers, the model has {self.num_hidden_layers}")
         if self.layer_types is not None and SLIDING in self.layer_types and not self.sliding_window:
             raise ValueError("sliding_attention layers need a sliding_window")
+        if self.layer_types is not None and LINEAR in self.layer_types:
+            hk, hv = self.linear_num_key_heads, self.linear_num_value_heads
+            if not (hk and hv and self.linear_key_head_dim and self.linear_value_head_dim):
+                raise ValueError("linear_attention layers need linear_num_key_heads, linear_num_value_heads, "
+                                 "linear_key_head_dim and linear_value_head_dim")
+            if hv % hk:
+                raise ValueError(f"linear_num_value_heads {hv} is not a multiple of linear_num_key_heads {hk}")
 
     def sliding(self, layer):
         return self.layer_types is not None and self.layer_types[layer] == SLIDING
 
+    def linear(self, layer):
+        """Whether block `layer` mixes tokens by the gated delta rule (Qwen3.5's linear attention)."""
+        return self.layer_types is not None and self.layer_types[layer] == LINEAR
+
+    def delta_spec(self):
+        return DeltaSpec(self.linear_num_key_heads, self.linear_num_value_heads, self.linear_key_head_dim,
+                         self.linear_value_head_dim, self.linear_conv_kernel_dim)
+
     def block_spec(self, compute=DEFAULT, layer=0):
-        """The spec of block `layer` (blocks differ in window and rope only)."""
+        """The spec of block `layer` (blocks differ in window, rope and mixer)."""
+        if self.linear(layer):  # the head fields are the attention layers'; a delta block reads only `delta`
+            return BlockSpec(self.num_attention_heads, self.num_key_value_heads, self.head_dim, self.rms_norm_eps,
+                             None, compute=compute, delta=self.delta_spec())
         dims = int(self.head_dim * self.partial_rotary_factor)
         sliding = self.sliding(layer)
         if self.rope_layers is not None and not self.rope_layers[layer]:
@@ -126,32 +160,54 @@ class ModelArgs:
         return BlockSpec(self.num_attention_heads, self.num_key_value_heads, self.head_dim, self.rms_norm_eps,
                          rope, self.qk_norm, compute, norm_offset=self.norm_offset, sandwich=self.sandwich_norms,
                          activation=self.activation, window=self.sliding_window if sliding else None,
-                         scale=self.attn_scale, merged=self.merged_projections)
+                         scale=self.attn_scale, merged=self.merged_projections, output_gate=self.attn_output_gate)
 
     def block_specs(self, compute=DEFAULT):
         """One spec per block (the specs of equal blocks are shared)."""
         cache = {}
         out = []
         for i in range(self.num_hidden_layers):
-            key = (self.sliding(i), self.rope_layers[i] if self.rope_layers is not None else True)
+            key = (self.layer_types[i] if self.layer_types is not None else FULL,
+                   self.rope_layers[i] if self.rope_layers is not None else True)
             if key not in cache:
                 cache[key] = self.block_spec(compute, i)
             out.append(cache[key])
         return tuple(out)
 
-    def projections(self):
-        """The module paths a LoRA can adapt in each block, in mlx-lm's naming."""
-        return MERGED_PROJECTIONS if self.merged_projections else PROJECTIONS
+    def projections(self, layer=None):
+        """The module paths a LoRA can adapt in block `layer`, in mlx-lm's naming; no layer: those of any block
+        (Qwen3.5's linear and full-attention blocks have different ones), in a fixed order."""
+        if layer is not None:
+            return DELTA_PROJECTIONS if self.linear(layer) else \
+                MERGED_PROJECTIONS if self.merged_projections else PROJECTIONS
+        out = []
+        for i in range(self.num_hidden_layers):
+            out += [p for p in self.projections(i) if p not in out]
+        return tuple(out)
 
-    def projection_shapes(self):
-        """(in, out) of each projection a LoRA can adapt."""
+    def projection_shapes(self, layer=None):
+        """(in, out) of each projection a LoRA can adapt in block `layer`; no layer: of any block (a path two
+        kinds of block share has the same shape in both)."""
+        if layer is None:
+            out = {}
+            for i in range(self.num_hidden_layers):
+                out.update(self.projection_shapes(i))
+            return out
         d, f, hd = self.hidden_size, self.intermediate_size, self.head_dim
+        mlp = {"mlp.gate_proj": (d, f), "mlp.up_proj": (d, f), "mlp.down_proj": (f, d)}
+        if self.linear(layer):
+            hk, hv = self.linear_num_key_heads, self.linear_num_value_heads
+            keys, values = hk * self.linear_key_head_dim, hv * self.linear_value_head_dim
+            return {"linear_attn.in_proj_qkv": (d, 2 * keys + values), "linear_attn.in_proj_z": (d, values),
+                    "linear_attn.in_proj_b": (d, hv), "linear_attn.in_proj_a": (d, hv),
+                    "linear_attn.out_proj": (values, d), **mlp}
         hq, hkv = self.num_attention_heads * hd, self.num_key_value_heads * hd
         if self.merged_projections:
             return {"self_attn.qkv_proj": (d, hq + 2 * hkv), "self_attn.o_proj": (hq, d),
                     "mlp.gate_up_proj": (d, 2 * f), "mlp.down_proj": (f, d)}
-        return {"self_attn.q_proj": (d, hq), "self_attn.k_proj": (d, hkv), "self_attn.v_proj": (d, hkv),
-                "self_attn.o_proj": (hq, d), "mlp.gate_proj": (d, f), "mlp.up_proj": (d, f), "mlp.down_proj": (f, d)}
+        q = 2 * hq if self.attn_output_gate else hq  # the gate's rows follow each head's query rows
+        return {"self_attn.q_proj": (d, q), "self_attn.k_proj": (d, hkv), "self_attn.v_proj": (d, hkv),
+                "self_attn.o_proj": (hq, d), **mlp}
 
 
 def common(config, **kw):
