@@ -150,13 +150,14 @@ def convert_hf_dir(path, out, quantize=(64, 4), watch=None):
         config = json.loads(config_file.read_text())
     except json.JSONDecodeError as e:
         raise SourceError(f"{config_file}: not valid JSON ({e})") from None
-    from ..models import family, model_args, text_model
-    config, rename = text_model(config)  # a multimodal checkpoint's language model (Gemma 3), stored on its own
+    from ..models import family, model_args, tensor_fix, text_model
+    config, rename = text_model(config)  # a multimodal checkpoint's language model (Gemma 3, Qwen3.5), on its own
     args = model_args(config, where=str(config_file))
     files = sorted(glob.glob(str(path / "*.safetensors")))
     if not files:
         raise SourceError(f"{path}: no *.safetensors weight files")
     weights = {rename(k): v for k, v in _lazy_weights(files).items() if "rotary_emb.inv_freq" not in k and rename(k)}
+    fix = tensor_fix(config, {k: a.shape for k, (a, _) in weights.items()})  # a publisher's form into the store's
     if family(args.model_type).head_from_weights:  # the checkpoint, not its config, says whether the head is tied
         config = dict(config, tie_word_embeddings="lm_head.weight" not in weights)
         args = model_args(config, where=str(config_file))
@@ -177,6 +178,7 @@ def convert_hf_dir(path, out, quantize=(64, 4), watch=None):
         except Exception as e:
             raise SourceError(f"{where}: tensor {name} could not be read ({type(e).__name__}: {e}); "
                               "truncated file?") from None
+        arr = fix(name, arr)
         if pre:
             q = pre.get(module, pre)
             return {name: arr}, ({module: (q["group_size"], q["bits"])} if leaf == "scales" else {})

@@ -25,6 +25,17 @@ from . import SourceError
 
 EMBED_FILE = "model-embed.safetensors"
 STORE_MARK = "mesp_store.json"
+MODULE_LEAVES = ("weight", "scales", "biases", "bias")  # a module's tensors; any other leaf is a plain parameter
+
+
+def stored_tensors(path, w):
+    """The store's tensors for one plain array of `WeightStore.layer` (the inverse of its grouping): a norm's or
+    conv1d's weight, or a parameter under its own path."""
+    if path.endswith("conv1d"):
+        return {f"{path}.weight": w[..., None]}
+    if path.endswith("norm"):
+        return {f"{path}.weight": w}
+    return {path: w}
 
 
 def layer_file(i):
@@ -273,13 +284,24 @@ class WeightStore:
         return bits / count
 
     def layer(self, i):
-        """Block i's frozen weights by module path (norm weights as plain arrays), lazily read."""
+        """Block i's frozen weights by module path, lazily read: projections as `Frozen`, and as plain arrays the
+        norm weights, a conv1d's taps (C, K) and parameters that are no module's weight (Qwen3.5's A_log,
+        dt_bias), by their own path."""
         prefix = f"model.layers.{i}."
         arrays = {k[len(prefix):]: v for k, v in self._load(layer_file(i)).items()}
-        out = {}
-        for module in {k.rsplit(".", 1)[0] for k in arrays}:
+        out, modules = {}, set()
+        for name, arr in arrays.items():
+            module, leaf = name.rsplit(".", 1)
+            if leaf in MODULE_LEAVES:
+                modules.add(module)
+            else:
+                out[name] = arr
+        for module in modules:
             if module.endswith("norm"):
                 out[module] = arrays[f"{module}.weight"]
+            elif module.endswith("conv1d"):  # mlx-lm's Conv1d weight [C, K, 1] (depthwise)
+                w = arrays[f"{module}.weight"]
+                out[module] = w.reshape(w.shape[0], -1)
             else:
                 out[module] = self._frozen(arrays, module, prefix + module)
         return out
