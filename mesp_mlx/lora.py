@@ -1,8 +1,9 @@
 """LoRA parameters: which projections of which blocks are adapted, their initialisation, and mlx-lm's names.
 
-Parameters live as {block index: {module path: (lora_a (in, r), lora_b (r, out))}}. The adaptable paths are the
-model's (`args.projections()`: q/k/v/o, gate/up/down, or Phi-3's fused qkv_proj and gate_up_proj). mlx-lm's
-conventions hold:
+Parameters live as {block index: {module path: (lora_a (in, r), lora_b (r, out))}}. The adaptable paths are each
+block's (`args.projections(i)`: q/k/v/o, gate/up/down, Phi-3's fused qkv_proj and gate_up_proj, or Qwen3.5's
+linear-attention in_proj_* / out_proj); the keys asked for adapt the blocks that have them, as mlx-lm's
+linear_to_lora_layers does, and a block with none of them has no entry. mlx-lm's conventions hold:
 `num_layers` adapts the last N blocks, `scale` multiplies the low-rank product (alpha / rank when alpha is given),
 lora_a ~ U(-1/sqrt(in), 1/sqrt(in)), lora_b = 0.
 """
@@ -11,10 +12,10 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from .ops.block import MERGED_PROJECTIONS, PROJECTIONS
+from .ops.block import DELTA_PROJECTIONS, MERGED_PROJECTIONS, PROJECTIONS
 
 # every adaptable path of any supported layout, for a key list read without a model at hand
-KNOWN_PROJECTIONS = PROJECTIONS + tuple(p for p in MERGED_PROJECTIONS if p not in PROJECTIONS)
+KNOWN_PROJECTIONS = tuple(dict.fromkeys(PROJECTIONS + MERGED_PROJECTIONS + DELTA_PROJECTIONS))
 
 
 @dataclass
@@ -44,16 +45,33 @@ def resolve_keys(keys, where="keys", args=None):
     return tuple(out)
 
 
-def init_lora(args, cfg: LoRAConfig, seed=0):
-    key = mx.random.key(seed)
-    shapes = args.projection_shapes()
-    params = {}
-    keys = args.projections() if not cfg.keys or tuple(cfg.keys) == PROJECTIONS else cfg.keys
-    unknown = [p for p in keys if p not in shapes]
+def model_keys(args, keys):
+    """The paths `keys` names on this model: all of its projections when empty, or when the default (all seven of
+    the Llama layout) names a layout the model does not have (Phi-3's merged one); else `keys` as given."""
+    known = args.projections()
+    if not keys or (tuple(keys) == PROJECTIONS and not set(PROJECTIONS) <= set(known)):
+        return known
+    unknown = [p for p in keys if p not in known]
     if unknown:
         raise ValueError(f"{args.model_type} models have no projection {', '.join(unknown)} (they have "
-                         f"{', '.join(shapes)})")
+                         f"{', '.join(known)})")
+    return tuple(keys)
+
+
+def layer_keys(args, keys, i):
+    """The paths of `keys` (model_keys) block i has."""
+    own = args.projections(i)
+    return tuple(p for p in model_keys(args, keys) if p in own)
+
+
+def init_lora(args, cfg: LoRAConfig, seed=0):
+    key = mx.random.key(seed)
+    model_keys(args, cfg.keys)  # refused before anything is drawn
+    params = {}
     for i in cfg.layers(args.num_hidden_layers):
+        shapes, keys = args.projection_shapes(i), layer_keys(args, cfg.keys, i)
+        if not keys:
+            continue
         params[i] = {}
         for path in keys:
             key, sub = mx.random.split(key)
@@ -64,22 +82,32 @@ def init_lora(args, cfg: LoRAConfig, seed=0):
     return params
 
 
-def to_flat(params):
-    """mlx-lm adapter names: model.layers.{i}.{path}.lora_a / lora_b."""
+def to_flat(params, prefix=""):
+    """mlx-lm adapter names: {prefix}model.layers.{i}.{path}.lora_a / lora_b (prefix: the family's place of
+    `model` in mlx-lm's module tree, models.adapter_prefix; "" for our own files, which keep no family)."""
     flat = {}
     for i, mods in params.items():
         for path, (a, b) in mods.items():
-            flat[f"model.layers.{i}.{path}.lora_a"] = a
-            flat[f"model.layers.{i}.{path}.lora_b"] = b
+            flat[f"{prefix}model.layers.{i}.{path}.lora_a"] = a
+            flat[f"{prefix}model.layers.{i}.{path}.lora_b"] = b
     return flat
+
+
+def parse_name(name):
+    """An adapter name (any prefix before `model.layers.`) -> (block, module path, leaf)."""
+    head, sep, rest = name.partition("model.layers.")
+    if not sep:
+        raise ValueError(f"{name!r} is not an adapter name (<prefix>model.layers.N.<path>.lora_a|lora_b)")
+    i, rest = rest.split(".", 1)
+    path, leaf = rest.rsplit(".", 1)
+    return int(i), path, leaf
 
 
 def from_flat(flat):
     params = {}
     for name, arr in flat.items():
-        _, _, i, rest = name.split(".", 3)
-        path, leaf = rest.rsplit(".", 1)
-        pair = params.setdefault(int(i), {}).setdefault(path, [None, None])
+        i, path, leaf = parse_name(name)
+        pair = params.setdefault(i, {}).setdefault(path, [None, None])
         pair[0 if leaf == "lora_a" else 1] = arr
     return {i: {p: tuple(ab) for p, ab in mods.items()} for i, mods in params.items()}
 

@@ -71,7 +71,8 @@ def machine_bytes():
 def weight_holding(store, compute, memory):
     """"dense", "stored" or "streamed" (module docstring) for weights that may hold `memory` bytes."""
     n = store.num_layers
-    dense = n * sum(i * o for i, o in store.args.projection_shapes().values()) * compute.dtype.size
+    args = store.args
+    dense = sum(i * o for k in range(n) for i, o in args.projection_shapes(k).values()) * compute.dtype.size
     if compute.path == "dequantize" and dense <= memory:
         return "dense"
     return "stored" if n * store.layer_bytes() <= memory else "streamed"

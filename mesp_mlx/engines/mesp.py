@@ -62,11 +62,10 @@ class MeSPEngine(StreamingEngine):
         n, d, f = batch_size * seq_len, a.hidden_size, a.intermediate_size
         act = n * d * s
         lowest = min(params) if params else a.num_hidden_layers
-        shapes = a.projection_shapes()
-        dense = [i * o * s for i, o in shapes.values()]
-        products = self._product_bytes(shapes, n)
-        held = (sum(dense) + max(t for t, _ in products.values()) if self._shares_dequant()
-                else max(sum(products[k][1] for k in names if k in products) for names in PHASES))
+        # one block's projections at a time: the largest over the kinds of block (Qwen3.5's linear and
+        # full-attention blocks have different ones)
+        kinds = {a.projections(i): i for i in range(a.num_hidden_layers)}
+        held = max(self._held_bytes(a.projection_shapes(i), n) for i in kinds.values())
         mixer = max(self._mixer_bytes(spec, batch_size, seq_len) for spec in set(self.specs))
         block = (self.store.layer_bytes() + held + mixer + 12 * act
                  + 8 * batch_size * min(c.mlp_chunk, seq_len) * f * s)
@@ -82,6 +81,15 @@ class MeSPEngine(StreamingEngine):
                "block": block, "head": head_phase}
         out["peak"] = out["gradients"] + out["checkpoints"] + max(block, head_phase)
         return out
+
+    def _held_bytes(self, shapes, n):
+        """What a block with projections `shapes` holds of its weights in its products: all of them dense when the
+        dequantized copies are shared, else the largest phase's products."""
+        s = self.compute.dtype.size
+        products = self._product_bytes(shapes, n)
+        if self._shares_dequant():
+            return sum(i * o * s for i, o in shapes.values()) + max(t for t, _ in products.values())
+        return max(sum(products[k][1] for k in names if k in products) for names in PHASES)
 
     def _mixer_bytes(self, spec, batch_size, seq_len):
         """What one block of this spec keeps for its backward (BlockSaved) plus its mixer's largest temporaries:

@@ -76,10 +76,23 @@ def atomic_directory(out):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def model_prefix(model_path):
+    """The adapter-name prefix of the model at `model_path` (models.adapter_prefix; "" where its config cannot be
+    read)."""
+    from ..models import ARCHITECTURES
+    try:
+        kind = json.loads((Path(model_path) / "config.json").read_text()).get("model_type")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return ""
+    return ARCHITECTURES[kind].FAMILY.adapter_prefix if kind in ARCHITECTURES else ""
+
+
 def save_adapter(out_dir, params, lora_cfg, model_path, step=None):
+    """adapters.safetensors (and a numbered copy at `step`) and adapter_config.json, named as mlx-lm's module tree
+    of the model at `model_path` names them (its family's adapter_prefix)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    flat = {k: v.astype(mx.float32) for k, v in to_flat(params).items()}
+    flat = {k: v.astype(mx.float32) for k, v in to_flat(params, model_prefix(model_path)).items()}
     config = {"fine_tune_type": "lora", "model": str(model_path), "num_layers": lora_cfg.num_layers,
               "lora_parameters": {"rank": lora_cfg.rank, "scale": lora_cfg.scale, "dropout": lora_cfg.dropout,
                                   "keys": list(lora_cfg.keys)}}

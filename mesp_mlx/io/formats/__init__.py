@@ -13,6 +13,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from ...lora import from_flat
+from ...models import adapter_prefix
 from .. import SourceError
 from ..adapters import atomic_directory, hold_folder
 from . import fused, gguf_lora, mlx_lm, ollama, peft
@@ -36,7 +37,7 @@ def export_adapter(adapter_dir, fmt="mlx-lm", out=None, model=None, dtype="float
         raise SourceError(f"{adapter_dir / 'adapter_config.json'}: names no model; pass --model")
     store = load_model(model)
     lora, expected = mlx_lm.read_config(adapter_dir, store)
-    params = load_adapter_weights(adapter_dir / "adapters.safetensors", expected)
+    params = load_adapter_weights(adapter_dir / "adapters.safetensors", expected, store=store)
     writer = FORMATS[fmt]
     out = Path(out) if out else adapter_dir / writer.DEFAULT_OUT
     options = dict(dtype=dtype, quantize=quantize)
@@ -63,16 +64,20 @@ def read_foreign(path, store):
 
 
 def load_adapter_weights(path, expected, scale=None, store=None):
-    """Adapter file -> params, checked against the expected {name: shape}.
+    """Adapter file -> params, checked against the expected {name: shape} (names as `to_flat` gives them without a
+    prefix; an mlx-lm file's names must carry the model's adapter_prefix, as mlx-lm's module tree names them).
 
     Besides mlx-lm's adapters.safetensors, `path` may be a PEFT folder (or its adapter_model.safetensors) or a GGUF
     LoRA; those need `store` (the model, for its family and q/k row order). When `scale` (the run's) is given and the
     file was trained with another (PEFT/GGUF: alpha / r; mlx-lm: adapter_config.json beside the file), lora_b is
     multiplied by file scale / run scale, so the adapted model stays the same, and a note says so."""
     foreign = read_foreign(path, store)
+    prefix = ""
     if foreign is not None:
         flat, file_scale = {k: mx.array(v) for k, v in foreign[0].items()}, foreign[1]
     else:
+        prefix = adapter_prefix(store.args) if store is not None else ""
+        expected = {prefix + k: v for k, v in expected.items()}
         try:
             flat = mx.load(str(path))
         except Exception as e:
@@ -87,4 +92,4 @@ def load_adapter_weights(path, expected, scale=None, store=None):
         print(f"[mesp-mlx] note: {path} was trained with scale {file_scale:g}, this run uses {scale:g}: lora_b "
               f"multiplied by {file_scale / scale:g} so the adapted model is unchanged", file=sys.stderr)
         flat = {k: v * (file_scale / scale) if k.endswith("lora_b") else v for k, v in flat.items()}
-    return from_flat(flat)
+    return from_flat({k[len(prefix):]: v for k, v in flat.items()})

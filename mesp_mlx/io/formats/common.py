@@ -11,7 +11,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from ...lora import to_flat
+from ...lora import parse_name, to_flat
 from ...models import family
 
 
@@ -60,6 +60,4 @@ def to_numpy(params):
 
 def parse(name):
     """mlx-lm name -> (block, module path, leaf)."""
-    _, _, i, rest = name.split(".", 3)
-    path, leaf = rest.rsplit(".", 1)
-    return int(i), path, leaf
+    return parse_name(name)

@@ -12,11 +12,12 @@ import mlx.core as mx
 from ...models import family, stop_ids
 from ...ops.linear import dense
 from ...ops.lora_linear import lora_merge
-from ..store import EMBED_FILE, layer_file
+from ..store import EMBED_FILE, layer_file, stored_tensors
 from .common import llamacpp_rows, permute_rows, qk_heads
 
 DEFAULT_OUT = "fused"
 DTYPES = ("float16", "bfloat16", "float32")
+KEEP_DTYPE = ("A_log",)  # Qwen3.5's decay rates stay fp32, as mlx-lm's cast_predicate keeps them
 
 
 def token_ids(store):
@@ -59,6 +60,8 @@ def write(params, lora, store, out, dtype="float16", quantize=None, probe_tokens
             if quantize and leaf == "weight" and arr.ndim == 2 and arr.shape[1] % quantize[0] == 0:
                 w, s, b = mx.quantize(arr.astype(mx.float32), group_size=quantize[0], bits=quantize[1])
                 tensors.update({name: w, f"{module}.scales": s.astype(target), f"{module}.biases": b.astype(target)})
+            elif leaf in KEEP_DTYPE:
+                tensors[name] = arr
             else:
                 tensors[name] = arr.astype(target)
         mx.save_safetensors(str(out / fname), tensors, metadata={"format": "pt"})
@@ -68,8 +71,8 @@ def write(params, lora, store, out, dtype="float16", quantize=None, probe_tokens
         arrays = {}
         for module, w in store.layer(i).items():
             name = f"model.layers.{i}.{module}"
-            if isinstance(w, mx.array):  # a norm
-                arrays[f"{name}.weight"] = w
+            if isinstance(w, mx.array):  # a norm, a conv's taps, a plain parameter
+                arrays.update({f"model.layers.{i}.{k}": v for k, v in stored_tensors(module, w).items()})
                 continue
             merged = lora_merge(w, *params[i][module], lora.scale) if module in params.get(i, {}) else dense(w)
             bias = w.bias

@@ -4,7 +4,7 @@ import json
 import shutil
 from pathlib import Path
 
-from ...lora import LoRAConfig, resolve_keys
+from ...lora import LoRAConfig, layer_keys, resolve_keys
 from .. import SourceError
 
 DEFAULT_OUT = "mlx-lm"
@@ -29,17 +29,18 @@ def read_config(adapter_dir, store):
     try:
         cfg = json.loads(cfg_file.read_text())
         lp = cfg["lora_parameters"]
-        keys = resolve_keys(lp.get("keys") or [p.split(".")[-1] for p in store.args.projection_shapes()])
+        keys = resolve_keys(lp.get("keys") or [p.split(".")[-1] for p in store.args.projections()])
         lora = LoRAConfig(int(lp["rank"]), float(lp["scale"]), keys, int(cfg.get("num_layers", -1)))
+        per_layer = {i: layer_keys(store.args, lora.keys, i) for i in lora.layers(store.num_layers)}
     except OSError:
         raise SourceError(f"{cfg_file}: missing (expected an adapter directory written by mesp_mlx.train or "
                           "mlx_lm.lora)") from None
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise SourceError(f"{cfg_file}: not a usable adapter config ({type(e).__name__}: {e})") from None
-    shapes = store.args.projection_shapes()
     expected = {}
-    for i in lora.layers(store.num_layers):
-        for path in lora.keys:
+    for i, paths in per_layer.items():  # each block's own projections among the keys, as mlx-lm adapts them
+        shapes = store.args.projection_shapes(i)
+        for path in paths:
             expected[f"model.layers.{i}.{path}.lora_a"] = (shapes[path][0], lora.rank)
             expected[f"model.layers.{i}.{path}.lora_b"] = (lora.rank, shapes[path][1])
     return lora, expected
