@@ -46,6 +46,15 @@ TINY = {
                  original_max_position_embeddings=64, partial_rotary_factor=0.75,
                  rope_scaling={"type": "longrope", "long_factor": [1.0, 1.5, 2.0, 3.0, 5.0, 8.0],
                                "short_factor": [1.0] * 6}),
+    # mlx-lm's flat form: linear-attention layers 0, 2 (Hk 2 key heads, Hv 4 value heads), full attention 1, 3 with
+    # RoPE on 4 of 16 features and the output gate; untied head
+    "qwen3_5": dict(model_type="qwen3_5", hidden_size=64, num_hidden_layers=4, intermediate_size=96,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=200, rms_norm_eps=1e-6,
+                    linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+                    linear_value_head_dim=16, linear_conv_kernel_dim=4, full_attention_interval=2,
+                    tie_word_embeddings=False, max_position_embeddings=512,
+                    rope_parameters={"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25,
+                                     "mrope_section": [1, 1, 0], "mrope_interleaved": True}),
 }
 
 
@@ -66,6 +75,9 @@ def tiny_weights(config, seed=0):
         out["model.norm.weight"] = norm(d)
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}."
+        if kind == "qwen3_5":
+            out.update(qwen35_layer(config, i, w, rng))
+            continue
         if kind == "phi3":  # fused: q, k, v rows in one matrix; gate, up rows in another
             out.update({p + "self_attn.qkv_proj.weight": w(hq + 2 * hkv, d),
                         p + "mlp.gate_up_proj.weight": w(2 * f, d)})
@@ -83,6 +95,32 @@ def tiny_weights(config, seed=0):
                         p + "self_attn.v_proj.bias": w(hkv)})
         if config["model_type"] == "qwen3":
             out.update({p + "self_attn.q_norm.weight": 1 + w(hd), p + "self_attn.k_norm.weight": 1 + w(hd)})
+    return out
+
+
+def qwen35_layer(config, i, w, rng):
+    """One Qwen3.5 block in mlx-lm's form (norms the multiplier, conv1d [C, K, 1], A_log fp32)."""
+    d, f, hd = config["hidden_size"], config["intermediate_size"], config["head_dim"]
+    p = f"model.layers.{i}."
+    norm = lambda n: 1 + w(n)
+    out = {p + "mlp.gate_proj.weight": w(f, d), p + "mlp.up_proj.weight": w(f, d), p + "mlp.down_proj.weight": w(d, f),
+           p + "input_layernorm.weight": norm(d), p + "post_attention_layernorm.weight": norm(d)}
+    if (i + 1) % config["full_attention_interval"]:
+        hk, hv = config["linear_num_key_heads"], config["linear_num_value_heads"]
+        keys, values = hk * config["linear_key_head_dim"], hv * config["linear_value_head_dim"]
+        a = p + "linear_attn."
+        out.update({a + "in_proj_qkv.weight": w(2 * keys + values, d), a + "in_proj_z.weight": w(values, d),
+                    a + "in_proj_b.weight": w(hv, d), a + "in_proj_a.weight": w(hv, d),
+                    a + "out_proj.weight": w(d, values),
+                    a + "conv1d.weight": w(2 * keys + values, config["linear_conv_kernel_dim"], 1),
+                    a + "A_log": mx.array(np.log(rng.uniform(1, 16, hv)).astype(np.float32)),
+                    a + "dt_bias": mx.array(rng.uniform(-1, 1, hv).astype(np.float32)),
+                    a + "norm.weight": norm(config["linear_value_head_dim"])})
+    else:
+        hq, hkv = config["num_attention_heads"] * hd, config["num_key_value_heads"] * hd
+        out.update({p + "self_attn.q_proj.weight": w(2 * hq, d), p + "self_attn.k_proj.weight": w(hkv, d),
+                    p + "self_attn.v_proj.weight": w(hkv, d), p + "self_attn.o_proj.weight": w(d, hq),
+                    p + "self_attn.q_norm.weight": norm(hd), p + "self_attn.k_norm.weight": norm(hd)})
     return out
 
 

@@ -41,6 +41,7 @@ from mesp_mlx.model import logits
 from mesp_mlx.models import family
 
 FAMILIES = ["llama", "mistral", "smollm3", "qwen2", "qwen3", "phi3", "gemma3_text"]
+PENDING = ["qwen3_5"]  # qwen3_5: forward pending (ops/gated_delta.py); its formats: test_qwen35.py
 SOURCES = ["hf", "gguf"]
 LORA = LoRAConfig(rank=4, scale=2.5)
 IDS = [5, 17, 42, 99, 3, 250, 7, 8]
@@ -245,12 +246,15 @@ def test_every_family_record_is_whole():
     KeyError), a llama.cpp architecture that reads its GGUFs back as a family, and a transformers class."""
     from builders import TINY
     from mesp_mlx.models import ARCHITECTURES, GGUF_ARCHITECTURES, model_args
-    assert sorted(TINY) == sorted(FAMILIES)  # the matrix covers every family the suite builds
+    assert sorted(TINY) == sorted(FAMILIES + PENDING)  # the matrix covers every family the suite builds
     for kind in ARCHITECTURES:
         fam = family(kind)
         args = model_args(TINY.get(kind) or TINY[fam.model_type])
         assert set(args.projections()) <= set(fam.hf_to_gguf()), kind
-        assert fam.llamacpp_arch in GGUF_ARCHITECTURES and fam.hf_architecture.endswith("ForCausalLM"), kind
+        # a family whose GGUF bases are not read (Qwen3.5) still names llama.cpp's tensors for its LoRAs; a
+        # multimodal checkpoint's class is its ForConditionalGeneration
+        assert fam.llamacpp_arch in GGUF_ARCHITECTURES or not fam.reads_gguf, kind
+        assert fam.hf_architecture.endswith(("ForCausalLM", "ForConditionalGeneration")), kind
 
 
 def test_gguf_lora_for_another_architecture_is_refused(case):
