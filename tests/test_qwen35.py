@@ -276,3 +276,32 @@ def test_gguf_lora_refused_where_value_heads_are_reordered(tmp_path):
     with pytest.raises(SourceError, match="value heads") as e:
         export_adapter(tmp_path / "ad", "gguf", tmp_path / "a.gguf")
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("quantized", [True, False])
+def test_make_model_presets_load_in_both(tmp_path, quantized):
+    """tools/make_model.py's Qwen3.5 presets (real shapes, 4 layers, a small vocabulary): mlx-lm's form quantized
+    (the small linear-attention tensors not), or Hugging Face's unquantized; our store of it is read by mlx-lm to
+    the same parameters as the directory itself."""
+    import sys
+    from pathlib import Path
+    from mlx_lm.utils import load_model as mlx_load
+    sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
+    import make_model
+    out = make_model.make_model("qwen3.5-0.8b", tmp_path / "m", layers=4, vocab=300, quantized=quantized)
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "qwen3_5" and config["text_config"]["hidden_size"] == 1024
+    assert config["text_config"]["num_hidden_layers"] == 4 and config["text_config"]["linear_num_value_heads"] == 16
+    weights = mx.load(str(out / "model.safetensors"))
+    prefix = "language_model.model." if quantized else "model.language_model."
+    a = prefix + "layers.0.linear_attn."
+    assert weights[a + "A_log"].dtype == mx.float32 and (a + "conv1d.scales") not in weights
+    assert (a + "in_proj_b.scales" in weights) == quantized
+    store = load_model(str(out), quantize=None)
+    assert store.args.linear(0) and not store.args.linear(3) and store.layer(0)["linear_attn.conv1d"].shape == (6144, 4)
+    ref, _ = mlx_load(out)
+    got, _ = mlx_load(store.path)
+    want, have = dict(tree_flatten(ref.parameters())), dict(tree_flatten(got.parameters()))
+    assert sorted(want) == sorted(have)
+    for k in want:
+        assert want[k].dtype == have[k].dtype and mx.array_equal(want[k], have[k]).item(), k

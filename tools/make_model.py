@@ -22,6 +22,7 @@ bench_conversion.py).
 """
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -59,6 +60,15 @@ _GEMMA3 = dict(model_type="gemma3_text", rms_norm_eps=1e-6, rope_theta=1000000.0
                query_pre_attn_scalar=256, sliding_window=512, sliding_window_pattern=6, rope_scaling=None,
                hidden_activation="gelu_pytorch_tanh", attention_bias=False, final_logit_softcapping=None,
                attn_logit_softcapping=None)
+# Qwen/Qwen3.5-{0.8B,2B,4B,9B} (text_config): three gated-delta (linear-attention) layers in four, head_dim 256
+# with RoPE on a quarter of it, written in mlx-lm's form (multimodal config, `language_model.*` names, norms the
+# multiplier, conv1d [C, K, 1]; --unquantized: Hugging Face's, `model.language_model.*`, norms zero-centred,
+# conv1d [C, 1, K]); the vision tower and the MTP head are left out
+_QWEN35 = dict(model_type="qwen3_5", rms_norm_eps=1e-6, vocab_size=248320, max_position_embeddings=262144,
+               head_dim=256, linear_key_head_dim=128, linear_value_head_dim=128, linear_conv_kernel_dim=4,
+               full_attention_interval=4, attn_output_gate=True, hidden_act="silu", attention_bias=False,
+               rope_parameters={"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25,
+                                "mrope_section": [11, 11, 10], "mrope_interleaved": True})
 PRESETS = {
     # Qwen/Qwen2.5-{0.5B,1.5B,3B}: q/k/v biases (model_type qwen2 always has them), tied head
     "qwen2.5-0.5b": dict(_QWEN2, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
@@ -84,15 +94,28 @@ PRESETS = {
                          num_attention_heads=15, num_key_value_heads=5),
     "gemma3-1b": dict(_GEMMA3, hidden_size=1152, intermediate_size=6912, num_hidden_layers=26,
                       num_attention_heads=4, num_key_value_heads=1),
+    "qwen3.5-0.8b": dict(_QWEN35, hidden_size=1024, intermediate_size=3584, num_hidden_layers=24,
+                         num_attention_heads=8, num_key_value_heads=2, linear_num_key_heads=16,
+                         linear_num_value_heads=16, tie_word_embeddings=True),
+    "qwen3.5-2b": dict(_QWEN35, hidden_size=2048, intermediate_size=6144, num_hidden_layers=24,
+                       num_attention_heads=8, num_key_value_heads=2, linear_num_key_heads=16,
+                       linear_num_value_heads=16, tie_word_embeddings=True),
+    "qwen3.5-4b": dict(_QWEN35, hidden_size=2560, intermediate_size=9216, num_hidden_layers=32,
+                       num_attention_heads=16, num_key_value_heads=4, linear_num_key_heads=16,
+                       linear_num_value_heads=32, tie_word_embeddings=True),
+    "qwen3.5-9b": dict(_QWEN35, hidden_size=4096, intermediate_size=12288, num_hidden_layers=32,
+                       num_attention_heads=16, num_key_value_heads=4, linear_num_key_heads=16,
+                       linear_num_value_heads=32, tie_word_embeddings=False),
 }
+ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM",
+                 "gemma3_text": "Gemma3ForCausalLM", "qwen3_5": "Qwen3_5ForConditionalGeneration"}
 
 
 def preset_config(preset, layers=None, vocab=None):
     if preset not in PRESETS:
         raise SystemExit(f"unknown preset {preset!r} (presets: {', '.join(PRESETS)})")
     config = dict(PRESETS[preset])
-    config["architectures"] = [{"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                                "llama": "LlamaForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}[config["model_type"]]]
+    config["architectures"] = [ARCHITECTURES[config["model_type"]]]
     if layers is not None:
         config["num_hidden_layers"] = layers
     if vocab is not None:
@@ -101,9 +124,57 @@ def preset_config(preset, layers=None, vocab=None):
     return config
 
 
-def tensor_shapes(config):
+def written_config(config):
+    """config.json as the checkpoint holds it: Qwen3.5's language model under text_config (the head's tying and
+    mlx-lm's quantization entry also at the top level, as mlx-lm writes them); other families as they are."""
+    if config["model_type"] != "qwen3_5":
+        return config
+    top = ("architectures", "quantization", "quantization_config", "torch_dtype", "bos_token_id", "eos_token_id")
+    text = {k: v for k, v in config.items() if k not in top}
+    out = {k: config[k] for k in top if k in config}
+    out.update(model_type="qwen3_5", tie_word_embeddings=config["tie_word_embeddings"],
+               text_config=dict(text, model_type="qwen3_5_text"))
+    return out
+
+
+def qwen35_shapes(config, hf):
+    """Qwen3.5's weights: mlx-lm's names and forms, or (hf) Hugging Face's."""
+    d, f, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    hd, hq, hkv = config["head_dim"], config["num_attention_heads"], config["num_key_value_heads"]
+    hk, hv = config["linear_num_key_heads"], config["linear_num_value_heads"]
+    keys, values = hk * config["linear_key_head_dim"], hv * config["linear_value_head_dim"]
+    conv, taps = 2 * keys + values, config["linear_conv_kernel_dim"]
+    model, norm = ("model.language_model.", "norm0") if hf else ("language_model.model.", "norm")
+    out = [(model + "embed_tokens", (v, d), "q"), (model + "norm.weight", (d,), norm)]
+    if not config["tie_word_embeddings"]:
+        out.append(("lm_head" if hf else "language_model.lm_head", (v, d), "q"))
+    for i in range(config["num_hidden_layers"]):
+        p = f"{model}layers.{i}."
+        out += [(p + "mlp.gate_proj", (f, d), "q"), (p + "mlp.up_proj", (f, d), "q"),
+                (p + "mlp.down_proj", (d, f), "q"),
+                (p + "input_layernorm.weight", (d,), norm), (p + "post_attention_layernorm.weight", (d,), norm)]
+        if (i + 1) % config["full_attention_interval"]:
+            a = p + "linear_attn."
+            out += [(a + "in_proj_qkv", (conv, d), "q"), (a + "in_proj_z", (values, d), "q"),
+                    (a + "in_proj_b", (hv, d), "q"), (a + "in_proj_a", (hv, d), "q"),
+                    (a + "out_proj", (d, values), "q"),
+                    (a + "conv1d.weight", (conv, 1, taps) if hf else (conv, taps, 1), "plain"),
+                    (a + "A_log", (hv,), "A_log"), (a + "dt_bias", (hv,), "plain"),
+                    (a + "norm.weight", (config["linear_value_head_dim"],), "norm")]  # never zero-centred
+        else:
+            s = p + "self_attn."
+            out += [(s + "q_proj", (2 * hq * hd, d), "q"), (s + "k_proj", (hkv * hd, d), "q"),
+                    (s + "v_proj", (hkv * hd, d), "q"), (s + "o_proj", (d, hq * hd), "q"),
+                    (s + "q_norm.weight", (hd,), norm), (s + "k_norm.weight", (hd,), norm)]
+    return out
+
+
+def tensor_shapes(config, hf=False):
     """[(name, shape, kind)] of every weight, kind "q" (quantized), "norm" (multiplier 1: ones, or zeros where the
-    family stores multiplier - 1, as Gemma does) or "bias" (kept as is)."""
+    family stores multiplier - 1, as Gemma does), "bias" or "plain" (drawn, kept as is), "A_log" (Qwen3.5's decay
+    rates, fp32: log of U(1, 16) as its initialisation draws them). hf: Qwen3.5 in Hugging Face's form."""
+    if config["model_type"] == "qwen3_5":
+        return qwen35_shapes(config, hf)
     d, f, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
     hd = config.get("head_dim") or d // config["num_attention_heads"]
     hq, hkv = config["num_attention_heads"] * hd, config["num_key_value_heads"] * hd
@@ -131,7 +202,7 @@ def tensor_shapes(config):
 
 
 def _nbytes(shape, kind, itemsize, quantized=True):
-    n = shape[0] * (shape[1] if len(shape) > 1 else 1)
+    n = math.prod(shape)
     return n // 2 + 2 * (n // GROUP) * itemsize if kind == "q" and quantized else n * itemsize
 
 
@@ -145,8 +216,10 @@ def make_tensor(name, shape, kind, seed, dtype, quantized=True):
     `quantized`: then the rows in `dtype`, drawn the same way)."""
     if kind in ("norm", "norm0"):
         return {name: (mx.ones if kind == "norm" else mx.zeros)(shape, dtype=dtype)}
-    if kind == "bias":
+    if kind in ("bias", "plain"):
         return {name: (0.02 * mx.random.normal(shape, key=_key(seed, name, 0))).astype(dtype)}
+    if kind == "A_log":
+        return {name: mx.log(mx.random.uniform(1, 16, shape, key=_key(seed, name, 0)))}
     rows, cols = shape
     step = max(1, ROW_ELEMENTS // cols)
     parts = []
@@ -221,7 +294,7 @@ def make_model(preset, out, layers=None, seed=0, vocab=None, dtype="bfloat16", q
     if quantized:
         config["quantization"] = {"group_size": GROUP, "bits": BITS}
         config["quantization_config"] = dict(config["quantization"])
-    specs = tensor_shapes(config)
+    specs = tensor_shapes(config, hf=not quantized)
     shards, size = [[]], 0
     for spec in specs:
         nb = _nbytes(spec[1], spec[2], dt.size, quantized)
@@ -246,7 +319,7 @@ def make_model(preset, out, layers=None, seed=0, vocab=None, dtype="bfloat16", q
         if len(names) > 1:
             (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index},
                                                                          indent=1))
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        (tmp / "config.json").write_text(json.dumps(written_config(config), indent=2))
         write_tokenizer(tmp, config["vocab_size"])
         tmp.chmod(0o755)  # mkdtemp makes it private; the model directory is an ordinary one
         if out.exists():
