@@ -46,6 +46,8 @@ class Family:
         reads_gguf        our GGUF reader converts this family's base files (False: a file of its llamacpp_arch is
                           refused as unsupported)
         gguf_lora_check   f(args) -> None, or the reason a GGUF LoRA of this model cannot be written or read
+        peft              PEFT adapters of this family are written and read (False: refused in one line; Qwen3.5,
+                          whose transformers module paths differ between its multimodal and text-only classes)
         adapter_prefix    what mlx-lm's module tree puts before `model.layers.N` (Qwen3.5's `language_model.`):
                           mlx-lm loads adapters with strict=False, so a name without it would be silently ignored"""
     model_types: tuple
@@ -60,6 +62,7 @@ class Family:
     gguf_config_tensors: tuple = ()
     reads_gguf: bool = True
     gguf_lora_check: Optional[Callable] = None
+    peft: bool = True
     adapter_prefix: str = ""
 
     @property

@@ -153,5 +153,5 @@ FAMILY = Family(("qwen3_5", "qwen3_5_text"), "qwen35", "Qwen3_5ForConditionalGen
                 gguf_names={"attn_qkv": "linear_attn.in_proj_qkv", "attn_gate": "linear_attn.in_proj_z",
                             "ssm_beta": "linear_attn.in_proj_b", "ssm_alpha": "linear_attn.in_proj_a",
                             "ssm_out": "linear_attn.out_proj", "post_attention_norm": "post_attention_layernorm"},
-                stop_tokens=("<|im_end|>",), reads_gguf=False, gguf_lora_check=gguf_lora_check,
+                stop_tokens=("<|im_end|>",), reads_gguf=False, gguf_lora_check=gguf_lora_check, peft=False,
                 adapter_prefix=ADAPTER_PREFIX)

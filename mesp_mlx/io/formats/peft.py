@@ -8,6 +8,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from ...models import family
 from .. import SourceError
 from ..adapters import atomic_save_safetensors
 from .common import llamacpp_rows, parse, reorder_qk, store_source, to_numpy
@@ -28,7 +29,14 @@ def base_model(store):
     return str(source), None
 
 
+def refuse_unsupported(store, where):
+    if not family(store.args.model_type).peft:
+        raise SourceError(f"{where}: PEFT adapters of {store.args.model_type} models are not supported yet (use the "
+                          "mlx-lm or fused format)")
+
+
 def export(adapter_dir, params, lora, store, out, base_name=None, **_):
+    refuse_unsupported(store, out)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     flat = to_numpy(params)
@@ -69,6 +77,7 @@ def is_peft(path):
 def read(path, store):
     """A PEFT folder (or its adapter_model.safetensors) -> ({mlx-lm name: numpy}, scale) in the store's row order."""
     path = Path(path)
+    refuse_unsupported(store, path)
     folder = path if path.is_dir() else path.parent
     weights = folder / "adapter_model.safetensors"
     try:
