@@ -23,10 +23,11 @@ CONFIG = TINY["qwen3_5"]
 TEXT = {k: v for k, v in CONFIG.items() if k not in ("model_type", "tie_word_embeddings")}
 
 
-def write_hf(path, extra=True):
+def write_hf(path, extra=True, text_only=False):
     """The tiny model as Hugging Face publishes Qwen3.5: a multimodal config with the language model under
     text_config, `model.language_model.*` names, norms stored as multiplier - 1 (not the gated norm), conv1d
-    [C, 1, K]; a vision tensor and an MTP tensor beside them."""
+    [C, 1, K]; a vision tensor and an MTP tensor beside them. text_only: transformers' Qwen3_5ForCausalLM
+    (a flat qwen3_5_text config, `model.layers.*`)."""
     weights = {}
     for name, arr in tiny_weights(CONFIG).items():
         if name.endswith("conv1d.weight"):
@@ -34,7 +35,8 @@ def write_hf(path, extra=True):
         elif arr.ndim == 1 and name.endswith(("layernorm.weight", "q_norm.weight", "k_norm.weight")) \
                 or name == "model.norm.weight":
             arr = arr - 1
-        weights[name.replace("model.", "model.language_model.", 1) if name.startswith("model.") else name] = arr
+        inner = name.startswith("model.") and not text_only
+        weights[name.replace("model.", "model.language_model.", 1) if inner else name] = arr
     if extra:
         weights["model.visual.blocks.0.attn.qkv.weight"] = mx.ones((8, 8))
         weights["mtp.layers.0.mlp.gate_proj.weight"] = mx.ones((8, 8))
@@ -42,6 +44,8 @@ def write_hf(path, extra=True):
     config = {"model_type": "qwen3_5", "architectures": ["Qwen3_5ForConditionalGeneration"],
               "tie_word_embeddings": False, "text_config": dict(TEXT, model_type="qwen3_5_text"),
               "vision_config": {"model_type": "qwen3_5", "depth": 1}}
+    if text_only:
+        config = dict(TEXT, model_type="qwen3_5_text", tie_word_embeddings=False)
     (path / "config.json").write_text(json.dumps(config))
     mx.save_safetensors(str(path / "model.safetensors"), weights)
     return path
@@ -80,8 +84,11 @@ def test_every_form_gives_the_same_store(tmp_path):
     flat = load_model(str(write_tiny(tmp_path / "flat", "qwen3_5")), quantize=None)
     hf = load_model(str(write_hf(tmp_path / "hf")), quantize=None)
     community = load_model(str(write_mlx_community(tmp_path / "community")), quantize=None)
+    text_only = load_model(str(write_hf(tmp_path / "text", text_only=True)), quantize=None)
     same_stores(flat, hf)
     same_stores(flat, community)
+    same_stores(flat, text_only)
+    assert text_only.config["model_type"] == "qwen3_5"  # mlx-lm has no qwen3_5_text module
     assert hf.config["model_type"] == "qwen3_5" and "text_config" not in hf.config
     names = [k for f in hf.path.glob("*.safetensors") for k in mx.load(str(f))]
     assert not any("visual" in k or "mtp" in k for k in names)
