@@ -84,7 +84,7 @@ def init_lora(args, cfg: LoRAConfig, seed=0):
 
 def to_flat(params, prefix=""):
     """mlx-lm adapter names: {prefix}model.layers.{i}.{path}.lora_a / lora_b (prefix: the family's place of
-    `model` in mlx-lm's module tree, models.adapter_prefix; "" for our own files, which keep no family)."""
+    `model` in mlx-lm's module tree, models.mlx_lm_prefix; "" for our own files, which keep no family)."""
     flat = {}
     for i, mods in params.items():
         for path, (a, b) in mods.items():

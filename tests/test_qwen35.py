@@ -323,3 +323,35 @@ def test_peft_refused_in_one_line(tmp_path):
     with pytest.raises(SourceError, match="PEFT adapters of qwen3_5 models are not supported") as e:
         export_adapter(tmp_path / "ad", "peft", tmp_path / "peft")
     assert "\n" not in str(e.value)
+
+
+def test_mixed_precision_mlx_lm_checkpoint(tmp_path):
+    """An mlx-lm checkpoint quantized with a per-module entry (in_proj_b at 8 bits, the rest 4) keeps it: the
+    store reads that module at 8 bits (the entry renamed into the store's naming), and mlx-lm reads the store to
+    the checkpoint's parameters."""
+    from mlx_lm.utils import load_model as mlx_load
+    src = write_mlx_community(tmp_path / "community")
+    weights = mx.load(str(src / "model.safetensors"))
+    special = "language_model.model.layers.0.linear_attn.in_proj_b"
+    out = {}
+    for name, arr in weights.items():
+        module = name[:-len(".weight")]
+        if name.endswith("proj.weight") or name.endswith(("in_proj_b.weight", "in_proj_a.weight", "in_proj_z.weight",
+                                                          "in_proj_qkv.weight")):
+            bits = 8 if module == special else 4
+            w, s, b = mx.quantize(arr, group_size=32, bits=bits)
+            out.update({name: w, f"{module}.scales": s, f"{module}.biases": b})
+        else:
+            out[name] = arr
+    mx.save_safetensors(str(src / "model.safetensors"), out)
+    config = json.loads((src / "config.json").read_text())
+    config["quantization"] = {"group_size": 32, "bits": 4, special: {"group_size": 32, "bits": 8}}
+    (src / "config.json").write_text(json.dumps(config))
+    store = load_model(str(src))
+    assert store.layer(0)["linear_attn.in_proj_b"].bits == 8 and store.layer(0)["linear_attn.in_proj_a"].bits == 4
+    ref, _ = mlx_load(src)
+    got, _ = mlx_load(store.path)
+    want, have = dict(tree_flatten(ref.parameters())), dict(tree_flatten(got.parameters()))
+    assert sorted(want) == sorted(have)
+    for k in want:
+        assert want[k].dtype == have[k].dtype and mx.array_equal(want[k], have[k]).item(), k

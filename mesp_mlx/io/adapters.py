@@ -77,19 +77,19 @@ def atomic_directory(out):
 
 
 def model_prefix(model_path):
-    """The adapter-name prefix of the model at `model_path` (models.adapter_prefix; "" where its config cannot be
+    """The adapter-name prefix of the model at `model_path` (models.mlx_lm_prefix; "" where its config cannot be
     read)."""
     from ..models import ARCHITECTURES
     try:
         kind = json.loads((Path(model_path) / "config.json").read_text()).get("model_type")
     except (OSError, json.JSONDecodeError, AttributeError):
         return ""
-    return ARCHITECTURES[kind].FAMILY.adapter_prefix if kind in ARCHITECTURES else ""
+    return ARCHITECTURES[kind].FAMILY.mlx_lm_prefix if kind in ARCHITECTURES else ""
 
 
 def save_adapter(out_dir, params, lora_cfg, model_path, step=None):
     """adapters.safetensors (and a numbered copy at `step`) and adapter_config.json, named as mlx-lm's module tree
-    of the model at `model_path` names them (its family's adapter_prefix)."""
+    of the model at `model_path` names them (its family's mlx_lm_prefix)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     flat = {k: v.astype(mx.float32) for k, v in to_flat(params, model_prefix(model_path)).items()}

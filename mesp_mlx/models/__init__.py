@@ -52,9 +52,10 @@ def tensor_fix(config, shapes):
     return lambda name, arr: arr
 
 
-def adapter_prefix(args):
-    """What mlx-lm's module tree puts before `model.layers.N` in adapter names for this model ("" for most)."""
-    return family(args.model_type).adapter_prefix
+def mlx_lm_prefix(args):
+    """What mlx-lm's module tree puts before the store's module paths, in adapter names for this model ("" for
+    most)."""
+    return family(args.model_type).mlx_lm_prefix
 
 
 def model_args(config, where="config.json"):

@@ -48,8 +48,9 @@ class Family:
         gguf_lora_check   f(args) -> None, or the reason a GGUF LoRA of this model cannot be written or read
         peft              PEFT adapters of this family are written and read (False: refused in one line; Qwen3.5,
                           whose transformers module paths differ between its multimodal and text-only classes)
-        adapter_prefix    what mlx-lm's module tree puts before `model.layers.N` (Qwen3.5's `language_model.`):
-                          mlx-lm loads adapters with strict=False, so a name without it would be silently ignored"""
+        mlx_lm_prefix     what mlx-lm's module tree puts before a store's module paths (Qwen3.5's `language_model.`):
+                          adapter names carry it (mlx-lm loads adapters with strict=False, so a name without it
+                          would be ignored silently)"""
     model_types: tuple
     llamacpp_arch: str
     hf_architecture: str
@@ -63,7 +64,7 @@ class Family:
     reads_gguf: bool = True
     gguf_lora_check: Optional[Callable] = None
     peft: bool = True
-    adapter_prefix: str = ""
+    mlx_lm_prefix: str = ""
 
     @property
     def model_type(self):

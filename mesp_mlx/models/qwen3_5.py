@@ -26,7 +26,7 @@ ROPE_TYPES = ("default", "mrope", "linear")
 SHIFTED_NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.q_norm.weight",
                  "self_attn.k_norm.weight")
 # mlx-lm's module tree: Model.language_model (TextModel) .model (the blocks) .layers
-ADAPTER_PREFIX = "language_model."
+MLX_LM_PREFIX = "language_model."
 
 
 def text_weight(name):
@@ -154,4 +154,4 @@ FAMILY = Family(("qwen3_5", "qwen3_5_text"), "qwen35", "Qwen3_5ForConditionalGen
                             "ssm_beta": "linear_attn.in_proj_b", "ssm_alpha": "linear_attn.in_proj_a",
                             "ssm_out": "linear_attn.out_proj", "post_attention_norm": "post_attention_layernorm"},
                 stop_tokens=("<|im_end|>",), reads_gguf=False, gguf_lora_check=gguf_lora_check, peft=False,
-                adapter_prefix=ADAPTER_PREFIX)
+                mlx_lm_prefix=MLX_LM_PREFIX)

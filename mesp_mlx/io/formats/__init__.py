@@ -13,7 +13,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from ...lora import from_flat
-from ...models import adapter_prefix
+from ...models import mlx_lm_prefix
 from .. import SourceError
 from ..adapters import atomic_directory, hold_folder
 from . import fused, gguf_lora, mlx_lm, ollama, peft
@@ -65,7 +65,7 @@ def read_foreign(path, store):
 
 def load_adapter_weights(path, expected, scale=None, store=None):
     """Adapter file -> params, checked against the expected {name: shape} (names as `to_flat` gives them without a
-    prefix; an mlx-lm file's names must carry the model's adapter_prefix, as mlx-lm's module tree names them).
+    prefix; an mlx-lm file's names must carry the model's mlx_lm_prefix, as mlx-lm's module tree names them).
 
     Besides mlx-lm's adapters.safetensors, `path` may be a PEFT folder (or its adapter_model.safetensors) or a GGUF
     LoRA; those need `store` (the model, for its family and q/k row order). When `scale` (the run's) is given and the
@@ -76,7 +76,7 @@ def load_adapter_weights(path, expected, scale=None, store=None):
     if foreign is not None:
         flat, file_scale = {k: mx.array(v) for k, v in foreign[0].items()}, foreign[1]
     else:
-        prefix = adapter_prefix(store.args) if store is not None else ""
+        prefix = mlx_lm_prefix(store.args) if store is not None else ""
         expected = {prefix + k: v for k, v in expected.items()}
         try:
             flat = mx.load(str(path))
