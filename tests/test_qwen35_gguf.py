@@ -21,7 +21,8 @@ import pytest
 
 from builders import mlx_lm_qwen35, qwen35_mlx_lm_weights, tiny_qwen35, write_tiny_qwen35_gguf
 from helpers import EXACT, rel_err
-from mesp_mlx.io.qwen35_gguf import LORA_TARGETS, split_name, value_head_order, write_lora
+from mesp_mlx.io.qwen35_gguf import (LORA_TARGETS, split_name, tensor_from_gguf, text_config_from_gguf,
+                                    value_head_order, write_lora)
 
 IDS = [5, 17, 42, 99, 3, 250, 7, 8, 120, 64, 33, 201]
 RANK, SCALE = 4, 2.5
@@ -95,6 +96,31 @@ def test_llamacpp_reads_tiny_qwen35_as_mlx_lm_computes(tiny):
     assert rel_err(got["llamacpp"], ref) <= EXACT
     # the control: value heads left in Hugging Face's grouped order are read by llama.cpp as other heads
     assert rel_err(got["grouped"], ref) > 0.1
+
+
+def test_gguf_reads_back_to_mlx_lm_form(tiny):
+    """The inverse of the converter: the file's config fields and every tensor back in mlx-lm's form (value heads
+    regrouped), equal to what mlx-lm's sanitize makes of the checkpoint; A_log = log(-(-exp(A_log))) to float32
+    rounding, all else bit for bit."""
+    import gguf
+    reader = gguf.GGUFReader(str(tiny["gguf"]))
+    get = lambda key: reader.fields[f"qwen35.{key}"].contents() if f"qwen35.{key}" in reader.fields else None
+    t = tiny["config"]["text_config"]
+    cfg = text_config_from_gguf(get)
+    assert cfg == {k: t[k] for k in cfg if k in t} | {"partial_rotary_factor": t["rope_parameters"][
+        "partial_rotary_factor"], "mrope_section": t["rope_parameters"]["mrope_section"]}
+    back = {}
+    for tensor in reader.tensors:
+        name, arr = tensor_from_gguf(tensor.name, np.array(tensor.data), cfg)
+        back["language_model." + name] = arr
+    ref = qwen35_mlx_lm_weights(tiny["weights"], tiny["config"])
+    assert set(back) == set(ref)
+    for name, arr in back.items():
+        assert arr.shape == ref[name].shape, name
+        if name.endswith("A_log"):
+            np.testing.assert_allclose(arr, np.array(ref[name]), rtol=1e-6)
+        else:
+            assert np.array_equal(arr, np.array(ref[name])), name
 
 
 def lora_pairs(config, seed=1):

@@ -127,6 +127,62 @@ def tensor_to_gguf(name, arr, dims):
     return f"blk.{layer}.{gname}", arr
 
 
+def tensor_from_gguf(gname, arr, dims, regroup=True):
+    """One tensor of a qwen35 GGUF (numpy in GGUF's numpy layout, dequantized) -> (name as `model.layers.N.<module>.
+    <leaf>` / `model.embed_tokens.weight` / `model.norm.weight` / `lm_head.weight`, array in mlx-lm's form): the
+    norms as the file has them (1 + w is mlx-lm's form too), conv1d [C, K] -> [C, K, 1], A_log = log(-ssm_a), and
+    the value heads back in Hugging Face's grouped order unless regroup=False (the file's tiled order, for math
+    that broadcasts q/k by tiling). Regrouping permutes rows, except ssm_out's columns: in a block-quantized file
+    those move in runs of Dv, which a block format can follow only where Dv is a multiple of its block (Q8_0, Q4_0:
+    32; not the K-quants' 256 with Dv = 128), so such an ssm_out is dequantized here or the store keeps tiled
+    order."""
+    arr = np.asarray(arr)
+    parts = gname.split(".")
+    if parts[0] != "blk":
+        top = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+        if parts[0] not in top:
+            raise KeyError(f"{gname}: not a qwen35 tensor")
+        return f"{top[parts[0]]}.{parts[-1]}", arr
+    layer, base = parts[1], ".".join(parts[2:])
+    from_leaf = {g: hf for hf, g in LEAF_NAMES.items()}
+    from_block = {g: hf for hf, g in BLOCK_NAMES.items()}
+    if base in from_leaf:
+        module, name = from_leaf[base], f"model.layers.{layer}.{from_leaf[base]}"
+    elif parts[2] in from_block and len(parts) == 4:
+        module = from_block[parts[2]]
+        name = f"model.layers.{layer}.{module}.{parts[3]}"
+    else:
+        raise KeyError(f"{gname}: not a qwen35 tensor")
+    if regroup:
+        rows, cols = output_rows(module, dims), input_columns(module, dims)
+        if rows is not None:
+            arr = arr[np.argsort(rows)]
+        if cols is not None:
+            arr = arr[:, np.argsort(cols)]
+    if module == "linear_attn.A_log":
+        arr = np.log(-arr.astype(np.float32))
+    if module == "linear_attn.conv1d":
+        arr = arr[:, :, None]
+    return name, arr
+
+
+def text_config_from_gguf(get):
+    """The Qwen3.5 text-config fields a qwen35 GGUF records, where get(key) reads "qwen35.<key>" (None if absent).
+    llama.cpp itself falls back to an interval of 4 when full_attention_interval is absent; no other key has a
+    fallback there (rope.dimension_sections is required)."""
+    heads, key_length = get("attention.head_count"), get("attention.key_length")
+    rank = get("ssm.time_step_rank")
+    return {"linear_num_key_heads": get("ssm.group_count"), "linear_num_value_heads": rank,
+            "linear_key_head_dim": get("ssm.state_size"),
+            "linear_value_head_dim": get("ssm.inner_size") // rank if rank else None,
+            "linear_conv_kernel_dim": get("ssm.conv_kernel"),
+            "full_attention_interval": get("full_attention_interval") or 4,
+            "head_dim": key_length,
+            "partial_rotary_factor": get("rope.dimension_count") / key_length if key_length else None,
+            "mrope_section": list(get("rope.dimension_sections") or [])[:3],
+            "num_attention_heads": heads}
+
+
 def lora_to_gguf(name, a, b, dims):
     """One LoRA pair in mlx-lm's layout (a: (in, r), b: (r, out); the update is x a b) on module `name` ->
     (GGUF base tensor name, lora_a (r, in), lora_b (out, r)) in llama.cpp's layout and head order."""
