@@ -21,8 +21,8 @@ import pytest
 
 from builders import mlx_lm_qwen35, qwen35_mlx_lm_weights, tiny_qwen35, write_tiny_qwen35_gguf
 from helpers import EXACT, rel_err
-from mesp_mlx.io.qwen35_gguf import (LORA_TARGETS, split_name, tensor_from_gguf, text_config_from_gguf,
-                                    value_head_order, write_lora)
+from mesp_mlx.io.qwen35_gguf import (LORA_TARGETS, lora_from_gguf, split_name, tensor_from_gguf,
+                                    text_config_from_gguf, value_head_order, write_lora)
 
 IDS = [5, 17, 42, 99, 3, 250, 7, 8, 120, 64, 33, 201]
 RANK, SCALE = 4, 2.5
@@ -170,13 +170,17 @@ def test_qwen35_lora_in_llamacpp(tiny):
     t = tiny["config"]["text_config"]
     pairs = lora_pairs(tiny["config"])
     lora = write_lora(tiny["root"] / "lora.gguf", pairs, t, SCALE)
-    grouped = write_lora(tiny["root"] / "lora-grouped.gguf", pairs,
-                         dict(t, linear_num_key_heads=t["linear_num_value_heads"]), SCALE)
+    grouped = write_lora(tiny["root"] / "lora-grouped.gguf", pairs, t, SCALE, heads_grouped=False)
     reader = gguf.GGUFReader(str(lora))
     assert reader.fields["general.architecture"].contents() == "qwen35"
     assert reader.fields["general.type"].contents() == "adapter"
     assert reader.fields["adapter.lora.alpha"].contents() == pytest.approx(SCALE * RANK)
     assert len(reader.tensors) == 2 * len(pairs)
+    tensors = {x.name: np.array(x.data) for x in reader.tensors}
+    for base in {n.rsplit(".", 1)[0] for n in tensors}:  # and back, as a reader of such files must
+        name, a, b = lora_from_gguf(base, tensors[base + ".lora_a"], tensors[base + ".lora_b"], t)
+        assert np.array_equal(a, pairs[name.replace("model.", "model.language_model.", 1)][0])
+        assert np.array_equal(b, pairs[name.replace("model.", "model.language_model.", 1)][1])
 
     ids = mx.array([IDS])
     ref_base = mlx_lm_qwen35(tiny["weights"], tiny["config"])(ids)[0]

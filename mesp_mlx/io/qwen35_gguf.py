@@ -183,26 +183,47 @@ def text_config_from_gguf(get):
             "num_attention_heads": heads}
 
 
-def lora_to_gguf(name, a, b, dims):
+def lora_to_gguf(name, a, b, dims, heads_grouped=True):
     """One LoRA pair in mlx-lm's layout (a: (in, r), b: (r, out); the update is x a b) on module `name` ->
-    (GGUF base tensor name, lora_a (r, in), lora_b (out, r)) in llama.cpp's layout and head order."""
+    (GGUF base tensor name, lora_a (r, in), lora_b (out, r)) in llama.cpp's layout and head order. heads_grouped:
+    the pair is for weights in Hugging Face's value-head order (reordered here as the converter reorders the base);
+    False for weights already in a GGUF's tiled order (a store read from such a file without regrouping)."""
     layer, module = split_name(name)
     if layer is None or module not in LORA_TARGETS:
         raise KeyError(f"{name}: llama.cpp's qwen35 graph applies no LoRA there (targets: {', '.join(LORA_TARGETS)})")
     lora_a, lora_b = np.asarray(a, np.float32).T, np.asarray(b, np.float32).T
-    rows, cols = output_rows(module, dims), input_columns(module, dims)
-    if rows is not None:
-        lora_b = lora_b[rows]
-    if cols is not None:
-        lora_a = lora_a[:, cols]
+    if heads_grouped:
+        rows, cols = output_rows(module, dims), input_columns(module, dims)
+        if rows is not None:
+            lora_b = lora_b[rows]
+        if cols is not None:
+            lora_a = lora_a[:, cols]
     return f"blk.{layer}.{BLOCK_NAMES[module]}.weight", np.ascontiguousarray(lora_a), np.ascontiguousarray(lora_b)
 
 
-def write_lora(path, pairs, dims, scale, name="mesp-mlx LoRA"):
+def lora_from_gguf(base, lora_a, lora_b, dims, regroup=True):
+    """The inverse of lora_to_gguf: (GGUF base name `blk.N.<name>.weight`, lora_a (r, in), lora_b (out, r)) ->
+    (module name `model.layers.N.<module>`, a (in, r), b (r, out)), value heads regrouped unless regroup=False."""
+    parts = base.split(".")
+    from_block = {g: hf for hf, g in BLOCK_NAMES.items()}
+    if len(parts) != 4 or parts[0] != "blk" or parts[3] != "weight" or from_block.get(parts[2]) not in LORA_TARGETS:
+        raise KeyError(f"{base}: not a qwen35 tensor llama.cpp applies a LoRA to")
+    module = from_block[parts[2]]
+    lora_a, lora_b = np.asarray(lora_a), np.asarray(lora_b)
+    if regroup:
+        rows, cols = output_rows(module, dims), input_columns(module, dims)
+        if rows is not None:
+            lora_b = lora_b[np.argsort(rows)]
+        if cols is not None:
+            lora_a = lora_a[:, np.argsort(cols)]
+    return f"model.layers.{parts[1]}.{module}", lora_a.T, lora_b.T
+
+
+def write_lora(path, pairs, dims, scale, name="mesp-mlx LoRA", heads_grouped=True):
     """A GGUF LoRA adapter for a qwen35 base from {module name: (a (in, r), b (r, out))} with mlx-lm's update
     scale * x a b: adapter.lora.alpha = scale * r (llama.cpp multiplies by alpha / r), F32 tensors
     `blk.N.<base>.weight.lora_a` (ggml ne [in, r]) and `.lora_b` (ne [r, out]), value heads reordered as the base
-    file's. Every pair must have the same rank (one alpha scales them all)."""
+    file's (heads_grouped: see lora_to_gguf). Every pair must have the same rank (one alpha scales them all)."""
     import gguf
     ranks = {np.shape(a)[1] for a, _ in pairs.values()}
     if len(ranks) != 1:
@@ -210,7 +231,7 @@ def write_lora(path, pairs, dims, scale, name="mesp-mlx LoRA"):
     rank = ranks.pop()
     out = Path(path)
     tmp = out.with_name(f".{out.name}.tmp")
-    tensors = sorted((lora_to_gguf(n, a, b, dims) for n, (a, b) in pairs.items()),
+    tensors = sorted((lora_to_gguf(n, a, b, dims, heads_grouped) for n, (a, b) in pairs.items()),
                      key=lambda t: (int(t[0].split(".")[1]), t[0]))
     try:
         w = gguf.GGUFWriter(str(tmp), "qwen35")
