@@ -39,6 +39,30 @@ from .retention import RetentionCheck
 from .sampler import Generator
 
 
+# Tokens per pass over the weights below which a run says that its steps are short. Each micro-batch multiplies
+# every frozen weight a fixed number of times (MeSP: forward, recompute, backward), whatever its length, and on the
+# CPU each of those passes also dequantizes the weights: measured on SmolLM2-135M (BENCHMARKS.md, packing), a step
+# costs ~0.86 s plus ~7.6 ms per token, so the passes' fixed part equals ~113 tokens' work, and below ~128 tokens
+# reading the weights costs more than the tokens do (on Qwen2.5-1.5B a 26-token row cost about what a 256-token row
+# does, issue 32). 128 is also half of the default --max-seq-length: first-fit packing leaves at most one packed row
+# half empty, so a packed run at the default length is above it whenever the data holds that many tokens.
+LOW_TOKENS_PER_PASS = 128
+
+
+def pass_fill(dataset, objective, batch_size, world, seed, pack):
+    """(real tokens, positions with padding) per micro-batch of one process, the means over the first epoch's
+    batches as the cursor groups them (packed rows: the sum of their examples' rows)."""
+    groups = epoch_groups(dataset, batch_size * world, seed, 0, pack)
+    real = padded = 0
+    for group in groups:
+        rows = [sum(objective.example_rows(dataset, i)[0] for i in item) for item in group] if pack else \
+            [n for i in group for n in objective.example_rows(dataset, i)]
+        real += sum(rows)
+        padded += len(rows) * max(rows)
+    n = max(len(groups), 1) * world
+    return real / n, padded / n
+
+
 def catch_signals(trainer):
     """Ctrl-C / SIGTERM: finish the step, save, stop. A second one stops at once (the last checkpoint stays).
     -> the handlers replaced, to put back."""
@@ -319,6 +343,7 @@ class Trainer:
                 self.report_split("valid", c.val_batches)
             self.test()
             return self.params
+        fill = self.weight_pass_note()
         retention = None
         if c.retention:  # the set is checked before any training, then the base scored
             retention = RetentionCheck(self.generator(), self.tokenizer, self.engine, c, self.data["train"].chat)
@@ -327,6 +352,7 @@ class Trainer:
             self.log(f"Before: {c.sample_prompt!r} -> {self.sample(False)!r}")
         if first and c.report_to != "none":  # after the resume: a refused resume leaves no tracker run behind
             reporter.tracker = make_tracker(c.report_to, c.project_name, dataclasses.asdict(c), out)
+        reporter.append({"iter": self.step_no, **fill})
         old_handlers = catch_signals(self)
         try:
             self.train_loop(checkpointer, reporter)
@@ -346,6 +372,33 @@ class Trainer:
             reporter.append({"iter": self.step_no, **record})
         self.log(usage_hint(self.store, out, c.sample_prompt))
         return self.params
+
+    def weight_pass_note(self):
+        """How full a pass over the weights is: logs a note when its real tokens are few (LOW_TOKENS_PER_PASS) and
+        returns the figures for metrics.jsonl."""
+        c = self.cfg
+        real, padded = pass_fill(self.data["train"], self.objective, c.batch_size, self.group.size, c.seed,
+                                 self.pack)
+        passes = self.engine.weight_passes
+        fill = {"tokens_per_pass": round(real, 1), "positions_per_pass": round(padded, 1),
+                "weight_passes_per_step": passes * c.grad_accumulation_steps,
+                "low_tokens_per_pass": real < LOW_TOKENS_PER_PASS}
+        if not fill["low_tokens_per_pass"]:
+            return fill
+        if self.pack:
+            remedy = f"a larger --batch-size (now {c.batch_size}) or a longer --max-seq-length (now {c.max_seq_length})"
+        elif self.objective.packs:
+            remedy = (f"--pack (short rows share rows of --max-seq-length {c.max_seq_length}) or a larger "
+                      f"--batch-size (now {c.batch_size})")
+        else:
+            remedy = f"a larger --batch-size (now {c.batch_size}; --loss {c.loss} does not pack)"
+        accum = (f"; --grad-accumulation-steps repeats the passes ({passes * c.grad_accumulation_steps} a step), it "
+                 "does not fill them" if c.grad_accumulation_steps > 1 else "")
+        self.log(f"[mesp-mlx] note: {real:.0f} tokens per pass over the weights (batch {c.batch_size}"
+                 f"{', packed' if self.pack else ''}; mean of the first epoch): {c.method} multiplies every frozen "
+                 f"weight {passes} times a batch whatever its length, and below {LOW_TOKENS_PER_PASS} tokens reading "
+                 f"the weights costs more than the tokens do; fill the batches with {remedy}{accum}")
+        return fill
 
     def train_loop(self, checkpointer, reporter):
         c = self.cfg

@@ -267,3 +267,159 @@ def run_two_processes(args, timeout=300):
                        capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     return r
+
+
+# Qwen3.5 dense (llama.cpp architecture qwen35) in Hugging Face's form: three of the four layers Gated DeltaNet
+# (full_attention_interval 2 here: layers 1 and 3 are gated full attention), Hk = 2 < Hv = 4 so that llama.cpp's
+# value-head reorder matters, RoPE on half of each 16-wide head, a vocabulary of tiny_bpe's 300 tokens
+TINY_QWEN35 = dict(
+    model_type="qwen3_5", architectures=["Qwen3_5ForConditionalGeneration"], tie_word_embeddings=True,
+    text_config=dict(model_type="qwen3_5_text", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, linear_num_key_heads=2,
+                     linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
+                     linear_conv_kernel_dim=4, full_attention_interval=2, rms_norm_eps=1e-6, vocab_size=300,
+                     max_position_embeddings=512, tie_word_embeddings=True, attn_output_gate=True,
+                     layer_types=["linear_attention", "full_attention"] * 2,
+                     # 4 rotary pairs; interleaved M-RoPE sections cover all of them, so text positions rotate
+                     # every pair as plain RoPE does
+                     rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5,
+                                          mrope_section=[2, 1, 1], mrope_interleaved=True)))
+
+
+def tiny_qwen35(seed=0, **text_overrides):
+    """(config, weights): a tiny Qwen3.5 checkpoint as Hugging Face publishes one (names under
+    model.language_model., zero-centred norms applied as 1 + w, linear_attn.norm a plain weight, conv1d [C, 1, K],
+    A_log fp32), numpy float32."""
+    import copy
+    config = copy.deepcopy(TINY_QWEN35)
+    config["text_config"].update(text_overrides)
+    t = config["text_config"]
+    rng = np.random.default_rng(seed)
+    w = lambda *s: rng.normal(0, 0.08, s).astype(np.float32)
+    d, f, v = t["hidden_size"], t["intermediate_size"], t["vocab_size"]
+    hd, nh, nkv = t["head_dim"], t["num_attention_heads"], t["num_key_value_heads"]
+    hk, hv, dk, dv = (t["linear_num_key_heads"], t["linear_num_value_heads"], t["linear_key_head_dim"],
+                      t["linear_value_head_dim"])
+    centred = lambda n: rng.normal(0, 0.1, n).astype(np.float32)
+    p0 = "model.language_model."
+    out = {p0 + "embed_tokens.weight": w(v, d), p0 + "norm.weight": centred(d)}
+    if not config["tie_word_embeddings"]:
+        out["lm_head.weight"] = w(v, d)
+    for i in range(t["num_hidden_layers"]):
+        p = f"{p0}layers.{i}."
+        out.update({p + "input_layernorm.weight": centred(d), p + "post_attention_layernorm.weight": centred(d),
+                    p + "mlp.gate_proj.weight": w(f, d), p + "mlp.up_proj.weight": w(f, d),
+                    p + "mlp.down_proj.weight": w(d, f)})
+        if (i + 1) % t["full_attention_interval"]:
+            a = p + "linear_attn."
+            out.update({a + "in_proj_qkv.weight": w(2 * hk * dk + hv * dv, d), a + "in_proj_z.weight": w(hv * dv, d),
+                        a + "in_proj_a.weight": w(hv, d), a + "in_proj_b.weight": w(hv, d),
+                        a + "conv1d.weight": rng.normal(0, 0.3, (2 * hk * dk + hv * dv, 1, t["linear_conv_kernel_dim"]))
+                        .astype(np.float32),
+                        # decays exp(-A softplus(.)) spread over (0, 1) per head, so that a head read from the wrong
+                        # key head or with another head's decay shows
+                        a + "dt_bias": rng.normal(0, 1, hv).astype(np.float32),
+                        a + "A_log": np.log(rng.uniform(0.2, 4.0, hv)).astype(np.float32),
+                        a + "norm.weight": (1 + rng.normal(0, 0.1, dv)).astype(np.float32),
+                        a + "out_proj.weight": w(d, hv * dv)})
+        else:
+            a = p + "self_attn."
+            out.update({a + "q_proj.weight": w(2 * nh * hd, d), a + "k_proj.weight": w(nkv * hd, d),
+                        a + "v_proj.weight": w(nkv * hd, d), a + "o_proj.weight": w(d, nh * hd),
+                        a + "q_norm.weight": centred(hd), a + "k_norm.weight": centred(hd)})
+    return config, out
+
+
+def qwen35_mlx_lm_weights(weights, config):
+    """Hugging Face Qwen3.5 weights -> the names and forms mlx-lm's qwen3_5.Model holds (what its sanitize does):
+    language_model.model.* / language_model.lm_head, conv1d [C, 1, K] -> [C, K, 1], 1 added to the zero-centred
+    norms (not to linear_attn.norm), the lm_head dropped when tied; vision and MTP weights dropped."""
+    shifted = (".input_layernorm.weight", ".post_attention_layernorm.weight", ".q_norm.weight", ".k_norm.weight")
+    out = {}
+    for k, v in weights.items():
+        if "mtp." in k or "visual" in k or "vision_tower" in k:
+            continue
+        if k == "lm_head.weight" and config["text_config"].get("tie_word_embeddings", config["tie_word_embeddings"]):
+            continue
+        name = (k.replace("model.language_model.", "language_model.model.", 1) if k.startswith("model.language_model.")
+                else "language_model." + k)
+        v = np.asarray(v)
+        if name.endswith("conv1d.weight"):
+            v = np.swapaxes(v, 1, 2)
+        if name.endswith(shifted) or name == "language_model.model.norm.weight":
+            v = v + 1.0
+        out[name] = mx.array(v)
+    return out
+
+
+def mlx_lm_qwen35(weights, config):
+    """mlx-lm's own Qwen3.5 model (mlx_lm.models.qwen3_5.Model) holding `weights` (Hugging Face form), in eval mode."""
+    import copy
+    from mlx_lm.models.qwen3_5 import Model, ModelArgs
+    model = Model(ModelArgs.from_dict(copy.deepcopy(config)))  # from_dict edits rope_parameters in place
+    model.load_weights(list(qwen35_mlx_lm_weights(weights, config).items()))
+    model.eval()
+    return model
+
+
+def write_tiny_qwen35_gguf(path, weights, config, qtype="F32", grouped_value_heads=False, pre="default",
+                           specials=CHATML, bos=0, eos=2):
+    """Hugging Face Qwen3.5 weights as the qwen35 GGUF llama.cpp's converter writes (mesp_mlx.io.qwen35_gguf has
+    the tensor transforms: names, +1 on the zero-centred norms, ssm_a = -exp(A_log), conv1d [C, K], value heads
+    grouped -> tiled), with its metadata and tiny_bpe's tokenizer (as write_tiny_gguf writes it). Matrices in
+    `qtype`, norms, conv1d, ssm_a and ssm_dt in F32. grouped_value_heads=True skips the value-head reorder (a file
+    llama.cpp misreads: the control that shows a test sees the reorder)."""
+    import gguf
+    from mesp_mlx.io.qwen35_gguf import tensor_to_gguf
+    t = config["text_config"]
+    tokens, merges = tiny_bpe(t["vocab_size"], specials)
+    assert len(tokens) == t["vocab_size"], (len(tokens), t["vocab_size"])
+    dims = dict(t, linear_num_key_heads=t["linear_num_value_heads"]) if grouped_value_heads else t
+    rope = t["rope_parameters"]
+    w = gguf.GGUFWriter(str(path), "qwen35")
+    # TextModel.set_gguf_parameters
+    w.add_block_count(t["num_hidden_layers"])
+    w.add_context_length(t["max_position_embeddings"])
+    w.add_embedding_length(t["hidden_size"])
+    w.add_feed_forward_length(t["intermediate_size"])
+    w.add_head_count(t["num_attention_heads"])
+    w.add_head_count_kv(t["num_key_value_heads"])
+    w.add_rope_freq_base(rope["rope_theta"])
+    w.add_layer_norm_rms_eps(t["rms_norm_eps"])
+    w.add_key_length(t["head_dim"])
+    w.add_value_length(t["head_dim"])
+    w.add_file_type(gguf.LlamaFileType.ALL_F32 if qtype == "F32" else getattr(gguf.LlamaFileType, f"MOSTLY_{qtype}"))
+    # interleaved M-RoPE sections, padded to 4 (the converter's default [11, 11, 10, 0] when the config has none)
+    w.add_rope_dimension_sections((list(rope.get("mrope_section", [11, 11, 10])) + [0, 0, 0, 0])[:4])
+    # Qwen3NextModel.set_gguf_parameters
+    w.add_ssm_conv_kernel(t["linear_conv_kernel_dim"])
+    w.add_ssm_state_size(t["linear_key_head_dim"])
+    w.add_ssm_group_count(t["linear_num_key_heads"])
+    w.add_ssm_time_step_rank(t["linear_num_value_heads"])
+    w.add_ssm_inner_size(t["linear_value_head_dim"] * t["linear_num_value_heads"])
+    w.add_full_attention_interval(t["full_attention_interval"])
+    w.add_rope_dimension_count(int(t["head_dim"] * rope.get("partial_rotary_factor", 0.25)))
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types([3 if tok in specials else 1 for tok in tokens])
+    w.add_token_merges(merges)
+    w.add_bos_token_id(bos)
+    w.add_eos_token_id(eos)
+    w.add_chat_template("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    qt = getattr(gguf.GGMLQuantizationType, qtype)
+    for name, arr in weights.items():
+        got = tensor_to_gguf(name, arr, dims)
+        if got is None:
+            continue
+        gname, arr = got
+        if arr.ndim == 2 and qtype != "F32" and not gname.endswith("ssm_conv1d.weight"):
+            w.add_tensor(gname, gguf.quants.quantize(arr.astype(np.float32), qt), raw_dtype=qt)
+        else:
+            w.add_tensor(gname, np.ascontiguousarray(arr, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

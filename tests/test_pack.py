@@ -241,3 +241,39 @@ def test_packed_run_resumes_exactly(tmp_path, tiny_gguf):
     assert all(float(mx.max(mx.abs(a[k] - b[k]))) <= 1e-6 for k in a)
     unpacked = [a for a in common if a != "--pack"]
     assert main(unpacked + ["--iters", "6", "--adapter-path", str(tmp_path / "b"), "--resume"]) == 2
+
+
+def test_pass_fill_counts_real_tokens_per_micro_batch():
+    """Real tokens and padded positions per batch: unpacked, each batch's rows padded to its longest; packed, the
+    rows of packed examples (first-fit leaves at most one row half empty)."""
+    from mesp_mlx.trainer import pass_fill
+    data = random_dataset(40, 20)
+    tokens = sum(len(ids) - 1 for ids, _ in data.examples)
+    real, padded = pass_fill(data, SFT(), 4, 1, 0, 0)
+    assert real == tokens / 10 and padded >= real
+    real, padded = pass_fill(data, SFT(), 1, 1, 0, 64)
+    bins = len(epoch_groups(data, 1, 0, 0, 64))
+    assert real == tokens / bins and bins <= 2 * tokens / 64 + 1
+
+
+def test_short_rows_say_their_passes_are_short(tmp_path, tiny_gguf, capsys):
+    """A run whose batches hold few tokens says so once at the start, with the number and the remedy, and
+    metrics.jsonl records the figures; the same rows packed into rows of 256 fill the passes and say nothing."""
+    from mesp_mlx.trainer import LOW_TOKENS_PER_PASS
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text("\n".join(json.dumps({"text": f"row {i}: the quick brown fox"})
+                                                for i in range(60)))
+    common = ["--model", str(tiny_gguf), "--data", str(data), "--iters", "1", "--sample-prompt", "",
+              "--no-retention", "--rank", "4", "--max-seq-length", "256", "--steps-per-report", "1"]
+    first = lambda out: json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert main(common + ["--adapter-path", str(tmp_path / "a")]) == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if "tokens per pass over the weights" in line]
+    rec = first(tmp_path / "a")
+    assert len(notes) == 1 and "--pack" in notes[0] and "--batch-size" in notes[0], notes
+    assert rec["low_tokens_per_pass"] and rec["tokens_per_pass"] < LOW_TOKENS_PER_PASS
+    assert f"{rec['tokens_per_pass']:.0f} tokens per pass" in notes[0] and rec["weight_passes_per_step"] == 3
+    assert main(common + ["--pack", "--adapter-path", str(tmp_path / "b")]) == 0
+    assert "tokens per pass over the weights" not in capsys.readouterr().out
+    rec = first(tmp_path / "b")
+    assert not rec["low_tokens_per_pass"] and rec["tokens_per_pass"] >= LOW_TOKENS_PER_PASS

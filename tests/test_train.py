@@ -255,6 +255,24 @@ def test_recipes_parse_and_find_their_data(recipe, monkeypatch, tmp_path):
     assert resolve_data(cfg.data).is_dir()
 
 
+@pytest.mark.real
+@pytest.mark.parametrize("recipe", ["default", "chat", "code", "paper", "dpo", "kto", "grpo"])
+def test_recipes_fill_their_passes_over_the_weights(recipe):
+    """Issue 32: on its shipped data (SmolLM2's tokenizer) no recipe's batches are short: each holds at least
+    LOW_TOKENS_PER_PASS real tokens per pass over the weights (packing where the objective packs, else the batch)."""
+    from pathlib import Path
+    from mesp_mlx.io.sources import smollm2_gguf
+    from mesp_mlx.trainer import LOW_TOKENS_PER_PASS, Trainer, pass_fill
+    try:
+        smollm2_gguf(install=False)
+    except Exception as e:
+        pytest.skip(str(e))
+    t = Trainer(config_from_args(["-c", str(Path(__file__).resolve().parents[1] / "recipes" / f"{recipe}.yaml")]),
+                log=lambda *a: None)
+    c = t.cfg
+    real, _ = pass_fill(t.data["train"], t.objective, c.batch_size, 1, c.seed, t.pack)
+    assert real >= LOW_TOKENS_PER_PASS, (recipe, real)
+
 def test_source_tree_holds_out_files(tmp_path, tiny_gguf):
     from mesp_mlx.data import load_source_tree
     tree = tmp_path / "src"

@@ -47,6 +47,11 @@ _LLAMA32 = dict(model_type="llama", rms_norm_eps=1e-5, rope_theta=500000.0, tie_
                 vocab_size=128256, max_position_embeddings=131072, hidden_act="silu", attention_bias=False,
                 mlp_bias=False, rope_scaling={"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
                                               "original_max_position_embeddings": 8192, "rope_type": "llama3"})
+# meta-llama/Llama-3.1-8B: the 3.2 family's fields, with llama3 rope scaling by 8 and an untied head (the published
+# config has no head_dim: d / heads = 128)
+_LLAMA31 = dict(_LLAMA32, tie_word_embeddings=False,
+                rope_scaling={"factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                              "original_max_position_embeddings": 8192, "rope_type": "llama3"})
 _QWEN3 = dict(model_type="qwen3", rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True,
               vocab_size=151936, max_position_embeddings=40960, head_dim=128, attention_bias=False,
               hidden_act="silu")
@@ -82,11 +87,16 @@ PRESETS = {
                          num_attention_heads=32, num_key_value_heads=8, head_dim=64),
     "llama-3.2-3b": dict(_LLAMA32, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
                          num_attention_heads=24, num_key_value_heads=8, head_dim=128),
+    "llama-3.1-8b": dict(_LLAMA31, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8),
     # Qwen/Qwen3-{0.6B,1.7B}: per-head RMSNorm on q and k, head_dim 128 (not d / heads), no biases
     "qwen3-0.6b": dict(_QWEN3, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
                        num_attention_heads=16, num_key_value_heads=8),
     "qwen3-1.7b": dict(_QWEN3, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
                        num_attention_heads=16, num_key_value_heads=8),
+    # Qwen/Qwen3-8B: untied head (the small Qwen3s tie theirs)
+    "qwen3-8b": dict(_QWEN3, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                     num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False),
     # HuggingFaceTB/SmolLM2-{135M,360M}(-Instruct): llama architecture, tied head
     "smollm2-135m": dict(_SMOLLM2, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                          num_attention_heads=9, num_key_value_heads=3),
@@ -109,9 +119,11 @@ PRESETS = {
 }
 ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM",
                  "gemma3_text": "Gemma3ForCausalLM", "qwen3_5": "Qwen3_5ForConditionalGeneration"}
+ALIASES = {"llama3.1-8b": "llama-3.1-8b"}  # the name issue 32 uses
 
 
 def preset_config(preset, layers=None, vocab=None):
+    preset = ALIASES.get(preset, preset)
     if preset not in PRESETS:
         raise SystemExit(f"unknown preset {preset!r} (presets: {', '.join(PRESETS)})")
     config = dict(PRESETS[preset])

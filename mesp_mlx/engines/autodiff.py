@@ -11,6 +11,7 @@ from .base import Engine
 
 
 class AutodiffEngine(Engine):
+    weight_passes = 2  # the graph's forward and its backward; no recompute
     def __init__(self, store, scale, compute=DEFAULT, checkpoints=None, checkpoint_dtype=None, lora_dropout=0.0):
         # one resident graph: there are no block checkpoints to place
         self.store, self.scale, self.lora_dropout = store, scale, lora_dropout

@@ -13,6 +13,8 @@
     fuses_update    whether train_step updates blocks during the backward (so whole gradients never exist)
     settings        {keyword argument: run setting (TrainConfig field)}: what the engine takes from a run's config
     state() / load_state(state)    the engine's own resumable state (JSON-able)
+    weight_passes   how many times one loss_and_grad multiplies every frozen weight, whatever the batch's length
+                    (the streaming engines: forward, recompute, backward): the trainer's tokens-per-pass note
 A batch is an `objectives.Batch`: inputs, targets, mask (B, T), segments (packed rows, or None), and the objective
 that scores it. Every method returns the objective's stats, a dict of scalars with the loss under "loss"; an engine computes them through `batch.objective` (loss_stats from full logits, or its streaming
 head) and never asks which objective it is.
@@ -22,6 +24,7 @@ head) and never asks which objective it is.
 class Engine:
     fuses_update = False
     settings = {"lora_dropout": "lora_dropout"}
+    weight_passes = 3
 
     def loss(self, params, batch):
         raise NotImplementedError

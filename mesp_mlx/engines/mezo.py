@@ -23,6 +23,10 @@ class MeZOEngine(StreamingEngine):
         self.seed = seed
         self.calls = 0  # seeds drawn so far: the only random state of a run
 
+    @property
+    def weight_passes(self):
+        return 2 * self.n_samples  # two forwards per SPSA sample, no backward
+
     def state(self):
         return {"mezo_calls": self.calls}
 

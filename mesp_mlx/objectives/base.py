@@ -50,6 +50,7 @@ class Objective:
     stats = ("loss",)  # the names in every stats dict it returns, "loss" first
     rows_per_example = 1  # batch rows one training example becomes (a preference pair, a KTO example: 2)
     needs_reference = False  # scores rows against a reference model's log-probabilities, computed before training
+    packs = True  # takes --pack (short rows share batch rows)
 
     @classmethod
     def from_config(cls, config):
@@ -84,6 +85,11 @@ class Objective:
     def make_batch(self, dataset, items, packed=False):
         """A `Batch` of the dataset's examples `items` (as data.epoch_groups lists them)."""
         raise NotImplementedError
+
+    def example_rows(self, dataset, i):
+        """The positions of each batch row example i becomes (its input tokens, before padding). An objective that
+        samples its rows (GRPO) counts them at their longest."""
+        return [len(dataset.examples[i][0]) - 1] * self.rows_per_example
 
     def prepare(self, batch, rollout):
         """The batch to score, given the model being trained (a `Rollout`): a batch of fixed rows as it is; an

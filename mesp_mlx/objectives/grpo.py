@@ -81,6 +81,7 @@ def encode_prompts(tokenizer, rows, max_seq_length, room, skip_bad=False, skippe
 
 class GRPO(Objective):
     name = "grpo"
+    packs = False
 
     def __init__(self, functions, group_size=4, max_completion_length=64, temperature=1.0, top_p=1.0,
                  loss_type="grpo", epsilon=0.2, epsilon_high=None, beta=0.0):

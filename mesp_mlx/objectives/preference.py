@@ -146,6 +146,7 @@ class PairObjective(Objective):
     masked to its answer; every stat is a mean over the pairs."""
     stats = STATS
     rows_per_example = 2
+    packs = False
     data_kind = "pairs"  # what its data rows are, for its refusals
 
     def __init__(self, beta):
@@ -171,6 +172,10 @@ class PairObjective(Objective):
             fields["reference"] = mx.array([dataset.reference[i][0] for i in items]
                                            + [dataset.reference[i][1] for i in items])
         return self.batch(*collate(rows), **fields)
+
+    def example_rows(self, dataset, i):
+        chosen, rejected, _ = dataset.pairs[i]
+        return [len(chosen) - 1, len(rejected) - 1]
 
     def weight(self, batch):
         return mx.array(batch.inputs.shape[0] // 2, mx.float32)
