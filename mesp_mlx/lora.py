@@ -95,7 +95,7 @@ def to_flat(params, prefix=""):
 
 def parse_name(name):
     """An adapter name (any prefix before `model.layers.`) -> (block, module path, leaf)."""
-    head, sep, rest = name.partition("model.layers.")
+    _, sep, rest = name.partition("model.layers.")
     if not sep:
         raise ValueError(f"{name!r} is not an adapter name (<prefix>model.layers.N.<path>.lora_a|lora_b)")
     i, rest = rest.split(".", 1)

@@ -26,7 +26,7 @@ from .errors import ConfigError
 from .io.formats import FORMATS, load_adapter_weights
 from .io.adapters import RESUME_FILE, hold_folder
 from .io.sources import load_model
-from .lora import LoRAConfig, from_flat, init_lora, num_params, resolve_keys, to_flat, tree_map
+from .lora import LoRAConfig, from_flat, init_lora, layer_keys, num_params, resolve_keys, to_flat, tree_map
 from .model import generate, token_logps
 from .models import stop_ids
 from .objectives import Rollout, make_objective
@@ -142,6 +142,9 @@ class Trainer:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         self.lora_cfg = LoRAConfig(c.rank, c.scale, keys, c.num_layers, c.lora_dropout)
+        if not any(layer_keys(self.store.args, keys, i) for i in self.lora_cfg.layers(n)):  # Qwen3.5's mixed blocks
+            raise ConfigError(f"keys {', '.join(keys)}: none of the last {len(self.lora_cfg.layers(n))} block(s) has "
+                              "them; adapt more layers (--num-layers) or other keys")
         self.tokenizer = self.store.tokenizer()
         self.objective = make_objective(c)
         self.data = self.objective.load_data(self.tokenizer, c)

@@ -355,3 +355,14 @@ def test_mixed_precision_mlx_lm_checkpoint(tmp_path):
     assert sorted(want) == sorted(have)
     for k in want:
         assert want[k].dtype == have[k].dtype and mx.array_equal(want[k], have[k]).item(), k
+
+
+def test_keys_no_adapted_block_has_are_refused(tmp_path):
+    """--keys q_proj --num-layers 1 on a model whose last block is a linear-attention one would train nothing."""
+    from mesp_mlx.config import TrainConfig
+    from mesp_mlx.errors import ConfigError
+    from mesp_mlx.trainer import Trainer
+    d = write_tiny(tmp_path / "q", "qwen3_5", num_hidden_layers=3)  # layers 0, 2 linear, 1 full
+    with pytest.raises(ConfigError, match="none of the last 1 block") as e:
+        Trainer(TrainConfig(model=str(d), keys=["q_proj"], num_layers=1, device="cpu"), log=lambda *a, **k: None)
+    assert "\n" not in str(e.value)
