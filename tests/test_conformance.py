@@ -41,7 +41,7 @@ from mesp_mlx.model import logits
 from mesp_mlx.models import family
 
 FAMILIES = ["llama", "mistral", "smollm3", "qwen2", "qwen3", "phi3", "gemma3_text"]
-PENDING = ["qwen3_5"]  # qwen3_5: forward pending (ops/gated_delta.py); its formats: test_qwen35.py
+PENDING = ["qwen3_5"]  # qwen3_5: its GGUF bases are not read yet; its formats: test_qwen35.py, test_qwen35_gguf.py
 SOURCES = ["hf", "gguf"]
 LORA = LoRAConfig(rank=4, scale=2.5)
 IDS = [5, 17, 42, 99, 3, 250, 7, 8]

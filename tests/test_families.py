@@ -132,7 +132,7 @@ def test_windows_bind(tmp_path):
     assert rel_err(logits(alone, ids), logits(none, ids)) > 1e-3
 
 
-@pytest.mark.parametrize("arch", ["gemma3_text", "phi3", "smollm3"])
+@pytest.mark.parametrize("arch", ["gemma3_text", "phi3", "smollm3", "qwen3_5"])
 def test_fp64_gradients_exact(tmp_path, arch):
     """In fp64 a wrong term cannot hide in rounding. MLX evaluates exp in fp32 precision even for float64 (the
     attention backward against its vjp differs by ~1e-7 in fp64 for that reason alone), so MeSP's gradients
@@ -145,7 +145,7 @@ def test_fp64_gradients_exact(tmp_path, arch):
                           .astype(mx.float64), params)
         ids = ids_of(store.args.vocab_size, 17)
         batch = sft_batch(ids[:, :-1], ids[:, 1:], mx.ones((2, 16)))
-        compute = Compute(dtype=mx.float64, attn_chunk=4, mlp_chunk=6, vocab_chunk=64, token_chunk=7)
+        compute = Compute(dtype=mx.float64, attn_chunk=4, mlp_chunk=6, vocab_chunk=64, token_chunk=7, delta_chunk=5)
         _, ref = make_engine("autodiff", store, 20.0, compute=Compute(dtype=mx.float64)).loss_and_grad(params, batch)
         _, got = make_engine("mesp", store, 20.0, compute=compute).loss_and_grad(params, batch)
         worst = max(rel_err(got[i][p][k], ref[i][p][k]) for i in ref for p in ref[i] for k in (0, 1))
@@ -160,7 +160,7 @@ def write_data(d):
     return d
 
 
-@pytest.mark.parametrize("arch,from_gguf", [(a, a == "gemma3_text") for a in NEW] +
+@pytest.mark.parametrize("arch,from_gguf", [(a, a == "gemma3_text") for a in NEW + ("qwen3_5",)] +
                          [(a, True) for a in sorted(QUANTIZED_GGUF)])
 def test_cli_adapter_loads_in_mlx_lm(tmp_path, tiny_gguf, arch, from_gguf):
     """One training run per family (and from a GGUF for Gemma 3, Phi-3 and SmolLM3); mlx_lm.load(...,
@@ -186,7 +186,7 @@ def test_cli_adapter_loads_in_mlx_lm(tmp_path, tiny_gguf, arch, from_gguf):
     store = load_model(str(model))
     from mesp_mlx.lora import from_flat
     params = from_flat(mx.load(str(out / "adapters.safetensors")))
-    assert set(params[0]) == set(store.args.projections())
+    assert set(params[0]) == set(store.args.projections(0))
     scale = json.loads((out / "adapter_config.json").read_text())["lora_parameters"]["scale"]
     ids = mx.array([[5, 17, 42, 99, 3, 250, 7, 8, 9, 10]])
     ours = logits(store, ids, params, scale)

@@ -28,8 +28,11 @@ def test_logits_equal_mlx_lm(tiny_dir):
     store = load_model(str(tiny_dir))
     assert store.config["quantization"]["bits"] == 4
     # mlx-lm's QuantizedEmbedding dequantizes through the fp16 scales, rounding the rows to fp16 (~5e-4 relative);
-    # we keep them in fp32. Everything else is the same arithmetic.
-    assert rel_err(logits(store, ids), mlx_lm_logits(store.path, ids)) < 2e-3
+    # we keep them in fp32. Everything else is the same arithmetic. Qwen3.5's decay, exp(-exp(A_log) softplus(a)),
+    # multiplies the rounding of in_proj_a's output by exp(A_log) (up to 16 here) and carries it through the state:
+    # measured 5e-3 there, 1.7e-3 elsewhere.
+    bound = 1e-2 if store.args.model_type == "qwen3_5" else 2e-3
+    assert rel_err(logits(store, ids), mlx_lm_logits(store.path, ids)) < bound
     # with mlx-lm's base dequantized through fp32 scales, as ours is, the arithmetic is the same: fp32 rounding only
     assert rel_err(logits(store, ids), mlx_lm_model(store.path)(ids)) < EXACT
 

@@ -170,7 +170,7 @@ def rows(vocab, seed=0):
     return [([rng.randrange(vocab) for _ in range(n)], start) for n, start in ((8, 0), (5, 2), (10, 0), (4, 3))]
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3_text"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3_text", "qwen3_5"])
 def test_packed_gradient_equals_padded(tmp_path, arch):
     """The rows as one packed batch (two packed rows, one of them with padding, segments across query blocks)
     and as a padded batch of four: the same token-weighted loss and the same gradient. The reference is the
@@ -184,7 +184,7 @@ def test_packed_gradient_equals_padded(tmp_path, arch):
     packed = sft_batch(*arrays)
     assert packed.inputs.shape == (2, 14) and padded.inputs.shape == (4, 9)
     ref_loss, ref = make_engine("autodiff", store, 20.0).loss_and_grad(params, padded)
-    small = Compute(attn_chunk=5, vocab_chunk=64, token_chunk=7)
+    small = Compute(attn_chunk=5, vocab_chunk=64, token_chunk=7, delta_chunk=4)
     for method, compute in (("mesp", small), ("mesp", Compute()), ("mebp", small), ("autodiff", Compute())):
         engine = make_engine(method, store, 20.0, compute=compute)
         loss, grads = engine.loss_and_grad(params, packed)

@@ -8,7 +8,7 @@ import pytest
 from helpers import REL_TOL, assert_close
 from mesp_mlx.io.sources import load_model
 from mesp_mlx.model import logits
-from mesp_mlx.ops.block import KVCache
+from mesp_mlx.ops.block import new_cache
 from mesp_mlx.ops.linear import Compute
 from mesp_mlx.sampler import Generator, Sampling, pick, weight_holding
 
@@ -18,12 +18,11 @@ PROMPTS = [[5, 17, 42, 99, 3, 25, 7, 12, 60, 2, 9], [11, 4], [8, 8, 1, 30, 44]]
 def _cached_logits(gen, prompts, steps, layers=None, head=None):
     """Every row's logits after its prompt and after each of `steps` greedy tokens, through the generator's own
     pieces (its prefill in blocks of 4 columns to cross block ends), and the tokens chosen."""
-    n = gen.store.num_layers
     width = max(map(len, prompts))
     valid = mx.array([[False] * (width - len(p)) + [True] * len(p) for p in prompts])
     ids = mx.array([[0] * (width - len(p)) + p for p in prompts])
     pos = mx.maximum(mx.cumsum(valid.astype(mx.int32), axis=1) - 1, 0)
-    caches = [KVCache(step=8) for _ in range(n)]
+    caches = [new_cache(spec, 8) for spec in gen.specs]
     for c0 in range(0, width, 4):
         x = gen._forward(ids[:, c0:c0 + 4], pos[:, c0:c0 + 4], valid[:, :c0 + 4], caches, layers, {}, 20.0)
     out, tokens, nxt = [], [], pos[:, -1] + 1

@@ -143,15 +143,15 @@ class ModelArgs:
         """Whether block `layer` mixes tokens by the gated delta rule (Qwen3.5's linear attention)."""
         return self.layer_types is not None and self.layer_types[layer] == LINEAR
 
-    def delta_spec(self):
+    def delta_spec(self, compute=DEFAULT):
         return DeltaSpec(self.linear_num_key_heads, self.linear_num_value_heads, self.linear_key_head_dim,
-                         self.linear_value_head_dim, self.linear_conv_kernel_dim)
+                         self.linear_value_head_dim, self.linear_conv_kernel_dim, compute.delta_chunk)
 
     def block_spec(self, compute=DEFAULT, layer=0):
         """The spec of block `layer` (blocks differ in window, rope and mixer)."""
         if self.linear(layer):  # the head fields are the attention layers'; a delta block reads only `delta`
             return BlockSpec(self.num_attention_heads, self.num_key_value_heads, self.head_dim, self.rms_norm_eps,
-                             None, compute=compute, delta=self.delta_spec())
+                             None, compute=compute, delta=self.delta_spec(compute))
         dims = int(self.head_dim * self.partial_rotary_factor)
         sliding = self.sliding(layer)
         if self.rope_layers is not None and not self.rope_layers[layer]:

@@ -92,7 +92,9 @@ class _Chunk:
             same = lower & (count[..., :, None] == count[..., None, :])
             carry = (count == 0).astype(q.dtype)
             tail = (count == count[..., -1:]).astype(q.dtype)
-        self.p = mx.where(same, mx.exp(cum[..., :, None] - cum[..., None, :]), 0.0)
+        # masked before the exp too: above the diagonal exp would overflow, and autodiff through where() turns
+        # an overflowed branch into inf * 0 = NaN
+        self.p = mx.where(same, mx.exp(mx.where(same, cum[..., :, None] - cum[..., None, :], 0.0)), 0.0)
         self.ps = mx.where(i[:, None] > i[None, :], self.p, 0.0)
         self.gam = mx.exp(cum) * carry
         self.r = mx.exp(cum[..., -1:] - cum) * tail

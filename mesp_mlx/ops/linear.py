@@ -32,6 +32,8 @@ class Compute:
                        keep one fp32 score tile within 64 MiB, at least 256 (`query_block`): one block at T=1024
                        on the 0.5B-3B shapes, so a query block's ~20 kernels are not paid T/256 times
         mlp_chunk      tokens per MLP block: bounds its T x f temporaries
+        delta_chunk    tokens per chunk of the gated delta rule (Qwen3.5's linear attention, ops/gated_delta.py): 64,
+                       the fastest of 32 / 64 / 128 on the CPU at the 4B shape (tools/bench_gated_delta.py)
         token_chunk, vocab_chunk   tiles of the chunked loss: never B*T*V logits; vocab_chunk 0 (auto): 512 x 4096
                        where chunks are evaluated one at a time (the CPU), and where a tile is one graph (GPUs)
                        up to 4096 tokens and as many rows as keep the fp32 tile within 64 MiB, at least 4096
@@ -62,6 +64,7 @@ class Compute:
     matmul: str = "auto"
     attn_chunk: int = 0
     mlp_chunk: int = 1024
+    delta_chunk: int = 64
     token_chunk: int = 512
     vocab_chunk: int = 0
     share_dequant: bool = True
