@@ -53,7 +53,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_inputs import KEYS, bench_ids, bench_text, resolve_model  # noqa: E402 (after the path)
+from bench_inputs import bench_ids, bench_text, resolve_model  # noqa: E402 (after the path)
 
 
 def device_info():
@@ -209,7 +209,9 @@ def mlx_lm_run(model, seq, rank, steps, warmup):
         for split in ("train", "valid"):
             (data / f"{split}.jsonl").write_text((row + "\n") * 4)
         cfg = Path(tmp) / "lora.yaml"
-        cfg.write_text(json.dumps({"lora_parameters": {"rank": rank, "scale": 20.0, "dropout": 0.0, "keys": KEYS}}))
+        # the model's own adaptable projections, as our engines adapt (Qwen3.5: linear_attn.* too)
+        keys = list(store.args.projections())
+        cfg.write_text(json.dumps({"lora_parameters": {"rank": rank, "scale": 20.0, "dropout": 0.0, "keys": keys}}))
         reports = [info for kind, _, info in run_mlx_lm_lora(
             ["--model", str(store.path), "--train", "--data", str(data), "--iters", str(warmup + steps),
              "--batch-size", "1", "--num-layers", "-1", "--max-seq-length", str(seq + 1), "--grad-checkpoint",
