@@ -12,7 +12,8 @@ tool that reads it.
 
 The tiny models are the suite's, with the settings llama.cpp fixes rather than reads (Gemma 3: five sliding layers in
 six, 1/sqrt(head_dim) scores, and six layers, which mlx-lm's Gemma 3 needs; SmolLM3: every fourth layer without
-RoPE; Mistral: no window, as llama.cpp's `llama` has none), so that the directory, the GGUF and llama.cpp describe
+RoPE; Mistral: no window, as llama.cpp's `llama` has none; Qwen3.5: builders.tiny_qwen35, Hk = 2 < Hv = 4, so
+llama.cpp's value-head reorder is exercised in every format), so that the directory, the GGUF and llama.cpp describe
 one model; Gemma's d = 64 makes sqrt(d) a bf16 number (llama.cpp scales embeddings in fp32, mlx-lm in bf16).
 
 Tolerances. Ours and the readers compute in fp32 on the CPU, the same sums in another order: EXACT (helpers.py) for
@@ -251,7 +252,7 @@ def test_every_family_record_is_whole():
         fam = family(kind)
         args = model_args(TINY.get(kind) or TINY[fam.model_type])
         assert set(args.projections()) <= set(fam.hf_to_gguf()), kind
-        # a family whose GGUF bases are not read (Qwen3.5) still names llama.cpp's tensors for its LoRAs; a
+        # a family whose GGUF bases are not read would still name llama.cpp's tensors for its LoRAs; a
         # multimodal checkpoint's class is its ForConditionalGeneration
         assert fam.llamacpp_arch in GGUF_ARCHITECTURES or not fam.reads_gguf, kind
         assert fam.hf_architecture.endswith(("ForCausalLM", "ForConditionalGeneration")), kind
