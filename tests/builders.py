@@ -169,9 +169,14 @@ def write_tiny_gguf(path, arch, qtype="Q8_0", seed=0, drop_tensor=None, bad_type
     rope_factors_long / rope_factors_short (with the attention factor as metadata). SmolLM3's no_rope_layers are not
     written (llama.cpp has no key for them; it fixes every fourth layer). llama.cpp itself refuses the pre-tokenizer
     "gpt2" on such a vocabulary and takes pre="default"; `specials` are the first tokens (type 3), bos / eos their
-    ids."""
+    ids. Qwen3.5 (`qwen3_5`): builders.tiny_qwen35's multimodal checkpoint (its `overrides` the text config's) as
+    write_tiny_qwen35_gguf writes it; the config and weights returned are that checkpoint's."""
     import gguf
     import numpy as np
+    if arch == "qwen3_5":
+        config, weights = tiny_qwen35(seed, **overrides)
+        write_tiny_qwen35_gguf(path, weights, config, qtype, pre=pre, specials=specials, bos=bos, eos=eos)
+        return config, weights
     config = dict(TINY[arch], vocab_size=300, **overrides)
     tokens, merges = tiny_bpe(300, specials)
     weights = {k: np.array(v) for k, v in tiny_weights(config, seed).items()}

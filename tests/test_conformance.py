@@ -12,7 +12,8 @@ tool that reads it.
 
 The tiny models are the suite's, with the settings llama.cpp fixes rather than reads (Gemma 3: five sliding layers in
 six, 1/sqrt(head_dim) scores, and six layers, which mlx-lm's Gemma 3 needs; SmolLM3: every fourth layer without
-RoPE; Mistral: no window, as llama.cpp's `llama` has none), so that the directory, the GGUF and llama.cpp describe
+RoPE; Mistral: no window, as llama.cpp's `llama` has none; Qwen3.5: builders.tiny_qwen35, Hk = 2 < Hv = 4, so
+llama.cpp's value-head reorder is exercised in every format), so that the directory, the GGUF and llama.cpp describe
 one model; Gemma's d = 64 makes sqrt(d) a bf16 number (llama.cpp scales embeddings in fp32, mlx-lm in bf16).
 
 Tolerances. Ours and the readers compute in fp32 on the CPU, the same sums in another order: EXACT (helpers.py) for
@@ -40,8 +41,8 @@ from mesp_mlx.lora import LoRAConfig, init_lora, to_flat
 from mesp_mlx.model import logits
 from mesp_mlx.models import family
 
-FAMILIES = ["llama", "mistral", "smollm3", "qwen2", "qwen3", "phi3", "gemma3_text"]
-PENDING = ["qwen3_5"]  # qwen3_5: its GGUF bases are not read yet; its formats: test_qwen35.py, test_qwen35_gguf.py
+FAMILIES = ["llama", "mistral", "smollm3", "qwen2", "qwen3", "phi3", "gemma3_text", "qwen3_5"]
+PENDING = []  # families the suite builds that the matrix does not cover yet
 SOURCES = ["hf", "gguf"]
 LORA = LoRAConfig(rank=4, scale=2.5)
 IDS = [5, 17, 42, 99, 3, 250, 7, 8]
@@ -55,13 +56,13 @@ SAME_IN_LLAMACPP = {
 SPECIALS = {"gemma3_text": ("<end_of_turn>", "<bos>", "<eos>")}
 # the stop ids of each family's fused folder in these vocabularies (ChatML: <|endoftext|> 0, <|im_end|> 2 = eos)
 STOPS = {"llama": [0, 2], "mistral": [2], "smollm3": [2], "qwen2": [0, 2], "qwen3": [0, 2], "phi3": [0, 2],
-         "gemma3_text": [0, 2]}
+         "gemma3_text": [0, 2], "qwen3_5": [2]}
 LLAMACPP_TOL, LLAMACPP_GEMMA_TOL = 1e-4, 5e-3
 
 
 def random_params(store, seed):
     """All projections of every block with a nonzero B (init_lora's B is zero, which would test nothing)."""
-    params = init_lora(store.args, LORA, seed)
+    params = init_lora(store.args, replace(LORA, keys=store.args.projections()), seed)
     rng = np.random.default_rng(seed)
     return {i: {p: (a, mx.array(rng.normal(0, 0.05, b.shape).astype(np.float32))) for p, (a, b) in mods.items()}
             for i, mods in params.items()}
@@ -251,7 +252,7 @@ def test_every_family_record_is_whole():
         fam = family(kind)
         args = model_args(TINY.get(kind) or TINY[fam.model_type])
         assert set(args.projections()) <= set(fam.hf_to_gguf()), kind
-        # a family whose GGUF bases are not read (Qwen3.5) still names llama.cpp's tensors for its LoRAs; a
+        # a family whose GGUF bases are not read would still name llama.cpp's tensors for its LoRAs; a
         # multimodal checkpoint's class is its ForConditionalGeneration
         assert fam.llamacpp_arch in GGUF_ARCHITECTURES or not fam.reads_gguf, kind
         assert fam.hf_architecture.endswith(("ForCausalLM", "ForConditionalGeneration")), kind

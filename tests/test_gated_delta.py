@@ -196,13 +196,25 @@ def vjp_layer(layer, x, dy, mask):
     return grads[0], dict(zip(names, grads[1:]))
 
 
-@pytest.mark.parametrize("linear,chunk,t", [(True, 4, 11), (True, 64, 11), (True, 3, 7), (False, 4, 11)])
-def test_qwen35_block_against_mlx_lm(linear, chunk, t):
+def tiled_columns(args):
+    """perm with tiled[j] = grouped[perm[j]] over out_proj's Hv Dv inputs: llama.cpp's value head j is the grouped
+    head (j % Hk) r + j // Hk (r = Hv / Hk)."""
+    hk, hv, dv = args.linear_num_key_heads, args.linear_num_value_heads, args.linear_value_head_dim
+    heads = np.arange(hv).reshape(hk, hv // hk).T.reshape(-1)
+    return mx.array((heads[:, None] * dv + np.arange(dv)).reshape(-1))
+
+
+@pytest.mark.parametrize("linear,chunk,t,tiled", [(True, 4, 11, False), (True, 64, 11, False), (True, 3, 7, False),
+                                                  (True, 4, 11, True), (False, 4, 11, False)])
+def test_qwen35_block_against_mlx_lm(linear, chunk, t, tiled):
     """Our block's forward equals mlx-lm's DecoderLayer; our recompute + backward give its autodiff gradients
-    (dx and every LoRA A, B) with LoRA (rank 3) on every projection of the block."""
+    (dx and every LoRA A, B) with LoRA (rank 3) on every projection of the block. tiled: out_proj's columns (and
+    its LoRA A's rows) in llama.cpp's tiled value-head order with DeltaSpec.out_tiled, which must compute the same
+    block (out_proj's A gradient in tiled order too)."""
     args, layer = mlx_lm_layer(0 if linear else 3, seed=7)
     spec = spec_of(args, linear, chunk)
     w = our_weights(layer)
+    assert args.linear_num_key_heads < args.linear_num_value_heads  # else tiled is grouped
     paths = DELTA_PROJECTIONS if linear else PROJECTIONS
     assert set(spec.projections) == set(paths)
     lora = {}
@@ -219,9 +231,16 @@ def test_qwen35_block_against_mlx_lm(linear, chunk, t):
     layer.freeze()
     layer.unfreeze(keys=["lora_a", "lora_b"])
     x, dy = R(2, t, args.hidden_size), R(2, t, args.hidden_size)
+    dx_ref, g_ref = vjp_layer(layer, x, dy, None if linear else "causal")
+    if tiled:
+        from dataclasses import replace
+        perm, out = tiled_columns(args), "linear_attn.out_proj"
+        spec = replace(spec, delta=replace(spec.delta, out_tiled=True))
+        w = dict(w, **{out: Frozen(w[out].weight[:, perm])})
+        lora = dict(lora, **{out: (lora[out][0][perm], lora[out][1])})
+        g_ref = dict(g_ref, **{out + ".lora_a": g_ref[out + ".lora_a"][perm]})
     assert_close(block_forward(x, w, lora, 2.0, spec), layer(x, mask=None if linear else "causal"), "forward")
 
-    dx_ref, g_ref = vjp_layer(layer, x, dy, None if linear else "causal")
     saved = block_recompute(x, w, lora, 2.0, spec)
     dx, grads = block_backward(dy, x, saved, w, lora, 2.0, spec)
     assert_close(dx, dx_ref, "dx")

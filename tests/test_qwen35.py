@@ -274,17 +274,6 @@ def test_fused_folder_loads_in_mlx_lm(tmp_path):
         assert np.allclose(np.array(got[k]), np.array(want), rtol=1e-6, atol=1e-6), k
 
 
-def test_gguf_lora_refused_where_value_heads_are_reordered(tmp_path):
-    """llama.cpp reorders the value heads of a model with Hv != Hk; a GGUF LoRA that did not follow would be wrong,
-    so it is refused in one line."""
-    store = load_model(str(write_tiny(tmp_path / "q", "qwen3_5")), quantize=None)
-    lora = LoRAConfig(rank=2, keys=store.args.projections())
-    save_adapter(tmp_path / "ad", init_lora(store.args, lora), lora, store.path)
-    with pytest.raises(SourceError, match="value heads") as e:
-        export_adapter(tmp_path / "ad", "gguf", tmp_path / "a.gguf")
-    assert "\n" not in str(e.value)
-
-
 @pytest.mark.parametrize("quantized", [True, False])
 def test_make_model_presets_load_in_both(tmp_path, quantized):
     """tools/make_model.py's Qwen3.5 presets (real shapes, 4 layers, a small vocabulary): mlx-lm's form quantized
@@ -312,17 +301,6 @@ def test_make_model_presets_load_in_both(tmp_path, quantized):
     assert sorted(want) == sorted(have)
     for k in want:
         assert want[k].dtype == have[k].dtype and mx.array_equal(want[k], have[k]).item(), k
-
-
-def test_peft_refused_in_one_line(tmp_path):
-    """transformers names Qwen3.5's blocks differently in its multimodal and text-only classes: no PEFT folder is
-    written for either until one is chosen and tested."""
-    store = load_model(str(write_tiny(tmp_path / "q", "qwen3_5")), quantize=None)
-    lora = LoRAConfig(rank=2, keys=store.args.projections())
-    save_adapter(tmp_path / "ad", init_lora(store.args, lora), lora, store.path)
-    with pytest.raises(SourceError, match="PEFT adapters of qwen3_5 models are not supported") as e:
-        export_adapter(tmp_path / "ad", "peft", tmp_path / "peft")
-    assert "\n" not in str(e.value)
 
 
 def test_mixed_precision_mlx_lm_checkpoint(tmp_path):

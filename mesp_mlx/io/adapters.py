@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 
 from ..lora import from_flat, to_flat
 from . import SourceError
@@ -87,12 +88,42 @@ def model_prefix(model_path):
     return ARCHITECTURES[kind].FAMILY.mlx_lm_prefix if kind in ARCHITECTURES else ""
 
 
+def value_head_order(flat, args, to_store):
+    """Adapter tensors between mlx-lm's order and the store's: a store whose out_proj reads the value heads in
+    llama.cpp's tiled order (ModelArgs.linear_out_tiled) has out_proj's lora_a rows (in, r) in that order, every
+    file has them in mlx-lm's (Hugging Face's grouped) order. to_store: file -> store; else store -> file. flat:
+    names -> MLX or numpy arrays; returned as it is for any other store."""
+    if not args.linear_out_tiled:
+        return flat
+    from .qwen35_gguf import value_rows
+    perm = value_rows(args, args.linear_value_head_dim)  # tiled[j] = grouped[perm[j]]
+    idx = perm if to_store else np.argsort(perm)
+    out = dict(flat)
+    for name, arr in flat.items():
+        if name.endswith("linear_attn.out_proj.lora_a"):
+            out[name] = arr[mx.array(idx)] if isinstance(arr, mx.array) else np.ascontiguousarray(arr[idx])
+    return out
+
+
+def _tiled(model_path):
+    """Whether the store at `model_path` keeps out_proj's value heads tiled (value_head_order)."""
+    from ..models.qwen3_5 import TILED_KEY
+    try:
+        return bool(json.loads((Path(model_path) / "config.json").read_text()).get(TILED_KEY))
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False
+
+
 def save_adapter(out_dir, params, lora_cfg, model_path, step=None):
     """adapters.safetensors (and a numbered copy at `step`) and adapter_config.json, named as mlx-lm's module tree
-    of the model at `model_path` names them (its family's mlx_lm_prefix)."""
+    of the model at `model_path` names them (its family's mlx_lm_prefix), in mlx-lm's row order
+    (value_head_order)."""
+    from .store import WeightStore
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     flat = {k: v.astype(mx.float32) for k, v in to_flat(params, model_prefix(model_path)).items()}
+    if _tiled(model_path):
+        flat = value_head_order(flat, WeightStore(model_path).args, to_store=False)
     config = {"fine_tune_type": "lora", "model": str(model_path), "num_layers": lora_cfg.num_layers,
               "lora_parameters": {"rank": lora_cfg.rank, "scale": lora_cfg.scale, "dropout": lora_cfg.dropout,
                                   "keys": list(lora_cfg.keys)}}

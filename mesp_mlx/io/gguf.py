@@ -8,8 +8,11 @@ header lists is accounted for (`mx.load` silently drops some types).
 
 What differs between architectures (llama.cpp's name for each, tensor names, q/k permutation, norm storage, the
 config fields a file records its own way) is each family's record (`models/<family>.py`, `FAMILY`); this module
-reads those records and holds no family knowledge of its own.
+reads those records and holds no family knowledge of its own; a family whose files need more than renaming names
+its own io module in its record (Family.gguf_io: Qwen3.5's qwen35_gguf.py), which gives the store's config, the
+tensors' names and their transforms.
 """
+import importlib
 from typing import NamedTuple
 
 import numpy as np
@@ -68,6 +71,11 @@ def file_family(reader, path):
     return GGUF_ARCHITECTURES[arch]
 
 
+def family_io(family):
+    """The io module that reads this family's files (Family.gguf_io), or None for the generic reading here."""
+    return importlib.import_module(f"{__package__}.{family.gguf_io}") if family.gguf_io else None
+
+
 def hf_name(gguf_name, family):
     parts = gguf_name.split(".")
     names = family.gguf_to_hf()
@@ -106,11 +114,13 @@ def config_from_gguf(reader, path):
     }
     if g("attention.key_length"):
         config["head_dim"] = g("attention.key_length")
-    if family.gguf_config is not None:
-        try:
+    try:
+        if family.gguf_config is not None:
             config.update(family.gguf_config(meta, config))
-        except ValueError as e:
-            raise SourceError(f"{path}: {e}") from None
+        if family_io(family) is not None:
+            config = family_io(family).store_config(g, config)
+    except ValueError as e:
+        raise SourceError(f"{path}: {e}") from None
     if None in config.values():
         missing = [k for k, v in config.items() if v is None]
         raise SourceError(f"{path}: GGUF metadata lacks {missing}")
@@ -146,11 +156,13 @@ def tensor_bytes(tensor, path):
     return raw
 
 
-def read_tensor(tensor, path, quantize_to=(64, 4), requantize=None):
+def read_tensor(tensor, path, quantize_to=(64, 4), requantize=None, transform=None):
     """One GGUF tensor -> ({suffix: array}, quant): quant is (group_size, bits) for affine weights, a GGML type name
     for blocks kept packed (ggml_types.py), None for dense. GGML-quantized tensors are kept exactly as the file has
     them unless `requantize` (a list) asks for them to follow `quantize_to` too: it then receives (squared error,
-    squared norm) of each re-quantized tensor against the file's values. Dense matrices follow `quantize_to`."""
+    squared norm) of each re-quantized tensor against the file's values. Dense matrices follow `quantize_to`.
+    transform: the family's f(arrays) -> arrays (its io module's store_transform), applied to the tensor as the
+    store keeps it, before any quantization."""
     from .ggml_types import convert
     from ..ops.linear import Frozen, dense as dense_of
     shape = [int(s) for s in reversed(tensor.shape)]  # GGUF lists the fastest dim first
@@ -163,6 +175,8 @@ def read_tensor(tensor, path, quantize_to=(64, 4), requantize=None):
         w = (Frozen(arrays["weight"], ggml=quant) if isinstance(quant, str) else
              Frozen(arrays["weight"], arrays["scales"], arrays["biases"], group_size=quant[0], bits=quant[1]))
         arrays, quant = {"weight": dense_of(w)}, None
+    if transform is not None:
+        arrays = transform(arrays)
     dense = arrays["weight"]
     if quant is None and dense.ndim != 2:  # norms, biases in fp32: Gemma's (1 + w) - 1 in fp16 would round w
         return {"weight": dense.astype(mx.float32)}, None
@@ -186,8 +200,15 @@ def gguf_tensors(reader, path):
     if declared is not None and int(declared) != len(reader.tensors):
         raise SourceError(f"{path}: header declares {declared} tensors but {len(reader.tensors)} were found "
                           "(truncated file?)")
+    io = family_io(family)
     for t in reader.tensors:
         if t.name in family.gguf_config_tensors:  # read into the config (config_from_gguf)
+            continue
+        if io is not None:
+            try:
+                yield io.store_name(t.name), t
+            except KeyError:
+                raise SourceError(f"{path}: unexpected tensor {t.name}") from None
             continue
         if not t.name.endswith((".weight", ".bias")):
             raise SourceError(f"{path}: unexpected tensor {t.name}")

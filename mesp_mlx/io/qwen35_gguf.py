@@ -127,6 +127,27 @@ def tensor_to_gguf(name, arr, dims):
     return f"blk.{layer}.{gname}", arr
 
 
+def _store_name(gname):
+    """A qwen35 GGUF tensor name -> (name as `model.layers.N.<module>.<leaf>` / `model.layers.N.<parameter>` /
+    `model.embed_tokens.weight` / `model.norm.weight` / `lm_head.weight`, module or parameter path inside the
+    layer, None for the top-level tensors); KeyError for a name the architecture has not."""
+    parts = gname.split(".")
+    if parts[0] != "blk":
+        top = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+        if parts[0] not in top or len(parts) != 2:
+            raise KeyError(f"{gname}: not a qwen35 tensor")
+        return f"{top[parts[0]]}.{parts[-1]}", None
+    layer, base = parts[1], ".".join(parts[2:])
+    from_leaf = {g: hf for hf, g in LEAF_NAMES.items()}
+    from_block = {g: hf for hf, g in BLOCK_NAMES.items()}
+    if base in from_leaf:
+        return f"model.layers.{layer}.{from_leaf[base]}", from_leaf[base]
+    if parts[2] in from_block and len(parts) == 4:
+        module = from_block[parts[2]]
+        return f"model.layers.{layer}.{module}.{parts[3]}", module
+    raise KeyError(f"{gname}: not a qwen35 tensor")
+
+
 def tensor_from_gguf(gname, arr, dims, regroup=True):
     """One tensor of a qwen35 GGUF (numpy in GGUF's numpy layout, dequantized) -> (name as `model.layers.N.<module>.
     <leaf>` / `model.embed_tokens.weight` / `model.norm.weight` / `lm_head.weight`, array in mlx-lm's form): the
@@ -137,22 +158,9 @@ def tensor_from_gguf(gname, arr, dims, regroup=True):
     32; not the K-quants' 256 with Dv = 128), so such an ssm_out is dequantized here or the store keeps tiled
     order."""
     arr = np.asarray(arr)
-    parts = gname.split(".")
-    if parts[0] != "blk":
-        top = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-        if parts[0] not in top:
-            raise KeyError(f"{gname}: not a qwen35 tensor")
-        return f"{top[parts[0]]}.{parts[-1]}", arr
-    layer, base = parts[1], ".".join(parts[2:])
-    from_leaf = {g: hf for hf, g in LEAF_NAMES.items()}
-    from_block = {g: hf for hf, g in BLOCK_NAMES.items()}
-    if base in from_leaf:
-        module, name = from_leaf[base], f"model.layers.{layer}.{from_leaf[base]}"
-    elif parts[2] in from_block and len(parts) == 4:
-        module = from_block[parts[2]]
-        name = f"model.layers.{layer}.{module}.{parts[3]}"
-    else:
-        raise KeyError(f"{gname}: not a qwen35 tensor")
+    name, module = _store_name(gname)
+    if module is None:
+        return name, arr
     if regroup:
         rows, cols = output_rows(module, dims), input_columns(module, dims)
         if rows is not None:
@@ -250,3 +258,97 @@ def write_lora(path, pairs, dims, scale, name="mesp-mlx LoRA", heads_grouped=Tru
     finally:
         tmp.unlink(missing_ok=True)
     return out
+
+
+# Reading a base file into a weight store: io/gguf.py and io/sources.convert_gguf ask these through the family
+# record (Family.gguf_io). The store keeps mlx-lm's form, value heads regrouped, except out_proj's columns where a
+# file's ssm_out blocks are wider than a value head (store_layout).
+
+def store_config(get, config):
+    """The flat qwen3_5 config a store keeps, from a qwen35 GGUF's metadata (get(key) reads "qwen35.<key>") and the
+    fields io/gguf.py reads the same way for every architecture (`config`); ValueError on a file this family does
+    not describe (missing keys, value heads that do not group over the key heads)."""
+    need = {"ssm.group_count": get("ssm.group_count"), "ssm.time_step_rank": get("ssm.time_step_rank"),
+            "ssm.inner_size": get("ssm.inner_size"), "ssm.state_size": get("ssm.state_size"),
+            "ssm.conv_kernel": get("ssm.conv_kernel"), "attention.key_length": get("attention.key_length"),
+            "rope.dimension_count": get("rope.dimension_count")}
+    missing = [k for k, v in need.items() if v is None]
+    if missing:
+        raise ValueError(f"GGUF metadata lacks qwen35.{', qwen35.'.join(missing)}")
+    hk, hv, inner = need["ssm.group_count"], need["ssm.time_step_rank"], need["ssm.inner_size"]
+    if hk <= 0 or hv % hk or inner % hv:
+        raise ValueError(f"the linear attention's heads do not fit: {hv} value heads (ssm.time_step_rank) over {hk} "
+                         f"key heads (ssm.group_count), inner size {inner} (ssm.inner_size)")
+    text = text_config_from_gguf(get)
+    out = {k: v for k, v in config.items() if k not in ("rope_theta", "rope_traditional")}
+    out.update({k: text[k] for k in ("linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
+                                     "linear_value_head_dim", "linear_conv_kernel_dim", "full_attention_interval",
+                                     "head_dim")})
+    out["rope_parameters"] = {"rope_type": "default", "rope_theta": float(config["rope_theta"]),
+                              "partial_rotary_factor": text["partial_rotary_factor"]}
+    out["attn_output_gate"] = True
+    return out
+
+
+def store_name(gname):
+    """A qwen35 GGUF tensor's name in the store (KeyError: not one of this architecture's)."""
+    return _store_name(gname)[0]
+
+
+def _block_width(type_name):
+    """Columns that move together in a tensor of GGML type `type_name` as the store keeps it: 1 for floats, the
+    affine group for repacked types, the block for those kept packed."""
+    from .ggml_types import GROUP, TYPES
+    spec = TYPES.get(type_name)
+    if spec is None or spec.how == "dense":
+        return 1
+    return GROUP if spec.how == "affine" else spec.block_size
+
+
+def store_layout(config, types, requantize=False):
+    """Config entries a store of this file needs besides store_config's: {TILED_KEY: True} when out_proj keeps the
+    file's tiled column order, because some ssm_out's blocks as kept span more than one value head (Dv not a
+    multiple of its width) and Hk != Hv; {} otherwise. types: {GGUF tensor name: GGML type name}; requantize: the
+    file's quantized matrices are dequantized before they are stored (then every column moves freely)."""
+    from ..models.qwen3_5 import TILED_KEY
+    if requantize or config["linear_num_key_heads"] == config["linear_num_value_heads"]:
+        return {}
+    dv = config["linear_value_head_dim"]
+    wide = [n for n, t in types.items() if n.endswith(".ssm_out.weight") and dv % _block_width(t)]
+    return {TILED_KEY: True} if wide else {}
+
+
+def store_transform(name, config):
+    """f(arrays) -> arrays for the store tensor `name` (arrays: {"weight", and "scales"/"biases" of affine types}
+    as MLX arrays, floats, affine levels or packed GGML rows), or None where the tensor is stored as read: value heads
+    regrouped (rows of any type; out_proj's columns head by head unless the store keeps them tiled, store_layout),
+    A_log = log(-ssm_a), conv1d [C, K] -> [C, K, 1]."""
+    import mlx.core as mx
+    from ..models.qwen3_5 import TILED_KEY
+    layer, module = split_name(name)
+    if layer is None:
+        return None
+    module = module.rsplit(".", 1)[0] if module.endswith((".weight", ".bias")) else module
+    rows = output_rows(module, config)
+    heads = None
+    if input_columns(module, config) is not None and not config.get(TILED_KEY):
+        heads = mx.array(np.argsort(value_head_order(config["linear_num_key_heads"],
+                                                     config["linear_num_value_heads"])))
+    if rows is None and heads is None and module not in ("linear_attn.A_log", "linear_attn.conv1d"):
+        return None
+    rows = None if rows is None else mx.array(np.argsort(rows))
+
+    def transform(arrays):
+        out = {}
+        for k, a in arrays.items():
+            if rows is not None:
+                a = a[rows]
+            if heads is not None:  # each array's columns as whole value heads (store_layout checked they align)
+                a = a.reshape(a.shape[0], len(heads), -1)[:, heads].reshape(a.shape[0], -1)
+            if module == "linear_attn.A_log":
+                a = mx.log(-a.astype(mx.float32))
+            elif module == "linear_attn.conv1d":
+                a = a[..., None]
+            out[k] = a
+        return out
+    return transform

@@ -209,12 +209,17 @@ def convert_gguf(path, out, quantize=(64, 4), requantize=False, watch=None):
     one source tensor held). requantize: the file's GGML-quantized matrices follow `quantize` too (an
     mlx-lm-readable store of that precision; the relative L2 error of all matrices against the file's values is
     printed and recorded), instead of being kept exactly. watch: see stream_store."""
-    from .gguf import TensorInfo, config_from_gguf, gguf_tensors, norm_shift, open_gguf, read_tensor
+    from .gguf import (TensorInfo, config_from_gguf, family_io, file_family, gguf_tensors, norm_shift, open_gguf,
+                       read_tensor)
     from .tokenizer import tokenizer_from_gguf
     reader = open_gguf(path)
     config = config_from_gguf(reader, path)
     shift = norm_shift(reader)
     plan = {name: TensorInfo.of(t) for name, t in gguf_tensors(reader, path)}  # headers only, nothing read yet
+    io = family_io(file_family(reader, path))  # a family whose tensors need more than renaming (Qwen3.5)
+    if io is not None:
+        config.update(io.store_layout(config, {t.name: getattr(t.tensor_type, "name", str(t.tensor_type))
+                                               for t in reader.tensors}, bool(requantize and quantize)))
     matrices = [t for t in reader.tensors if len(t.shape) == 2]
     source_bits = 8 * sum(int(t.n_bytes) for t in matrices) / max(1, sum(int(t.n_elements) for t in matrices))
     tokenizer_from_gguf(reader, path, out)
@@ -229,9 +234,12 @@ def convert_gguf(path, out, quantize=(64, 4), requantize=False, watch=None):
         if leaf == "bias":
             arrays, _ = read_tensor(plan[name], path, None)
             return {name: arrays["weight"]}, {}
-        arrays, quant = read_tensor(plan[name], path, quantize, errors)
+        arrays, quant = read_tensor(plan[name], path, quantize, errors,
+                                    io.store_transform(name, config) if io is not None else None)
         if shift and module.endswith("norm"):
             arrays["weight"] = arrays["weight"] - shift
+        if leaf != "weight":  # a parameter under its own path (Qwen3.5's A_log, dt_bias)
+            return {name: arrays["weight"]}, {}
         return {f"{module}.{k}": v for k, v in arrays.items()}, {module: quant}
 
     stream_store(out, config, {name: int(t.n_bytes) for name, t in plan.items()}, convert, label=path.name,

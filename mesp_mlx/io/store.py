@@ -247,8 +247,9 @@ class WeightStore:
 
     @property
     def mlx_lm_readable(self):
-        """False where the store keeps packed GGML blocks (mlx-lm has no such layer)."""
-        return not any(isinstance(v, dict) and "ggml_type" in v for v in self.quantization.values())
+        """False where the store keeps packed GGML blocks (mlx-lm has no such layer) or out_proj columns in llama.cpp's
+        tiled value-head order (ModelArgs.linear_out_tiled: mlx-lm would read them as other heads)."""
+        return not self.args.linear_out_tiled and not any(isinstance(v, dict) and "ggml_type" in v for v in self.quantization.values())
 
     @property
     def info(self):

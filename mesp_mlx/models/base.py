@@ -45,9 +45,14 @@ class Family:
         gguf_config_tensors  tensors gguf_config reads into the config (not weights)
         reads_gguf        our GGUF reader converts this family's base files (False: a file of its llamacpp_arch is
                           refused as unsupported)
+        gguf_io           the module of mesp_mlx.io (by name) that knows this family's GGUF files where they need more
+                          than renaming (Qwen3.5's `qwen35_gguf`: reordered value heads, A stored as -exp(A_log)):
+                          its store_config, store_name, store_layout and store_transform read base files, its
+                          write_lora / lora_from_gguf write and read GGUF LoRAs; None: io/gguf.py's generic reading
         gguf_lora_check   f(args) -> None, or the reason a GGUF LoRA of this model cannot be written or read
-        peft              PEFT adapters of this family are written and read (False: refused in one line; Qwen3.5,
-                          whose transformers module paths differ between its multimodal and text-only classes)
+        peft              PEFT adapters of this family are written and read (False: refused in one line)
+        hf_layers         where transformers' class (hf_architecture) keeps the decoder layers: PEFT's tensor names
+                          start with it (Qwen3.5's multimodal class: `model.language_model.layers.`)
         mlx_lm_prefix     what mlx-lm's module tree puts before a store's module paths (Qwen3.5's `language_model.`):
                           adapter names carry it (mlx-lm loads adapters with strict=False, so a name without it
                           would be ignored silently)"""
@@ -65,6 +70,8 @@ class Family:
     gguf_lora_check: Optional[Callable] = None
     peft: bool = True
     mlx_lm_prefix: str = ""
+    gguf_io: Optional[str] = None
+    hf_layers: str = "model.layers."
 
     @property
     def model_type(self):
@@ -115,6 +122,9 @@ class ModelArgs:
     linear_key_head_dim: Optional[int] = None
     linear_value_head_dim: Optional[int] = None
     linear_conv_kernel_dim: int = 4
+    # out_proj reads the value heads in llama.cpp's tiled order (a store from a GGUF whose ssm_out blocks are wider
+    # than a value head, so its columns stay as the file has them; DeltaSpec.out_tiled)
+    linear_out_tiled: bool = False
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -145,7 +155,8 @@ class ModelArgs:
 
     def delta_spec(self, compute=DEFAULT):
         return DeltaSpec(self.linear_num_key_heads, self.linear_num_value_heads, self.linear_key_head_dim,
-                         self.linear_value_head_dim, self.linear_conv_kernel_dim, compute.delta_chunk)
+                         self.linear_value_head_dim, self.linear_conv_kernel_dim, compute.delta_chunk,
+                         self.linear_out_tiled)
 
     def block_spec(self, compute=DEFAULT, layer=0):
         """The spec of block `layer` (blocks differ in window, rope and mixer)."""

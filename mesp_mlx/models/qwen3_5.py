@@ -11,6 +11,11 @@ axis is not 1 marks the Hugging Face form, whose norms get their 1 added (all bu
 `qwen3_5` (mlx-lm has no `qwen3_5_text` module). RoPE comes from `rope_parameters`; its multimodal sections rotate
 every axis by the same position for text, which is 1-D RoPE, as mlx-lm reads it. Defaults are mlx-lm's, so both
 read a sparse config the same way. MoE checkpoints (`num_experts`) are not this family.
+
+A store converted from a GGUF whose ssm_out blocks are wider than a value head (a K-quant's 256 weights, Dv = 128)
+keeps that matrix's columns in llama.cpp's tiled value-head order, which no block format lets us regroup exactly;
+its config says so (TILED_KEY) and the block permutes out_proj's input to match (DeltaSpec.out_tiled). mlx-lm
+cannot read such a store; adapters leave it in mlx-lm's order (io/adapters.py).
 """
 from .base import FULL, LINEAR, Family, ModelArgs
 
@@ -27,6 +32,8 @@ SHIFTED_NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight", "s
                  "self_attn.k_norm.weight")
 # mlx-lm's module tree: Model.language_model (TextModel) .model (the blocks) .layers
 MLX_LM_PREFIX = "language_model."
+# a store's config key: out_proj's columns are in llama.cpp's tiled value-head order (see the module docstring)
+TILED_KEY = "value_heads_tiled_out_proj"
 
 
 def text_weight(name):
@@ -134,24 +141,15 @@ def model_args(config):
         qk_norm=True, attn_output_gate=True, layer_types=kinds,
         linear_num_key_heads=c["linear_num_key_heads"], linear_num_value_heads=c["linear_num_value_heads"],
         linear_key_head_dim=c["linear_key_head_dim"], linear_value_head_dim=c["linear_value_head_dim"],
-        linear_conv_kernel_dim=c["linear_conv_kernel_dim"])
+        linear_conv_kernel_dim=c["linear_conv_kernel_dim"], linear_out_tiled=bool(c.get(TILED_KEY)))
 
 
-def gguf_lora_check(args):
-    """llama.cpp's converter reorders the value heads from grouped to tiled order where Hv != Hk (the 4B and 9B),
-    which a LoRA's rows would have to follow; that reordering is not written yet."""
-    hk, hv = args.linear_num_key_heads, args.linear_num_value_heads
-    if hv != hk:
-        return (f"llama.cpp stores the {hv} value heads of this model's linear attention reordered over its {hk} "
-                "key heads, which GGUF LoRAs do not follow yet")
-    return None
-
-
-# llama.cpp's qwen35 names (its attn_q holds each head's query and gate rows, as q_proj does); GGUF bases of this
-# family are not read yet (their ssm tensors, A stored as -exp(A_log))
+# llama.cpp's qwen35 names (its attn_q holds each head's query and gate rows, as q_proj does); its GGUF bases and
+# LoRAs carry the value heads reordered (io/qwen35_gguf.py reads and writes them); transformers' multimodal class
+# keeps the language model's layers under model.language_model
 FAMILY = Family(("qwen3_5", "qwen3_5_text"), "qwen35", "Qwen3_5ForConditionalGeneration",
                 gguf_names={"attn_qkv": "linear_attn.in_proj_qkv", "attn_gate": "linear_attn.in_proj_z",
                             "ssm_beta": "linear_attn.in_proj_b", "ssm_alpha": "linear_attn.in_proj_a",
                             "ssm_out": "linear_attn.out_proj", "post_attention_norm": "post_attention_layernorm"},
-                stop_tokens=("<|im_end|>",), reads_gguf=False, gguf_lora_check=gguf_lora_check, peft=False,
-                mlx_lm_prefix=MLX_LM_PREFIX)
+                stop_tokens=("<|im_end|>",), mlx_lm_prefix=MLX_LM_PREFIX, gguf_io="qwen35_gguf",
+                hf_layers="model.language_model.layers.")

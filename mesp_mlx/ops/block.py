@@ -331,6 +331,17 @@ def _gated_out(y, zg, w, spec):
     return act.reshape(b, t, -1), back
 
 
+def _tile_heads(o, ds, inverse=False):
+    """(B, T, Hv Dv) in grouped value-head order -> tiled (inverse: tiled -> grouped) when out_proj reads tiled
+    heads (DeltaSpec.out_tiled); else o as it is. Grouped is (Hk, r) heads, tiled (r, Hk): one swap of the two."""
+    if not ds.out_tiled:
+        return o
+    b, t, _ = o.shape
+    hk, r = ds.n_k_heads, ds.n_v_heads // ds.n_k_heads
+    split = (r, hk) if inverse else (hk, r)
+    return o.reshape(b, t, *split, ds.v_dim).swapaxes(2, 3).reshape(b, t, -1)
+
+
 def _delta_half(x, w, lora, scale, spec, keep, save, positions, cache=None, valid=None):
     """A linear-attention block up to the MLP's input: (z1, c, zg, b_in, a_in, y, states, r, a, z2), states None
     unless saved. With a `DeltaCache` (generation) the conv and the rule start from the cache's state and leave
@@ -356,7 +367,7 @@ def _delta_half(x, w, lora, scale, spec, keep, save, positions, cache=None, vali
     y, states = out[0], out[2] if save else None
     if cache is not None:
         cache.state = out[1]
-    r = projs(("linear_attn.out_proj",), _gated_out(y, zg, w, spec)[0])[0]
+    r = projs(("linear_attn.out_proj",), _tile_heads(_gated_out(y, zg, w, spec)[0], ds))[0]
     a = x + r
     return z1, c, zg, b_in, a_in, y, states, r, a, rmsnorm_forward(a, w[spec.mlp_norm], spec.eps, spec.norm_offset)
 
@@ -506,7 +517,8 @@ def _delta_backward(da, saved, w, spec, back, positions):
     ds = spec.delta
     zg, y = saved.take("zg"), saved.take("y")
     o, gate_backward = _gated_out(y, zg, w, spec)
-    dzg, dn = gate_backward(back(("linear_attn.out_proj",), [da], o).reshape(*zg.shape[:2], ds.n_v_heads, ds.v_dim))
+    do = _tile_heads(back(("linear_attn.out_proj",), [da], _tile_heads(o, ds)), ds, inverse=True)
+    dzg, dn = gate_backward(do.reshape(*zg.shape[:2], ds.n_v_heads, ds.v_dim))
     del o
     dy = rmsnorm_backward(dn.astype(y.dtype), y, w["linear_attn.norm"], spec.eps)
     c, b_in, a_in = saved.take("c"), saved.take("b_in"), saved.take("a_in")

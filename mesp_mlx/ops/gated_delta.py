@@ -31,13 +31,16 @@ import mlx.core as mx
 class DeltaSpec:
     """The linear-attention mixer of a block: Hk key heads of Dk features (q and k), Hv value heads of Dv features
     (Hv a multiple of Hk; value head h reads key head h // (Hv / Hk)), a causal depthwise conv of `conv_kernel`
-    taps over [q | k | v], and the chunk length of the chunked forward/backward."""
+    taps over [q | k | v], and the chunk length of the chunked forward/backward. out_tiled: out_proj reads the
+    value heads in llama.cpp's tiled order (head j of its input is grouped head (j % Hk) r + j // Hk, r = Hv / Hk),
+    as a store keeps an ssm_out whose columns could not be regrouped exactly (GGML blocks wider than a head)."""
     n_k_heads: int
     n_v_heads: int
     k_dim: int
     v_dim: int
     conv_kernel: int = 4
     chunk: int = 64
+    out_tiled: bool = False
 
     @property
     def conv_dim(self):

@@ -15,7 +15,7 @@ import mlx.core as mx
 from ...lora import from_flat
 from ...models import mlx_lm_prefix
 from .. import SourceError
-from ..adapters import atomic_directory, hold_folder
+from ..adapters import atomic_directory, hold_folder, value_head_order
 from . import fused, gguf_lora, mlx_lm, ollama, peft
 
 FORMATS = {"mlx-lm": mlx_lm, "gguf": gguf_lora, "peft": peft, "fused": fused, "ollama": ollama}
@@ -52,8 +52,9 @@ def export_adapter(adapter_dir, fmt="mlx-lm", out=None, model=None, dtype="float
 
 
 def read_foreign(path, store):
-    """A PEFT folder / adapter_model.safetensors or a GGUF LoRA -> ({mlx-lm name: numpy}, scale) in the store's row
-    order; None when `path` is neither (an mlx-lm file)."""
+    """A PEFT folder / adapter_model.safetensors or a GGUF LoRA -> ({mlx-lm name: numpy}, scale) in the store's q/k
+    row order and mlx-lm's value-head order (adapters.value_head_order); None when `path` is neither (an mlx-lm
+    file)."""
     for name, reader in (("GGUF", gguf_lora.is_gguf), ("PEFT", peft.is_peft)):
         if reader(path):
             if store is None:
@@ -88,6 +89,9 @@ def load_adapter_weights(path, expected, scale=None, store=None):
     missing = sorted(set(expected) - set(flat))
     if wrong or missing:
         raise SourceError(f"{path}: adapter does not fit the model: " + "; ".join(wrong[:3] + missing[:3]))
+    if store is not None:  # every file has mlx-lm's value-head order; a store may not
+        flat = value_head_order({k[len(prefix):]: v for k, v in flat.items()}, store.args, to_store=True)
+        prefix = ""
     if scale is not None and file_scale is not None and abs(file_scale - scale) > 1e-6 * abs(scale):
         print(f"[mesp-mlx] note: {path} was trained with scale {file_scale:g}, this run uses {scale:g}: lora_b "
               f"multiplied by {file_scale / scale:g} so the adapted model is unchanged", file=sys.stderr)

@@ -1,15 +1,18 @@
 """The base with the adapter merged in ("fused"): a model folder every reader takes (mlx-lm, transformers, llama.cpp's
 convert_hf_to_gguf.py, vLLM). Weights are W + scale * (A B)^T in fp32 (`ops.lora_linear.lora_merge`), written in a
 dtype or re-quantized, one block at a time, q/k rows in Hugging Face order (no rope_traditional). config.json names
-the architecture (`architectures`) and the bos / eos ids, generation_config.json lists every stop id of the family
+the architecture (`architectures`) and the bos / eos ids; Qwen3.5's out_proj columns in Hugging Face's value-head
+order whatever the store keeps, generation_config.json lists every stop id of the family
 (Gemma's <end_of_turn> besides <eos>), and the tokenizer files come along."""
 import json
 import shutil
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 
 from ...models import family, stop_ids
+from ...models.qwen3_5 import TILED_KEY
 from ...ops.linear import dense
 from ...ops.lora_linear import lora_merge
 from ..store import EMBED_FILE, layer_file, stored_tensors
@@ -52,6 +55,10 @@ def write(params, lora, store, out, dtype="float16", quantize=None, probe_tokens
     args, permuted = store.args, llamacpp_rows(store)
     heads = qk_heads(args)
     weight_map = {}
+    grouped = None  # a store keeping out_proj's value heads tiled: its columns back in Hugging Face's order
+    if args.linear_out_tiled:
+        from ..qwen35_gguf import value_rows
+        grouped = mx.array(np.argsort(value_rows(args, args.linear_value_head_dim)))
 
     def put(fname, arrays):
         tensors = {}
@@ -76,6 +83,8 @@ def write(params, lora, store, out, dtype="float16", quantize=None, probe_tokens
                 continue
             merged = lora_merge(w, *params[i][module], lora.scale) if module in params.get(i, {}) else dense(w)
             bias = w.bias
+            if grouped is not None and module == "linear_attn.out_proj":
+                merged = merged[:, grouped]
             if permuted and module in heads:
                 merged = mx.array(permute_rows(merged, heads[module], inverse=True))
                 bias = None if bias is None else mx.array(permute_rows(bias, heads[module], inverse=True))
@@ -91,7 +100,7 @@ def write(params, lora, store, out, dtype="float16", quantize=None, probe_tokens
 
     fam = family(args.model_type)
     bos, stops, eos = token_ids(store)
-    config = {k: v for k, v in store.config.items() if k not in ("quantization", "quantization_config")}
+    config = {k: v for k, v in store.config.items() if k not in ("quantization", "quantization_config", TILED_KEY)}
     config.update(architectures=[fam.hf_architecture], model_type=fam.model_type, torch_dtype=dtype,
                   tie_word_embeddings=args.tie_word_embeddings)
     if bos is not None:

@@ -1,7 +1,9 @@
 """GGUF LoRA adapters as llama.cpp's `--lora` reads them (also Ollama, LM Studio): lora_a (numpy (r, in), ggml ne
 [in, r]) and lora_b (numpy (out, r), ne [r, out]) in F32, named after the base tensor in the family's GGUF naming,
 adapter.lora.alpha = scale * r, llama.cpp's q/k row order, and general.architecture equal to the base file's (the
-family's llamacpp_arch: llama.cpp refuses a LoRA whose architecture differs from its base's)."""
+family's llamacpp_arch: llama.cpp refuses a LoRA whose architecture differs from its base's). A family whose files
+reorder more than q/k (Qwen3.5's value heads) writes and reads its LoRAs through its io module (Family.gguf_io),
+from and to mlx-lm's order."""
 import os
 from pathlib import Path
 
@@ -9,6 +11,8 @@ import numpy as np
 
 from ...models import family
 from .. import SourceError
+from ..adapters import value_head_order
+from ..gguf import family_io
 from .common import llamacpp_rows, parse, reorder_qk, store_source, to_numpy
 
 DEFAULT_OUT = "adapter-lora.gguf"
@@ -24,14 +28,23 @@ def export(adapter_dir, params, lora, store, out, **_):
     if unnamed:
         raise SourceError(f"{store.args.model_type}: no llama.cpp tensor name for {', '.join(unnamed)}; a GGUF "
                           "LoRA of this model cannot be written yet (export --format mlx-lm or fused instead)")
-    flat = to_numpy(params)
+    flat = value_head_order(to_numpy(params), store.args, to_store=False)
     if not llamacpp_rows(store):
         flat = reorder_qk(flat, store.args, inverse=False)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     alpha = float(np.float32(lora.scale * lora.rank))
+    io = family_io(fam)
     try:
+        if io is not None:
+            pairs = {}
+            for name, arr in flat.items():
+                i, path, leaf = parse(name)
+                pairs.setdefault(f"model.layers.{i}.{path}", {})[leaf] = arr
+            io.write_lora(out, {k: (v["lora_a"], v["lora_b"]) for k, v in pairs.items()}, store.args, lora.scale,
+                          name=f"mesp-mlx LoRA for {Path(store_source(store)).name}")
+            return _line(alpha, lora)
         w = gguf.GGUFWriter(str(tmp), fam.llamacpp_arch)
         w.add_type(gguf.GGUFType.ADAPTER)
         w.add_string(gguf.Keys.Adapter.TYPE, "lora")
@@ -48,6 +61,10 @@ def export(adapter_dir, params, lora, store, out, **_):
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise SourceError(f"{out}: could not write it ({e.strerror or e})") from None
+    return _line(alpha, lora)
+
+
+def _line(alpha, lora):
     return (f"scale: GGUF adapter.lora.alpha = {alpha:g} with rank {lora.rank}; llama.cpp applies alpha / rank = "
             f"{alpha / lora.rank:g} (times --lora-scaled's factor, 1 with --lora)")
 
@@ -83,7 +100,8 @@ def read(path, store):
                           f"(llama.cpp architecture {fam.llamacpp_arch})")
     refusal(fam, store, path)
     to_hf, adaptable = fam.gguf_to_hf(), set(store.args.projections())
-    flat = {}
+    io = family_io(fam)
+    flat, pairs = {}, {}
     for t in reader.tensors:
         parts = t.name.split(".")
         if len(parts) != 5 or parts[0] != "blk" or parts[3] != "weight" or parts[4] not in ("lora_a", "lora_b") \
@@ -93,7 +111,15 @@ def read(path, store):
         if t.tensor_type != gguf.GGMLQuantizationType.F32:
             arr = gguf.quants.dequantize(arr, t.tensor_type)
         arr = arr.astype(np.float32).reshape([int(s) for s in reversed(t.shape)])
-        flat[f"model.layers.{parts[1]}.{to_hf[parts[2]]}.{parts[4]}"] = arr.T
+        if io is not None:
+            pairs.setdefault(".".join(parts[:4]), {})[parts[4]] = arr
+        else:
+            flat[f"model.layers.{parts[1]}.{to_hf[parts[2]]}.{parts[4]}"] = arr.T
+    for base, pair in pairs.items():  # the family's own order, back to mlx-lm's
+        if len(pair) != 2:
+            raise SourceError(f"{path}: {base} has a lora_a or a lora_b without the other")
+        name, a, b = io.lora_from_gguf(base, pair["lora_a"], pair["lora_b"], store.args)
+        flat[f"{name}.lora_a"], flat[f"{name}.lora_b"] = a, b
     ranks = {a.shape[0] for n, a in flat.items() if n.endswith("lora_b")}
     alpha = float(field(reader, "adapter.lora.alpha", 0.0))
     if len(ranks) != 1:

@@ -1,5 +1,5 @@
 """PEFT (Hugging Face) LoRA folders: adapter_model.safetensors (lora_A (r, in), lora_B (out, r), Hugging Face names
-and row order) and adapter_config.json with lora_alpha = scale * r (PEFT applies alpha / r). The base it names is
+as the family's transformers class nests its layers (Family.hf_layers) and Hugging Face's row order) and adapter_config.json with lora_alpha = scale * r (PEFT applies alpha / r). The base it names is
 one a user can load: the hub id or directory the store came from, or for a GGUF its directory, the file being named
 in the folder's README.md (transformers loads it with `gguf_file=`)."""
 import json
@@ -10,7 +10,7 @@ import numpy as np
 
 from ...models import family
 from .. import SourceError
-from ..adapters import atomic_save_safetensors
+from ..adapters import atomic_save_safetensors, value_head_order
 from .common import llamacpp_rows, parse, reorder_qk, store_source, to_numpy
 
 DEFAULT_OUT = "peft"
@@ -39,14 +39,15 @@ def export(adapter_dir, params, lora, store, out, base_name=None, **_):
     refuse_unsupported(store, out)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    flat = to_numpy(params)
+    flat = value_head_order(to_numpy(params), store.args, to_store=False)
     if llamacpp_rows(store):
         flat = reorder_qk(flat, store.args, inverse=True)
+    layers = family(store.args.model_type).hf_layers
     tensors = {}
     for name, arr in flat.items():
         i, path, leaf = parse(name)
         peft_leaf = "lora_A" if leaf == "lora_a" else "lora_B"
-        tensors[f"{PREFIX}model.layers.{i}.{path}.{peft_leaf}.weight"] = mx.array(np.ascontiguousarray(arr.T))
+        tensors[f"{PREFIX}{layers}{i}.{path}.{peft_leaf}.weight"] = mx.array(np.ascontiguousarray(arr.T))
     atomic_save_safetensors(out / "adapter_model.safetensors", tensors, {"format": "pt"})
     base, gguf_file = (base_name, None) if base_name else base_model(store)
     layers = sorted(params)
@@ -94,8 +95,11 @@ def read(path, store):
     except Exception as e:
         raise SourceError(f"{weights}: not a readable adapter file ({e})") from None
     flat = {}
+    layers = family(store.args.model_type).hf_layers  # transformers' text-only class: model.layers. as others
     for name, arr in tensors.items():
-        parts = name.removeprefix(PREFIX).replace(".default.", ".").split(".")
+        inner = name.removeprefix(PREFIX).replace(".default.", ".")
+        inner = "model.layers." + inner[len(layers):] if inner.startswith(layers) else inner
+        parts = inner.split(".")
         if len(parts) < 6 or parts[:2] != ["model", "layers"] or parts[-2] not in ("lora_A", "lora_B"):
             raise SourceError(f"{weights}: tensor {name} is not a LoRA A/B of a decoder layer")
         leaf = "lora_a" if parts[-2] == "lora_A" else "lora_b"
