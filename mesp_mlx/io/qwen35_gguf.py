@@ -83,6 +83,18 @@ def input_columns(module, dims):
     return value_rows(dims, _dim(dims, "linear_value_head_dim"))
 
 
+def _rows(arr, module, dims, inverse=False):
+    """arr with `module`'s output rows in llama.cpp's tiled value-head order (inverse: back to grouped)."""
+    rows = output_rows(module, dims)
+    return arr if rows is None else arr[np.argsort(rows) if inverse else rows]
+
+
+def _cols(arr, module, dims, inverse=False):
+    """arr with `module`'s input columns in llama.cpp's tiled value-head order (inverse: back to grouped)."""
+    cols = input_columns(module, dims)
+    return arr if cols is None else arr[:, np.argsort(cols) if inverse else cols]
+
+
 def split_name(name):
     """A Hugging Face / mlx-lm parameter or module name -> (layer index or None, path inside the layer)."""
     m = _LAYER.search(name)
@@ -114,12 +126,7 @@ def tensor_to_gguf(name, arr, dims):
         raise KeyError(f"no qwen35 GGUF name for {name}")
     if module == "linear_attn.conv1d":
         arr = arr.reshape(arr.shape[0], arr.shape[-1])  # [C, 1, K] -> [C, K] (ggml ne {K, C})
-    rows = output_rows(module, dims)
-    if rows is not None:
-        arr = arr[rows]
-    cols = input_columns(module, dims)
-    if cols is not None:
-        arr = arr[:, cols]
+    arr = _cols(_rows(arr, module, dims), module, dims)
     if module == "linear_attn.A_log":
         arr = -np.exp(arr.astype(np.float32))
     if module in SHIFTED_NORMS:
@@ -162,11 +169,7 @@ def tensor_from_gguf(gname, arr, dims, regroup=True):
     if module is None:
         return name, arr
     if regroup:
-        rows, cols = output_rows(module, dims), input_columns(module, dims)
-        if rows is not None:
-            arr = arr[np.argsort(rows)]
-        if cols is not None:
-            arr = arr[:, np.argsort(cols)]
+        arr = _cols(_rows(arr, module, dims, inverse=True), module, dims, inverse=True)
     if module == "linear_attn.A_log":
         arr = np.log(-arr.astype(np.float32))
     if module == "linear_attn.conv1d":
@@ -201,11 +204,7 @@ def lora_to_gguf(name, a, b, dims, heads_grouped=True):
         raise KeyError(f"{name}: llama.cpp's qwen35 graph applies no LoRA there (targets: {', '.join(LORA_TARGETS)})")
     lora_a, lora_b = np.asarray(a, np.float32).T, np.asarray(b, np.float32).T
     if heads_grouped:
-        rows, cols = output_rows(module, dims), input_columns(module, dims)
-        if rows is not None:
-            lora_b = lora_b[rows]
-        if cols is not None:
-            lora_a = lora_a[:, cols]
+        lora_a, lora_b = _cols(lora_a, module, dims), _rows(lora_b, module, dims)
     return f"blk.{layer}.{BLOCK_NAMES[module]}.weight", np.ascontiguousarray(lora_a), np.ascontiguousarray(lora_b)
 
 
@@ -219,11 +218,7 @@ def lora_from_gguf(base, lora_a, lora_b, dims, regroup=True):
     module = from_block[parts[2]]
     lora_a, lora_b = np.asarray(lora_a), np.asarray(lora_b)
     if regroup:
-        rows, cols = output_rows(module, dims), input_columns(module, dims)
-        if rows is not None:
-            lora_b = lora_b[np.argsort(rows)]
-        if cols is not None:
-            lora_a = lora_a[:, np.argsort(cols)]
+        lora_a, lora_b = _cols(lora_a, module, dims, inverse=True), _rows(lora_b, module, dims, inverse=True)
     return f"model.layers.{parts[1]}.{module}", lora_a.T, lora_b.T
 
 

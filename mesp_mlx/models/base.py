@@ -49,7 +49,6 @@ class Family:
                           than renaming (Qwen3.5's `qwen35_gguf`: reordered value heads, A stored as -exp(A_log)):
                           its store_config, store_name, store_layout and store_transform read base files, its
                           write_lora / lora_from_gguf write and read GGUF LoRAs; None: io/gguf.py's generic reading
-        gguf_lora_check   f(args) -> None, or the reason a GGUF LoRA of this model cannot be written or read
         peft              PEFT adapters of this family are written and read (False: refused in one line)
         hf_layers         where transformers' class (hf_architecture) keeps the decoder layers: PEFT's tensor names
                           start with it (Qwen3.5's multimodal class: `model.language_model.layers.`)
@@ -67,7 +66,6 @@ class Family:
     gguf_config: Optional[Callable] = None
     gguf_config_tensors: tuple = ()
     reads_gguf: bool = True
-    gguf_lora_check: Optional[Callable] = None
     peft: bool = True
     mlx_lm_prefix: str = ""
     gguf_io: Optional[str] = None

@@ -22,7 +22,6 @@ SINGLE_FILE = True
 def export(adapter_dir, params, lora, store, out, **_):
     import gguf
     fam = family(store.args.model_type)
-    refusal(fam, store)
     names = fam.hf_to_gguf()
     unnamed = sorted({p for mods in params.values() for p in mods if p not in names})
     if unnamed:
@@ -69,13 +68,6 @@ def _line(alpha, lora):
             f"{alpha / lora.rank:g} (times --lora-scaled's factor, 1 with --lora)")
 
 
-def refusal(fam, store, path=None):
-    """Raises where the family says a GGUF LoRA of this model cannot be written or read (Family.gguf_lora_check)."""
-    why = fam.gguf_lora_check(store.args) if fam.gguf_lora_check else None
-    if why:
-        raise SourceError(f"{path or store.args.model_type}: no GGUF LoRA for this model: {why}")
-
-
 def is_gguf(path):
     path = Path(path)
     if not path.is_file():
@@ -98,7 +90,6 @@ def read(path, store):
     if arch != fam.llamacpp_arch:
         raise SourceError(f"{path}: a LoRA for a {arch} model, not for this {store.args.model_type} model "
                           f"(llama.cpp architecture {fam.llamacpp_arch})")
-    refusal(fam, store, path)
     to_hf, adaptable = fam.gguf_to_hf(), set(store.args.projections())
     io = family_io(fam)
     flat, pairs = {}, {}
