@@ -30,10 +30,10 @@ PLANS = [
     (dict(share_dequant=False, attn_chunk=128, mlp_chunk=512, vocab_chunk=2048, token_chunk=256), "memory"),
     (dict(share_dequant=False, attn_chunk=64, mlp_chunk=256, vocab_chunk=1024, token_chunk=128), "memory"),
     (dict(share_dequant=False, attn_chunk=64, mlp_chunk=256, vocab_chunk=1024, token_chunk=128), "disk"),
-    (dict(share_dequant=False, attn_chunk=64, mlp_chunk=256, vocab_chunk=1024, token_chunk=128, recompute_mlp=True),
-     "disk"),
-    (dict(share_dequant=False, attn_chunk=32, mlp_chunk=128, vocab_chunk=512, token_chunk=64, recompute_mlp=True),
-     "disk"),
+    (dict(share_dequant=False, attn_chunk=64, mlp_chunk=256, vocab_chunk=1024, token_chunk=128, recompute_mlp=True,
+          mlp_rows=1024), "disk"),
+    (dict(share_dequant=False, attn_chunk=32, mlp_chunk=128, vocab_chunk=512, token_chunk=64, recompute_mlp=True,
+          mlp_rows=1024), "disk"),
 ]
 # output rows per dequantized block of a product with GGML blocks kept packed (Compute.dequant_rows), largest first:
 # tried within each plan that does not hold a block's dense weights, where the whole matrix's dequantization
@@ -122,6 +122,7 @@ def plan_run(config, store, params, examples, rows_per_example, fused, log):
         f"plan: chunks attention {c.attn_chunk}, MLP {c.mlp_chunk}, vocabulary {c.vocab_chunk}, tokens "
         f"{c.token_chunk}, checkpoints in {settings['checkpoints']}{', MLP recomputed' if c.recompute_mlp else ''}"
         f"{f', GGML weights dequantized {c.dequant_rows} rows at a time' if c.dequant_rows else ''}"
+        f"{f', MLP weights {c.mlp_rows} rows at a time' if c.mlp_rows else ''}"
         f"; predicted MLX peak {peak / 1e6:.0f} MB")
     return settings, (budget - held, budget - held - peak)
 

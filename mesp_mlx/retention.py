@@ -9,6 +9,11 @@ cache, all questions as one batch, the weights held only as the run's memory all
 run's engine, so the check stays within the run's memory; a reply stops at the family's stop ids, at `max_tokens`, or
 as soon as an accepted form has appeared.
 
+The questions go through the model's chat template whenever its tokenizer has one, whatever the run trains on: the
+knowledge is asked for as a user of the model asks (an instruct model given a bare question continues it instead
+of answering: SmolLM2-135M-Instruct answers 0 of the ten so, 7 through its template), so a run on raw text (the
+code recipe) is checked the same way as a chat run.
+
 A set is a folder with `questions.jsonl` (rows {"prompt": str, "answers": [str, ...]}) and `general.txt`.
 """
 import json
@@ -111,11 +116,11 @@ class RetentionCheck:
     """A run's check: the set loaded and checked when built (before any training), `before()` scores the base,
     `after(params)` the adapted model -> (the report line, the metrics record)."""
 
-    def __init__(self, generator, tokenizer, engine, config, chat, max_tokens=MAX_TOKENS):
+    def __init__(self, generator, tokenizer, engine, config, max_tokens=MAX_TOKENS):
         self.generator, self.tokenizer, self.engine = generator, tokenizer, engine
         store = generator.store
         self.scale, self.seq_len, self.max_tokens = config.scale, config.max_seq_length, max_tokens
-        self.set = load_retention_set(config.retention_data, tokenizer, chat, store.args.max_position_embeddings,
+        self.set = load_retention_set(config.retention_data, tokenizer, True, store.args.max_position_embeddings,
                                       max_tokens)
         self.base = None
 

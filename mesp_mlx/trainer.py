@@ -349,7 +349,7 @@ class Trainer:
         fill = self.weight_pass_note()
         retention = None
         if c.retention:  # the set is checked before any training, then the base scored
-            retention = RetentionCheck(self.generator(), self.tokenizer, self.engine, c, self.data["train"].chat)
+            retention = RetentionCheck(self.generator(), self.tokenizer, self.engine, c)
             self.log(f"[mesp-mlx] {retention.before()}")
         if c.sample_prompt and self.step_no == 0:
             self.log(f"Before: {c.sample_prompt!r} -> {self.sample(False)!r}")

@@ -244,6 +244,10 @@ def test_block_sync_gives_the_same_gradients(tiny_dir):
     # the MLP's gate/up outputs recomputed per token block instead of saved: the same gradients
     lean = Compute(sync="chunk", recompute_mlp=True, **small)
     assert_grads_close(make_engine("mesp", store, 20.0, compute=lean).loss_and_grad(params, batch)[1], chunk)
+    # and the MLP's products dequantized a few rows at a time (the lean plans' Compute.mlp_rows)
+    lean = Compute(sync="chunk", recompute_mlp=True, mlp_rows=24, **small)
+    assert store.args.intermediate_size > 24
+    assert_grads_close(make_engine("mesp", store, 20.0, compute=lean).loss_and_grad(params, batch)[1], chunk)
     _, ref = make_engine("autodiff", store, 20.0).loss_and_grad(params, batch)
     assert_grads_close(block, ref)
 

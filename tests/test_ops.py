@@ -38,6 +38,27 @@ def test_lora_linear(path, bias):
         assert_close(g, r, n)
 
 
+def test_affine_copies_and_row_blocks():
+    """An affine weight's dense copy filled a row block at a time (ops.linear.dense_for, where chunks are evaluated
+    one by one) is the whole dequantization bit for bit, the last block short; and the MLP's row-blocked products
+    (Compute.for_mlp: affine weights dequantized mlp_rows rows at a time) equal the whole products to one product's
+    rounding (EXACT), with a bias and a last block short, by chunk or as one graph."""
+    from mesp_mlx.ops.linear import FILL_BYTES, dense, dense_for, frozen_matmul, frozen_matmul_t
+    mx.random.seed(3)
+    rows = FILL_BYTES // (4 * 1024)
+    big = quantized(rows + rows // 2 + 3, 1024)
+    for sync in ("chunk", "block"):
+        assert mx.array_equal(dense_for(big, Compute(matmul="dequantize", sync=sync)), dense(big))
+    w, x, g = quantized(300, 96, bias=True), R(2, 5, 96), R(2, 5, 300)
+    whole = Compute(matmul="dequantize")
+    assert whole.for_mlp() is whole and Compute(matmul="quantized", mlp_rows=64).for_mlp().dequant_rows == 0
+    for sync in ("chunk", "block"):
+        blocked = Compute(matmul="dequantize", mlp_rows=64, sync=sync).for_mlp()
+        assert blocked.dequant_rows == 64 and blocked.row_affine
+        assert rel_err(frozen_matmul(x, w, blocked), frozen_matmul(x, w, whole)) <= EXACT
+        assert rel_err(frozen_matmul_t(g, w, blocked), frozen_matmul_t(g, w, whole)) <= EXACT
+
+
 @pytest.mark.parametrize("path", ["dequantize", "quantized"])
 @pytest.mark.parametrize("adapted", [(0, 2), (0, 1, 2), (1,)])
 def test_lora_group(path, adapted):

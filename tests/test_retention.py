@@ -68,7 +68,8 @@ def test_a_run_reports_what_it_kept(tmp_path, tiny_gguf, capsys):
     rec = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()][-1]
     store = load_model(str(tiny_gguf))
     tok = store.tokenizer()
-    rset = load_retention_set(None, tok, False, store.args.max_position_embeddings, MAX_TOKENS)
+    # a text run: its questions still go through the chat template
+    rset = load_retention_set(None, tok, True, store.args.max_position_embeddings, MAX_TOKENS)
     engine = make_engine("mesp", store, 20.0)
     params = from_flat(mx.load(str(tmp_path / "a" / "adapters.safetensors")))
     now, base = (score(Generator(store), tok, rset, engine, p, 20.0, 32) for p in (params, {}))

@@ -10,7 +10,11 @@ checks it against MLX's measured peak.
     block phase   one block's quantized weights (+ its dense copy when share_dequant, else the dense copies of
                     the attention's or the MLP's products, whichever are larger: each half's products are one graph
                     (the MLP's backward runs down, gate and up together), so their copies are alive at once;
-                    measured on a tiny Q4_K store at f = 8d: the whole MLP's, not one matrix's)
+                    measured on a tiny Q4_K store at f = 8d: the whole MLP's, not one matrix's; with
+                    Compute.mlp_rows the MLP's products hold a row block's copy and its temporary, 2 r*in*s, and
+                    their partial results over B*mlp_chunk tokens: ops.linear.Compute.for_mlp). An affine matrix's
+                    dense copy is filled 8 MB of rows at a time (ops.linear.dense_for: MLX's CPU dequantize holds a
+                    temporary as large as its result)
                   + for GGML blocks kept packed (ops/ggml.py), the dequantization temporaries, t bytes per weight
                     element (ops.ggml.dequant_temp_bytes, measured by tools/bench_ggml_dequant.py): of one matrix
                     with share_dequant; without, a product with such a matrix holds r*in*(s + t) for r = its out
@@ -41,7 +45,7 @@ from ..lora import num_params
 from ..ops.block import DELTA_PROJECTIONS, BlockSaved, block_backward, block_recompute
 from ..ops.gated_delta import chunk_length
 from ..ops.ggml import dequant_temp_bytes
-from ..ops.linear import Frozen, prepared
+from ..ops.linear import FILL_BYTES, Frozen, prepared
 from .streaming import StreamingEngine
 
 # the projections whose products one graph holds together (module docstring: block phase)
@@ -65,7 +69,8 @@ class MeSPEngine(StreamingEngine):
         # one block's projections at a time: the largest over the kinds of block (Qwen3.5's linear and
         # full-attention blocks have different ones)
         kinds = {a.projections(i): i for i in range(a.num_hidden_layers)}
-        held = max(self._held_bytes(a.projection_shapes(i), n) for i in kinds.values())
+        n_mlp = batch_size * min(c.mlp_chunk, seq_len)
+        held = max(self._held_bytes(a.projection_shapes(i), n, n_mlp) for i in kinds.values())
         mixer = max(self._mixer_bytes(spec, batch_size, seq_len) for spec in set(self.specs))
         block = (self.store.layer_bytes() + held + mixer + 12 * act
                  + 8 * batch_size * min(c.mlp_chunk, seq_len) * f * s)
@@ -82,14 +87,18 @@ class MeSPEngine(StreamingEngine):
         out["peak"] = out["gradients"] + out["checkpoints"] + max(block, head_phase)
         return out
 
-    def _held_bytes(self, shapes, n):
+    def _held_bytes(self, shapes, n, n_mlp):
         """What a block with projections `shapes` holds of its weights in its products: all of them dense when the
-        dequantized copies are shared, else the largest phase's products."""
-        s = self.compute.dtype.size
-        products = self._product_bytes(shapes, n)
+        dequantized copies are shared, else the largest phase's products (the MLP's with its own compute, over
+        n_mlp tokens, its token blocks: Compute.for_mlp)."""
+        c = self.compute
+        s = c.dtype.size
+        products = self._product_bytes(shapes, n, c)
         if self._shares_dequant():
             return sum(i * o * s for i, o in shapes.values()) + max(t for t, _ in products.values())
-        return max(sum(products[k][1] for k in names if k in products) for names in PHASES)
+        mlp = self._product_bytes(shapes, n_mlp, c.for_mlp())
+        return max(sum((mlp if names is PHASES[-1] else products)[k][1] for k in names if k in products)
+                   for names in PHASES)
 
     def _mixer_bytes(self, spec, batch_size, seq_len):
         """What one block of this spec keeps for its backward (BlockSaved) plus its mixer's largest temporaries:
@@ -112,19 +121,24 @@ class MeSPEngine(StreamingEngine):
         grads = 2 * padded * (2 * ds.n_k_heads * ds.k_dim + hv * ds.v_dim) * 4  # dq, dk, dv and their concatenation
         return n * saved * s + n * hv * ds.v_dim * 4 + 3 * states + 30 * padded * group * width * 4 + grads
 
-    def _product_bytes(self, shapes, n):
+    def _product_bytes(self, shapes, n, c):
         """{projection: (temporaries of dequantizing the whole matrix, bytes one product with it holds beyond its
-        output)}, the largest over layers: packed GGML matrices hold t bytes per element dequantizing
-        (dequant_temp_bytes), a product r*in*(s + t) for r rows at a time (Compute.dequant_rows when row-blocked,
-        ops.linear.row_blocks) and then its blocks' partial results; other matrices their dense copy."""
-        c, s = self.compute, self.compute.dtype.size
+        output)} under compute c, for products over n tokens, the largest over layers: packed GGML matrices hold t
+        bytes per element dequantizing (dequant_temp_bytes), a product r*in*(s + t) for r rows at a time
+        (Compute.dequant_rows when row-blocked, ops.linear.row_blocks) and then its blocks' partial results;
+        affine matrices row-blocked alike (c.row_affine) r*in*2s (a row block's copy and the dequantization's
+        temporary of its size); other matrices their dense copy (filled FILL_BYTES at a time, ops.linear.dense_for,
+        each block's temporary on top)."""
+        s = c.dtype.size
         packed = self.store.packed_types()
         out = {}
         for name, (i, o) in shapes.items():
             each = []
             for kind in {packed.get(f"model.layers.{layer}.{name}") for layer in range(self.store.num_layers)}:
                 if kind is None:
-                    each.append((0, i * o * s))
+                    blocked = c.row_affine and 0 < c.dequant_rows < o
+                    each.append((0, c.dequant_rows * i * 2 * s + n * max(o * s, 2 * i * 4) if blocked
+                                 else i * o * s + min(i * o * s, FILL_BYTES)))
                     continue
                 t = dequant_temp_bytes(kind, c.dtype)
                 blocked = 0 < c.dequant_rows < o

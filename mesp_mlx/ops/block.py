@@ -249,11 +249,13 @@ def _by_tokens(fn, t, chunk):
     return mx.concatenate([fn(t0, min(t, t0 + chunk)) for t0 in range(0, t, chunk)], axis=1)
 
 
-def _projector(w, lora, scale, spec, keep):
+def _projector(w, lora, scale, spec, keep, compute=None):
     """projs(names, inp, t0=0) -> [y]: the LoRA linears `names` applied to the same input rows t0.. (one shared
-    down-projection product for the adapted ones, ops/lora_linear.lora_group_forward)."""
+    down-projection product for the adapted ones, ops/lora_linear.lora_group_forward); compute: the products'
+    (default spec.compute; the MLP's token blocks pass `Compute.for_mlp`)."""
+    compute = compute or spec.compute
     return lambda names, inp, t0=0: lora_group_forward(inp, [w[n] for n in names], [_lora(lora, n) for n in names],
-                                                       scale, spec.compute, [keep(n, inp, t0) for n in names])
+                                                       scale, compute, [keep(n, inp, t0) for n in names])
 
 
 def _qkv(z1, projs, spec):
@@ -389,11 +391,13 @@ def block_forward(x, w, lora, scale, spec: BlockSpec, dropout=None, segments=Non
     projections; dropout: (p, seed) of the LoRA dropout (training only), or None; cache, valid: generation's
     (module docstring), with positions the new tokens' positions."""
     keep = _dropout_masks(dropout, lora, x.shape[0], x.shape[1])
-    projs = _projector(w, lora, scale, spec, keep)
+    projs = _projector(w, lora, scale, spec, keep, spec.compute.for_mlp())
     if spec.delta is not None:
         a, z2 = _delta_half(x, w, lora, scale, spec, keep, False, positions, cache, valid)[-2:]
     else:
         a, z2 = _attention_half(x, w, lora, scale, spec, keep, False, segments, positions, cache, valid)[-2:]
+    if spec.compute.sync_chunks and a.shape[1] > spec.mlp_chunk:
+        mx.eval(a, z2)  # the mixer's products and temporaries are gone before the MLP's first token block
 
     def mlp(t0, t1):
         g, u = _gate_up(z2[:, t0:t1], projs, spec, t0)
@@ -434,11 +438,11 @@ def block_backward(dy, x, saved: BlockSaved, w, lora, scale, spec: BlockSpec, dr
     norm_back = lambda d, inp, name: rmsnorm_backward(d, inp, w[name], spec.eps, spec.norm_offset)
     keep = _dropout_masks(dropout, lora, x.shape[0], x.shape[1])
 
-    def back(names, d_outs, inp, t0=0):
+    def back(names, d_outs, inp, t0=0, compute=spec.compute):
         """dx of the projections `names` reading `inp` (rows t0..), given their output gradients; their LoRA
         gradients go to grads, summed over the token blocks that call it."""
         dx, pairs = lora_group_backward(d_outs, inp, [w[n] for n in names], [_lora(lora, n) for n in names],
-                                        scale, spec.compute, [keep(n, inp, t0) for n in names])
+                                        scale, compute, [keep(n, inp, t0) for n in names])
         for name, (da, db) in zip(names, pairs):
             if da is not None:
                 grads[name] = (da, db) if name not in grads else (grads[name][0] + da, grads[name][1] + db)
@@ -446,7 +450,8 @@ def block_backward(dy, x, saved: BlockSaved, w, lora, scale, spec: BlockSpec, dr
 
     # MLP, one block of tokens at a time (its T x f temporaries are the largest of the block)
     g, u, z2, a = saved.take("g"), saved.take("u"), saved.take("z2"), saved.take("a")
-    projs = _projector(w, lora, scale, spec, keep)
+    mlp_compute = spec.compute.for_mlp()
+    projs = _projector(w, lora, scale, spec, keep, mlp_compute)
 
     def mlp_backward(t0, t1):
         zc, dyc = z2[:, t0:t1], dy[:, t0:t1]
@@ -459,11 +464,11 @@ def block_backward(dy, x, saved: BlockSaved, w, lora, scale, spec: BlockSpec, dr
         if spec.sandwich:  # dm = N_post_ff'(m)^T dy, with m = down(act) recomputed
             m = projs(("mlp.down_proj",), act, t0)[0]
             dm = norm_back(dyc, m, "post_feedforward_layernorm")
-        dg, du = gate_backward(back(("mlp.down_proj",), [dm], act, t0))
+        dg, du = gate_backward(back(("mlp.down_proj",), [dm], act, t0, mlp_compute))
         if spec.merged:
-            dz2 = back(("mlp.gate_up_proj",), [mx.concatenate([dg, du], axis=-1)], zc, t0)
+            dz2 = back(("mlp.gate_up_proj",), [mx.concatenate([dg, du], axis=-1)], zc, t0, mlp_compute)
         else:
-            dz2 = back(("mlp.gate_proj", "mlp.up_proj"), [dg, du], zc, t0)
+            dz2 = back(("mlp.gate_proj", "mlp.up_proj"), [dg, du], zc, t0, mlp_compute)
         out = dyc + norm_back(dz2, a[:, t0:t1], spec.mlp_norm)
         if spec.compute.sync_chunks:
             mx.eval(out, grads)

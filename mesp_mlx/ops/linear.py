@@ -5,7 +5,7 @@ transient fp32 matrix followed by a BLAS GEMM is ~20x faster (docs/platform.md).
 `Compute(matmul=...)` overrides it. The dequantized copy lives only for one product (or one block, `prepared`).
 GGML blocks that no affine group represents (ops/ggml.py) have no quantized kernel: both paths dequantize them.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple, Optional
 
 import mlx.core as mx
@@ -16,6 +16,7 @@ MATMUL_PATHS = ("auto", "quantized", "dequantize")
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 SYNCS = ("auto", "chunk", "block")
 COMPILES = ("auto", "on", "off")
+FILL_BYTES = 8 << 20  # one row block of an affine weight's dense copy, dequantized at a time (dense_for)
 TILE_BYTES = 64 << 20  # one fp32 tile of an automatic query block or head tile (Compute.query_block, head_tile)
 
 
@@ -45,6 +46,12 @@ class Compute:
                        g @ W as the sum over row blocks of g[:, r0:r1] @ W[r0:r1], so a product's dequantization
                        temporaries and dense copy are those of dequant_rows rows (the memory planner sets it where
                        a whole weight's would not fit; with sync="chunk" each block is evaluated as it goes)
+        mlp_rows       output rows per dequantized block of the MLP's products on the dequantize path, for every
+                       quantized weight (affine ones too; 0: whole matrices): the MLP runs mlp_chunk tokens at a
+                       time, so its row blocks' partial results stay small, while a whole matrix dequantized holds
+                       about twice its dense fp32 copy (measured on the CPU at Qwen3.5-4B's shape: 198 MB for one
+                       9216 x 2560 matrix); the memory planner's lean plans set it (`for_mlp`)
+        row_affine     whether dequant_rows row-blocks affine weights too (set by `for_mlp` only)
         recompute_mlp  keep only the MLP's input and recompute its gate/up outputs one token block at a time in the
                        backward (two more products per block; 2 B*T*f fewer saved floats, the largest saved item
                        at long T): the memory planner's lean plans turn it on
@@ -69,6 +76,8 @@ class Compute:
     vocab_chunk: int = 0
     share_dequant: bool = True
     dequant_rows: int = 0
+    mlp_rows: int = 0
+    row_affine: bool = False
     sync: str = "auto"
     recompute_mlp: bool = False
     compile: str = "auto"
@@ -84,8 +93,9 @@ class Compute:
             raise ValueError(f"sync must be one of {', '.join(SYNCS)}, got {self.sync!r}")
         if self.compile not in COMPILES:
             raise ValueError(f"compile must be one of {', '.join(COMPILES)}, got {self.compile!r}")
-        if self.dequant_rows < 0:
-            raise ValueError(f"dequant_rows must be >= 0, got {self.dequant_rows}")
+        for name in ("dequant_rows", "mlp_rows"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.compile == "on" and self.sync == "chunk":
             raise ValueError("compile='on' evaluates each block as one graph; it cannot be combined with sync='chunk'")
 
@@ -107,6 +117,13 @@ class Compute:
     def compiled(self):
         """Whether block bodies run as compiled functions (see compile)."""
         return self.compile == "on" or self.compile == "auto" and not self.sync_chunks
+
+    def for_mlp(self):
+        """The compute of the MLP's products (see mlp_rows)."""
+        if not self.mlp_rows or self.path != "dequantize":
+            return self
+        rows = min(r for r in (self.dequant_rows, self.mlp_rows) if r)
+        return replace(self, dequant_rows=rows, row_affine=True)
 
     def query_block(self, batch, heads, seq_len):
         """Queries per attention block for `heads` query heads over seq_len keys (see attn_chunk)."""
@@ -189,10 +206,25 @@ def dense(w: Frozen, dtype=mx.float32):
     return w.weight.astype(dtype)
 
 
+def dense_for(w: Frozen, compute: Compute = DEFAULT):
+    """dense(w, compute.dtype) for a product. Where chunks are evaluated one at a time (the CPU), an affine weight
+    is dequantized into its copy FILL_BYTES of rows at a time, each block evaluated as it goes: MLX's CPU
+    dequantize holds a temporary as large as its result (measured at 9216 x 2560: 189 MB for the 94 MB copy whole,
+    105 MB filled by 512-row blocks)."""
+    rows = FILL_BYTES // max(1, w.scales.shape[1] * w.group_size * compute.dtype.size) if w.affine else 0
+    if not (compute.sync_chunks and w.affine and 0 < rows < w.out_dims):
+        return dense(w, compute.dtype)
+    out = mx.zeros((w.out_dims, w.scales.shape[1] * w.group_size), compute.dtype)
+    for r0 in range(0, w.out_dims, rows):
+        out[r0:r0 + rows] = dense(w.rows(r0, r0 + rows), compute.dtype)
+        mx.eval(out)
+    return out
+
+
 def prepared(w: Frozen, compute: Compute = DEFAULT):
     """w in the form the products use: on the dequantize path one dense copy that several products can share."""
     if w.quantized and compute.path == "dequantize":
-        return Frozen(dense(w, compute.dtype), bias=w.bias)
+        return Frozen(dense_for(w, compute), bias=w.bias)
     return w
 
 
@@ -214,10 +246,11 @@ def cast_scales(ws, dtype):
 
 
 def row_blocks(w: Frozen, compute: Compute = DEFAULT):
-    """[(r0, r1)] output-row blocks of compute.dequant_rows rows for a product with packed GGML blocks, or None when
-    the weight is dequantized whole (affine or dense weights, dequant_rows 0, or no more rows than that)."""
+    """[(r0, r1)] output-row blocks of compute.dequant_rows rows for a product with packed GGML blocks (or affine
+    blocks, with row_affine), or None when the weight is dequantized whole (dense weights, affine ones without
+    row_affine, dequant_rows 0, or no more rows than that)."""
     r = compute.dequant_rows
-    if w.ggml is None or not r or w.out_dims <= r:
+    if not (w.ggml is not None or w.affine and compute.row_affine) or not r or w.out_dims <= r:
         return None
     return [(r0, min(r0 + r, w.out_dims)) for r0 in range(0, w.out_dims, r)]
 
@@ -237,7 +270,7 @@ def frozen_matmul(x, w: Frozen, compute: Compute = DEFAULT):
                 mx.eval(parts[-1])
         y = mx.concatenate(parts, axis=-1)
     else:
-        y = x @ dense(w, compute.dtype).T
+        y = x @ dense_for(w, compute).T
     if w.bias is not None:
         y = y + w.bias.astype(y.dtype)
     return y
@@ -252,7 +285,7 @@ def frozen_matmul_t(g, w: Frozen, compute: Compute = DEFAULT):
                                    group_size=w.group_size, bits=w.bits).astype(g.dtype)
     blocks = row_blocks(w, compute)
     if not blocks:
-        return g @ dense(w, compute.dtype)
+        return g @ dense_for(w, compute)
     acc = None
     for r0, r1 in blocks:
         part = (g[..., r0:r1] @ dense(w.rows(r0, r1), compute.dtype)).astype(accum_dtype(g.dtype))
