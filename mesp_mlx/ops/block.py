@@ -396,8 +396,6 @@ def block_forward(x, w, lora, scale, spec: BlockSpec, dropout=None, segments=Non
         a, z2 = _delta_half(x, w, lora, scale, spec, keep, False, positions, cache, valid)[-2:]
     else:
         a, z2 = _attention_half(x, w, lora, scale, spec, keep, False, segments, positions, cache, valid)[-2:]
-    if spec.compute.sync_chunks and a.shape[1] > spec.mlp_chunk:
-        mx.eval(a, z2)  # the mixer's products and temporaries are gone before the MLP's first token block
 
     def mlp(t0, t1):
         g, u = _gate_up(z2[:, t0:t1], projs, spec, t0)
