@@ -281,6 +281,6 @@ def test_bench_retention(tmp_path, tiny_gguf, capsys):
     assert main(["--model", str(tiny_gguf), "--data", str(data), "--sample-prompt", "", "--rank", "4", "--iters", "1",
                  "--no-retention", "--adapter-path", str(tmp_path / "a")]) == 0
     capsys.readouterr()
-    bench_retention.main([str(tmp_path / "a"), "--plain", "--seq", "32"])
+    bench_retention.main([str(tmp_path / "a"), "--seq", "32"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(f"| {tmp_path / 'a'}")]
     assert len(rows) == 1 and rows[0].count("/10") == 2

@@ -3,8 +3,8 @@
     python tools/bench_retention.py ADAPTER_DIR [ADAPTER_DIR ...]
 
 Each folder's base comes from its adapter_config.json; both are scored as a run scores them at its end
-(mesp_mlx/retention.py: the shipped questions, greedy, and the loss on the shipped general text), with the chat
-template when the folder's training data were conversations (pass --plain otherwise)."""
+(mesp_mlx/retention.py: the shipped questions through the model's chat template, greedy, and the loss on the shipped
+general text)."""
 import argparse
 import json
 import sys
@@ -26,7 +26,6 @@ def main(argv=None):
     from mesp_mlx.sampler import Generator
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("adapters", nargs="+")
-    p.add_argument("--plain", action="store_true", help="questions without the chat template")
     p.add_argument("--seq", type=int, default=256)
     a = p.parse_args(argv)
     print("| adapter | answers base | answers after | general loss base | after | change | scored in (base, after) |\n"
@@ -35,7 +34,7 @@ def main(argv=None):
         store = load_model(model_named(ad))
         tok = store.tokenizer()
         scale = json.loads((ad / "adapter_config.json").read_text())["lora_parameters"]["scale"]
-        rset = load_retention_set(None, tok, not a.plain, store.args.max_position_embeddings, MAX_TOKENS)
+        rset = load_retention_set(None, tok, True, store.args.max_position_embeddings, MAX_TOKENS)
         engine = make_engine("mesp", store, scale)
         params = from_flat(mx.load(str(ad / "adapters.safetensors")))
         generator, took = Generator(store), []
