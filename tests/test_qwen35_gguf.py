@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from builders import mlx_lm_qwen35, qwen35_mlx_lm_weights, tiny_qwen35, write_tiny_qwen35_gguf
-from helpers import EXACT, rel_err
+from helpers import EXACT, REL_TOL, rel_err
 from mesp_mlx.io.qwen35_gguf import (LORA_TARGETS, lora_from_gguf, split_name, tensor_from_gguf,
                                     text_config_from_gguf, value_head_order, write_lora)
 
@@ -363,11 +363,13 @@ def test_tiled_store_adapters_are_mlx_lms(bases, kind, tmp_path):
             merged[key] = merged[key] + SCALE * mx.array(b @ a)
     plain, _ = file_model(path, config)  # the file's weights merged by PEFT's formula, no adapter
     plain.load_weights(list(merged.items()))
-    assert rel_err(plain(ids)[0], ours) <= EXACT
+    # merged weights round W + s B A once per element: other arithmetic, not the same sums reordered, carried through
+    # the whole model (a chain of products): REL_TOL (helpers.py; 1.5e-5 measured with OpenBLAS's Prescott kernels)
+    assert rel_err(plain(ids)[0], ours) <= REL_TOL
 
     from mlx_lm import load
     fused, _ = load(str(export_adapter(ad, "fused", tmp_path / "fused", dtype="float32")[0]))
-    assert rel_err(fused(ids)[0], ours) <= EXACT
+    assert rel_err(fused(ids)[0], ours) <= REL_TOL
 
     got = llamacpp_logits({"base": (f32, None), "lora": (f32, outs["gguf"])}, tmp_path / "lora.npz")
     tol = LLAMACPP_WIDE if kind == "mixed" else EXACT
