@@ -15,7 +15,7 @@ is the same spec spelled as flags.
 --check is the suite's exactness test run at any shape (tests/test_engines.py's SmolLM2 test: everything in fp64 on
 the CPU, where rounding cannot hide a wrong term): MeSP's gradient against one-graph autodiff's, both fp64, every
 lora_a and lora_b within the suite's tolerances (tests/helpers.py: max|g - ref| / max|ref| <= 1e-4 and cosine >=
-0.99999 per tensor) and the loss within 1e-9 relative; it prints PASS or FAIL and exits 1 on a failure.
+0.99999 per tensor) and the loss within LOSS_TOL_FP64 (below); it prints PASS or FAIL and exits 1 on a failure.
 --check-fp32 adds the suite's fp32 test: MeSP's fp32 gradient is at most 2x (+1e-5) as far from the fp64 one as
 autodiff's fp32 gradient is. Issue 32's 8B check (the full shape on 2 layers; autodiff holds the whole head and
 T x V logits in fp64, ~10+ GB at T=1024 and V=128k):
@@ -32,8 +32,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_inputs import resolve_model  # noqa: E402 (after the path)
 
-# tests/helpers.py's CPU tolerances (fp64 runs on the CPU only): per tensor, and the loss's in fp64
-REL_TOL, COS_TOL, LOSS_TOL_FP64 = 1e-4, 0.99999, 1e-9
+# tests/helpers.py's CPU tolerances (fp64 runs on the CPU only), per tensor
+REL_TOL, COS_TOL = 1e-4, 0.99999
+# The loss's bound in fp64, absolute (nats). MLX's CPU `exp` evaluates in float32 whatever the dtype (its SIMD
+# polynomial converts the argument to float), so every exp in an fp64 log-sum-exp is off by up to ~|x| * 2^-24
+# relative. Terms with x < -30 (after the max shift) weigh below e^-30, so each log-sum-exp is off by at most
+# ~(30 + 4) * 2^-24 = 2e-6 (the argument's rounding and a few ulps of the polynomial), and two paths that shift by
+# different maxima (the chunked head's running maximum, one-graph autodiff's global one) by twice that: 1e-5 leaves
+# 2.5x. Where both paths evaluate the same exps (a vocabulary in one chunk, as in the suite's fp64 test) they agree
+# to fp64 rounding. The same float exp (softmax, SiLU) is why fp64 gradients agree to ~1e-7, not 1e-15.
+LOSS_TOL_FP64 = 1e-5
 
 
 def compare(grads, ref):
@@ -93,18 +101,19 @@ def check(a, store, batch, params):
     truth_loss, truth = grads("autodiff", mx.float64)
     loss, g = grads("mesp", mx.float64)
     rows, overall = compare(g, truth)
-    loss_rel = abs(loss - truth_loss) / max(abs(truth_loss), 1e-300)
+    loss_diff = abs(loss - truth_loss)
+    loss_rel = loss_diff / max(abs(truth_loss), 1e-300)
     bad = [r for r in rows if not (r["rel_err"] <= REL_TOL and r["cosine"] >= COS_TOL)]
-    passed = not bad and loss_rel <= LOSS_TOL_FP64
+    passed = not bad and loss_diff <= LOSS_TOL_FP64
     worst = max(rows, key=lambda r: r["rel_err"])
-    print(f"fp64 mesp vs autodiff: {'PASS' if passed else 'FAIL'}: loss {loss:.10g} vs {truth_loss:.10g} (rel "
-          f"{loss_rel:.1e}, bound {LOSS_TOL_FP64:g}); worst tensor {worst['tensor']} rel err {worst['rel_err']:.2e}"
+    print(f"fp64 mesp vs autodiff: {'PASS' if passed else 'FAIL'}: loss {loss:.10g} vs {truth_loss:.10g} (diff "
+          f"{loss_diff:.1e}, bound {LOSS_TOL_FP64:g}); worst tensor {worst['tensor']} rel err {worst['rel_err']:.2e}"
           f" (bound {REL_TOL:g}), lowest cosine {min(r['cosine'] for r in rows):.8f} (bound {COS_TOL}); "
           f"{len(rows)} tensors, {len(bad)} outside")
     for r in bad[:10]:
         print(f"    {r['tensor']:48s} cosine {r['cosine']:.8f}  rel err {r['rel_err']:.2e}")
     results = [{"method": "mesp", "dtype": "float64", "reference": "autodiff float64", "passed": passed,
-                "loss_rel_diff": loss_rel, **overall, "tensors": rows}]
+                "loss_diff": loss_diff, "loss_rel_diff": loss_rel, **overall, "tensors": rows}]
     if a.check_fp32:
         err = {}
         for method in ("mesp", "autodiff"):
