@@ -39,7 +39,8 @@ GPU table of BENCHMARKS.md).
 
 Kernels: `kernels_per_step` counts the compute primitives of one more step after the measured ones
 (tools/count_kernels.py: every evaluation's pending graph exported and its primitives counted; on a GPU each is at
-least one kernel launch). mlx-lm's row runs its command line and has no count (`tools/count_kernels.py mlx-lm` has).
+least one kernel launch; `--no-kernels` skips that step). mlx-lm's row runs its command line and has no count
+(`tools/count_kernels.py mlx-lm` has).
 """
 import argparse
 import dataclasses
@@ -96,7 +97,7 @@ def engine_options(method_path, engine_kw):
     return Compute(**ckw), {k: v for k, v in engine_kw.items() if k not in fields}
 
 
-def one(model, method, seq, rank, steps, warmup, engine_kw):
+def one(model, method, seq, rank, steps, warmup, engine_kw, kernels=True):
     from mesp_mlx.blas import ensure_fast_blas
     ensure_fast_blas()
     import mlx.core as mx
@@ -142,6 +143,8 @@ def one(model, method, seq, rank, steps, warmup, engine_kw):
     res = dict(res, s_per_step=dt / steps, peak_mb=mx.get_peak_memory() / 1e6, active_before_mb=base / 1e6,
                rss_peak_mb=rss_mb(), evals_per_step=(n_eval + n_async) / steps,
                async_evals_per_step=n_async / steps, bits_per_weight=store.bits_per_weight(), **device_info())
+    if not kernels:
+        return res
     with KernelCounter() as k:  # one more step, after the measured ones: exporting its graphs takes time
         run()
     return dict(res, kernels_per_step=k.summary()["compute_prims"])
@@ -232,7 +235,8 @@ def child(a):
     if a.one == "mlx-lm":
         res = mlx_lm_run(a.models[0], a.seqs[0], a.ranks[0], a.steps, a.warmup)
     else:
-        res = one(a.models[0], a.one, a.seqs[0], a.ranks[0], a.steps, a.warmup, json.loads(a.engine_kw))
+        res = one(a.models[0], a.one, a.seqs[0], a.ranks[0], a.steps, a.warmup, json.loads(a.engine_kw),
+                  not a.no_kernels)
     print(json.dumps(res))
 
 
@@ -367,6 +371,7 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--timeout", type=int, default=3600, help="seconds per run")
     p.add_argument("--engine-kw", default="{}", help='engine options as JSON, e.g. \'{"checkpoints": "disk"}\'')
+    p.add_argument("--no-kernels", action="store_true", help="skip the kernel count (one more step per row)")
     p.add_argument("--json")
     p.add_argument("--png")
     p.add_argument("--markdown", help="write the table as Markdown to this file")
@@ -385,7 +390,7 @@ def main(argv=None):
                 for method in a.methods:
                     cmd = [sys.executable, __file__, "--one", method, "--models", model, "--seqs", str(seq),
                            "--ranks", str(rank), "--steps", str(a.steps), "--warmup", str(a.warmup),
-                           "--engine-kw", a.engine_kw]
+                           "--engine-kw", a.engine_kw] + (["--no-kernels"] if a.no_kernels else [])
                     row = {"model": model, "seq": seq, "rank": rank, "method": method, "engine_kw": a.engine_kw}
                     try:
                         out = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
