@@ -3,7 +3,7 @@ import mlx.core as mx
 import mlx.optimizers as optim
 import pytest
 
-from helpers import EXACT, REL_TOL, assert_grads_close, cosine, rel_err, sft_batch, step_extra_memory
+from helpers import EXACT, LOSS_TOL_FP64, REL_TOL, assert_grads_close, cosine, rel_err, sft_batch, step_extra_memory
 from mesp_mlx.engines import make_engine
 from mesp_mlx.io.sources import load_model
 from mesp_mlx.lora import LoRAConfig, from_flat, init_lora, to_flat, tree_map
@@ -151,7 +151,7 @@ def test_smollm2_gradients_equal_autodiff(smollm2, method, compiled):
     store, batch = smollm2
     ref_loss, ref = real_grads(store, batch, "autodiff", mx.float64)
     loss, grads = real_grads(store, batch, method, mx.float64, compiled)
-    assert abs(loss["loss"].item() - ref_loss["loss"].item()) <= 1e-9 * abs(ref_loss["loss"].item())
+    assert abs(loss["loss"].item() - ref_loss["loss"].item()) <= LOSS_TOL_FP64
     assert_grads_close(grads, ref)
 
 
@@ -276,9 +276,8 @@ def test_lora_dropout_gradients_equal_autodiff(tiny_dir):
 def test_qwen35_memory_follows_the_model(tmp_path):
     """A small Qwen3.5 (d 256, f 1536, 2 key / 4 value heads of 64 in its linear layers, 4 layers: 2 gated-delta,
     2 gated-attention, vocabulary 2048), T 512: the measured extra peak of a MeSP step sits under the memory model
-    with the default plan and with each memory plan (the leanest row-blocks the MLP), within 3x (the model sums the
-    weights', the mixer's and the MLP's parts, which are alive one after another), and the leanest plan measures
-    below the default one."""
+    with the default plan and with each memory plan (the leanest row-blocks the MLP), within 3x (the model is
+    conservative at small sizes), and the leanest plan measures below the default one."""
     from builders import write_tiny
     from mesp_mlx.plan import PLANS, engine_settings
     seq = 512

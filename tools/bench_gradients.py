@@ -32,16 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_inputs import resolve_model  # noqa: E402 (after the path)
 
-# tests/helpers.py's CPU tolerances (fp64 runs on the CPU only), per tensor
-REL_TOL, COS_TOL = 1e-4, 0.99999
-# The loss's bound in fp64, absolute (nats). MLX's CPU `exp` evaluates in float32 whatever the dtype (its SIMD
-# polynomial converts the argument to float), so every exp in an fp64 log-sum-exp is off by up to ~|x| * 2^-24
-# relative. Terms with x < -30 (after the max shift) weigh below e^-30, so each log-sum-exp is off by at most
-# ~(30 + 4) * 2^-24 = 2e-6 (the argument's rounding and a few ulps of the polynomial), and two paths that shift by
-# different maxima (the chunked head's running maximum, one-graph autodiff's global one) by twice that: 1e-5 leaves
-# 2.5x. Where both paths evaluate the same exps (a vocabulary in one chunk, as in the suite's fp64 test) they agree
-# to fp64 rounding. The same float exp (softmax, SiLU) is why fp64 gradients agree to ~1e-7, not 1e-15.
-LOSS_TOL_FP64 = 1e-5
+# tests/helpers.py's CPU tolerances (fp64 runs on the CPU only): per tensor, and the fp64 loss's in nats, absolute
+# (MLX's CPU exp computes in float32 whatever the dtype: helpers.py derives the bound; the same exp, in softmax and
+# SiLU, is why fp64 gradients agree to ~1e-7, not 1e-15)
+REL_TOL, COS_TOL, LOSS_TOL_FP64 = 1e-4, 0.99999, 1e-5
 
 
 def compare(grads, ref):
