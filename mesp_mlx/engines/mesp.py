@@ -7,12 +7,20 @@ checks it against MLX's measured peak.
     checkpoints   L * B*T*d*s                         block inputs, kept from the forward (only adapted blocks);
                                                       half with 16-bit checkpoints, ~0 with checkpoints on disk
     then the larger of two phases:
-    block phase   one block's quantized weights (+ its dense copy when share_dequant, else the dense copies of
-                    the attention's or the MLP's products, whichever are larger: each half's products are one graph
-                    (the MLP's backward runs down, gate and up together), so their copies are alive at once;
-                    measured on a tiny Q4_K store at f = 8d: the whole MLP's, not one matrix's; with
+    block phase   one block's quantized weights + ~12 B*T*d*s gradients and temporaries in flight + what the block
+                  saved for its backward (below), and then the larger of its sub-phases, which run one after another,
+                  each evaluated before the next where chunks are (the CPU; adding them over-predicted the
+                  Qwen3.5-4B shape 1.6x at T=512: BENCHMARKS.md):
+                    MLP:   its products (below) over B*mlp_chunk tokens + its temporaries 8 * B*mlp_chunk*f*s (the
+                           MLP backward runs one block of tokens at a time)
+                    mixer: its input gradients (the delta rule's dq, dk, dv) + the larger of (its temporaries with
+                           the output projection's product, which the first of them evaluates) and (its input
+                           projections' products, which run after the temporaries are gone)
+                  With share_dequant every dense copy lives through the whole block and the parts add up.
+                  Products: the dense copies of a graph's weights (the MLP's backward runs down, gate and up
+                    together; measured on a tiny Q4_K store at f = 8d: the whole MLP's, not one matrix's); with
                     Compute.mlp_rows the MLP's products hold a row block's copy and its temporary, 2 r*in*s, and
-                    their partial results over B*mlp_chunk tokens: ops.linear.Compute.for_mlp). An affine matrix's
+                    their partial results over B*mlp_chunk tokens: ops.linear.Compute.for_mlp. An affine matrix's
                     dense copy is filled 8 MB of rows at a time (ops.linear.dense_for: MLX's CPU dequantize holds a
                     temporary as large as its result)
                   + for GGML blocks kept packed (ops/ggml.py), the dequantization temporaries, t bytes per weight
@@ -20,7 +28,7 @@ checks it against MLX's measured peak.
                     with share_dequant; without, a product with such a matrix holds r*in*(s + t) for r = its out
                     rows, or Compute.dequant_rows when row-blocked (each row block evaluated as it goes), plus then
                     its row blocks' partial results (B*T*out*s forward, two fp32 B*T*in accumulators transposed)
-                  + the mixer's, the largest over the model's kinds of block:
+                  Saved and temporaries, the largest over the model's kinds of block:
                     attention: saved B*T*(4d + (Hq + 2Hkv)D + Hq + 2f)*s (ops/block.py's BlockSaved, what
                       block_backward keeps; o counted as Hq D; no 2f with recompute_mlp; + (Hq + Hkv)D with q/k
                       norms, + d with Gemma's sandwich norms, + Hq D with Qwen3.5's output gate)
@@ -29,9 +37,7 @@ checks it against MLX's measured peak.
                     gated delta rule: saved B*T*(3d + conv + Hv Dv + 2Hv + 2f)*s + B*T*Hv Dv*4 (y, fp32)
                       + 3 x the chunk-boundary states (B*ceil(T/C)*Hv*Dv*Dk*4: kept, their gradients, one more)
                       + 30 B*T*G*max(Dk, Dv, C)*4 for G value heads at a time (Compute.delta_group; measured
-                      ~27 MB per head at T=2048 and 128-wide heads) + dq, dk, dv twice
-                  + MLP temporaries 8 * B*mlp_chunk*f*s (the MLP backward runs one block of tokens at a time)
-                  + ~12 B*T*d*s gradients and temporaries in flight (the attention half is one graph)
+                      ~27 MB per head at T=2048 and 128-wide heads); input gradients dq, dk, dv twice
     head phase    one vocab chunk of head rows (quantized, read from the store) + its dense copy
                   (+ its dequantization temporaries, vocab chunk * d * t, when the head is kept packed)
                   + 4 (token chunk x vocab chunk) fp32 tiles; never B*T*V
@@ -42,15 +48,17 @@ Blocks below the lowest adapted one are run forward only; the backward stops the
 import mlx.core as mx
 
 from ..lora import num_params
-from ..ops.block import DELTA_PROJECTIONS, BlockSaved, block_backward, block_recompute
+from ..ops.block import DELTA_INPUTS, BlockSaved, block_backward, block_recompute
 from ..ops.gated_delta import chunk_length
 from ..ops.ggml import dequant_temp_bytes
 from ..ops.linear import FILL_BYTES, Frozen, prepared
 from .streaming import StreamingEngine
 
-# the projections whose products one graph holds together (module docstring: block phase)
-PHASES = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.qkv_proj", "self_attn.o_proj"),
-          DELTA_PROJECTIONS[:5], ("mlp.gate_proj", "mlp.up_proj", "mlp.gate_up_proj", "mlp.down_proj"))
+# the projections whose products one graph holds together (module docstring: block phase): the mixer's output
+# projection (its backward runs first, into the mixer's own), its input projections (last), the MLP's
+OUTPUTS = ("self_attn.o_proj", "linear_attn.out_proj")
+INPUTS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.qkv_proj") + DELTA_INPUTS
+MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.gate_up_proj", "mlp.down_proj")
 
 
 class MeSPEngine(StreamingEngine):
@@ -68,12 +76,12 @@ class MeSPEngine(StreamingEngine):
         lowest = min(params) if params else a.num_hidden_layers
         # one block's projections at a time: the largest over the kinds of block (Qwen3.5's linear and
         # full-attention blocks have different ones)
-        kinds = {a.projections(i): i for i in range(a.num_hidden_layers)}
+        kinds = {(a.projections(i), self.specs[i]): i for i in range(a.num_hidden_layers)}
         n_mlp = batch_size * min(c.mlp_chunk, seq_len)
-        held = max(self._held_bytes(a.projection_shapes(i), n, n_mlp) for i in kinds.values())
-        mixer = max(self._mixer_bytes(spec, batch_size, seq_len) for spec in set(self.specs))
-        block = (self.store.layer_bytes() + held + mixer + 12 * act
-                 + 8 * batch_size * min(c.mlp_chunk, seq_len) * f * s)
+        mlp_temps = 8 * n_mlp * f * s
+        block = self.store.layer_bytes() + 12 * act + max(
+            self._block_bytes(a.projection_shapes(i), spec, batch_size, seq_len, n_mlp, mlp_temps)
+            for (_, spec), i in kinds.items())
         head = self.store.head_rows()
         tc, vc = c.head_tile(n, head, d)
         head_type = self.store.packed_types().get(head.module)
@@ -87,22 +95,31 @@ class MeSPEngine(StreamingEngine):
         out["peak"] = out["gradients"] + out["checkpoints"] + max(block, head_phase)
         return out
 
-    def _held_bytes(self, shapes, n, n_mlp):
-        """What a block with projections `shapes` holds of its weights in its products: all of them dense when the
-        dequantized copies are shared, else the largest phase's products (the MLP's with its own compute, over
-        n_mlp tokens, its token blocks: Compute.for_mlp)."""
+    def _block_bytes(self, shapes, spec, batch_size, seq_len, n_mlp, mlp_temps):
+        """A block's backward beyond its quantized weights and the activations in flight: what it saved, then the
+        larger of its phases, which run one after another, each evaluated before the next where chunks are (the
+        CPU): the MLP's (its products over n_mlp tokens with its own compute, Compute.for_mlp, and its temporaries),
+        and the mixer's (its gradients, then the larger of its temporaries with the output projection's product, which
+        the first of them evaluates, and its input projections' products: the score tiles or the delta rule's states
+        and chunk matrices are gone before the input projections' backward runs).
+        With the dequantized copies shared, every dense weight lives through the whole block, so the parts add up."""
         c = self.compute
         s = c.dtype.size
+        n = batch_size * seq_len
+        saved, temps, grads = self._mixer_bytes(spec, batch_size, seq_len)
         products = self._product_bytes(shapes, n, c)
         if self._shares_dequant():
-            return sum(i * o * s for i, o in shapes.values()) + max(t for t, _ in products.values())
+            dense = sum(i * o * s for i, o in shapes.values()) + max(t for t, _ in products.values())
+            return dense + saved + temps + grads + mlp_temps
         mlp = self._product_bytes(shapes, n_mlp, c.for_mlp())
-        return max(sum((mlp if names is PHASES[-1] else products)[k][1] for k in names if k in products)
-                   for names in PHASES)
+        phase = lambda names, p: sum(p[k][1] for k in names if k in p)
+        return saved + max(phase(MLP, mlp) + mlp_temps,
+                           grads + max(temps + phase(OUTPUTS, products), phase(INPUTS, products)))
 
     def _mixer_bytes(self, spec, batch_size, seq_len):
-        """What one block of this spec keeps for its backward (BlockSaved) plus its mixer's largest temporaries:
-        attention's score tiles, or the gated delta rule's chunk matrices, per-token products and boundary states."""
+        """(what one block of this spec keeps for its backward (BlockSaved), its mixer's largest temporaries,
+        the mixer's input gradients held across them): attention's score tiles, or the gated delta rule's chunk
+        matrices and boundary states (kept, their gradients, one more) with dq, dk, dv."""
         a, c = self.store.args, self.compute
         s, n, d, f = c.dtype.size, batch_size * seq_len, a.hidden_size, a.intermediate_size
         if spec.delta is None:
@@ -110,7 +127,7 @@ class MeSPEngine(StreamingEngine):
                                                 spec.qk_norm, spec.sandwich, spec.output_gate)
             chunk = c.query_block(batch_size, spec.n_heads, seq_len)
             keys = seq_len if spec.window is None else min(seq_len, chunk + spec.window - 1)
-            return n * saved * s + 5 * batch_size * spec.n_heads * chunk * keys * s
+            return n * saved * s, 5 * batch_size * spec.n_heads * chunk * keys * s, 0
         ds = spec.delta
         saved = BlockSaved.delta_floats_per_token(d, f, ds, c.recompute_mlp)
         hv, width = ds.n_v_heads, max(ds.k_dim, ds.v_dim, ds.chunk)
@@ -119,7 +136,7 @@ class MeSPEngine(StreamingEngine):
         states = padded // cl * hv * ds.v_dim * ds.k_dim * 4
         group = c.delta_group(batch_size, hv, hv // ds.n_k_heads, seq_len, width) or hv
         grads = 2 * padded * (2 * ds.n_k_heads * ds.k_dim + hv * ds.v_dim) * 4  # dq, dk, dv and their concatenation
-        return n * saved * s + n * hv * ds.v_dim * 4 + 3 * states + 30 * padded * group * width * 4 + grads
+        return n * saved * s + n * hv * ds.v_dim * 4, 3 * states + 30 * padded * group * width * 4, grads
 
     def _product_bytes(self, shapes, n, c):
         """{projection: (temporaries of dequantizing the whole matrix, bytes one product with it holds beyond its
