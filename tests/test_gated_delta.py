@@ -171,8 +171,8 @@ def our_weights(layer):
     return w
 
 
-def spec_of(args, linear, chunk=4):
-    compute = Compute(attn_chunk=4, mlp_chunk=4)
+def spec_of(args, linear, chunk=4, **compute):
+    compute = Compute(**dict(dict(attn_chunk=4, mlp_chunk=4), **compute))
     if linear:
         return BlockSpec(1, 1, 1, args.rms_norm_eps, None, compute=compute,
                          delta=DeltaSpec(args.linear_num_key_heads, args.linear_num_value_heads,
@@ -204,15 +204,18 @@ def tiled_columns(args):
     return mx.array((heads[:, None] * dv + np.arange(dv)).reshape(-1))
 
 
-@pytest.mark.parametrize("linear,chunk,t,tiled", [(True, 4, 11, False), (True, 64, 11, False), (True, 3, 7, False),
-                                                  (True, 4, 11, True), (False, 4, 11, False)])
-def test_qwen35_block_against_mlx_lm(linear, chunk, t, tiled):
+@pytest.mark.parametrize("linear,chunk,t,tiled,compute", [
+    (True, 4, 11, False, {}), (True, 64, 11, False, {}), (True, 3, 7, False, {}), (True, 4, 11, True, {}),
+    (False, 4, 11, False, {}), (True, 4, 11, False, dict(mlp_chunk=2)), (True, 4, 11, False, dict(sync="block"))])
+def test_qwen35_block_against_mlx_lm(linear, chunk, t, tiled, compute):
     """Our block's forward equals mlx-lm's DecoderLayer; our recompute + backward give its autodiff gradients
     (dx and every LoRA A, B) with LoRA (rank 3) on every projection of the block. tiled: out_proj's columns (and
     its LoRA A's rows) in llama.cpp's tiled value-head order with DeltaSpec.out_tiled, which must compute the same
-    block (out_proj's A gradient in tiled order too)."""
+    block (out_proj's A gradient in tiled order too). The conv, SiLU, norms and input projections run in token
+    blocks of mlp_chunk tokens where chunks are evaluated one at a time (the CPU's default sync): 4 (the conv reads
+    3 tokens before each block), 2 (fewer than the conv's 3 before the second block), or one graph (sync=block)."""
     args, layer = mlx_lm_layer(0 if linear else 3, seed=7)
-    spec = spec_of(args, linear, chunk)
+    spec = spec_of(args, linear, chunk, **compute)
     w = our_weights(layer)
     assert args.linear_num_key_heads < args.linear_num_value_heads  # else tiled is grouped
     paths = DELTA_PROJECTIONS if linear else PROJECTIONS

@@ -172,9 +172,9 @@ def rows(vocab, seed=0):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3_text", "qwen3_5"])
 def test_packed_gradient_equals_padded(tmp_path, arch):
-    """The rows as one packed batch (two packed rows, one of them with padding, segments across query blocks)
-    and as a padded batch of four: the same token-weighted loss and the same gradient. The reference is the
-    autodiff engine on the padded batch; a packed batch whose segments are dropped must not match it."""
+    """The rows as one packed batch (two packed rows, one of them with padding, segments across query blocks and
+    token blocks) and as a padded batch of four: the same token-weighted loss and the same gradient. The reference
+    is the autodiff engine on the padded batch; a packed batch whose segments are dropped must not match it."""
     from builders import write_tiny
     store = load_model(str(write_tiny(tmp_path / arch, arch)))
     params = perturbed_lora(store, LoRAConfig(rank=4))
@@ -184,7 +184,7 @@ def test_packed_gradient_equals_padded(tmp_path, arch):
     packed = sft_batch(*arrays)
     assert packed.inputs.shape == (2, 14) and padded.inputs.shape == (4, 9)
     ref_loss, ref = make_engine("autodiff", store, 20.0).loss_and_grad(params, padded)
-    small = Compute(attn_chunk=5, vocab_chunk=64, token_chunk=7, delta_chunk=4)
+    small = Compute(attn_chunk=5, mlp_chunk=6, vocab_chunk=64, token_chunk=7, delta_chunk=4)
     for method, compute in (("mesp", small), ("mesp", Compute()), ("mebp", small), ("autodiff", Compute())):
         engine = make_engine(method, store, 20.0, compute=compute)
         loss, grads = engine.loss_and_grad(params, packed)

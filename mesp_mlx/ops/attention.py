@@ -81,6 +81,12 @@ def attention_forward(q, k, v, scale, chunk=256, sync=True, window=None, segment
     return o.reshape(b, hq, t, d), lse.reshape(b, hq, t)
 
 
+def _fold(x):
+    """(B, Hkv, rep, n, m) -> (B, Hkv, rep * n, m): a key head's query heads stacked along the rows."""
+    b, h, r, n, m = x.shape
+    return x.reshape(b, h, r * n, m)
+
+
 def attention_backward(do, q, k, v, o, lse, scale, chunk=256, sync=True, window=None, segments=None):
     """Returns (dq, dk, dv)."""
     b, hq, t, d = q.shape
@@ -101,8 +107,9 @@ def attention_backward(do, q, k, v, o, lse, scale, chunk=256, sync=True, window=
         dp = doc @ vv[..., k0:i1, :].swapaxes(-1, -2)
         ds = p * (dp - delta[..., i0:i1, :]) * scale
         dqs.append(ds @ kk[..., k0:i1, :])
-        dv_c = mx.sum(p.swapaxes(-1, -2) @ doc, axis=2)
-        dk_c = mx.sum(ds.swapaxes(-1, -2) @ qc, axis=2)
+        # the sums over a key head's query heads folded into the products: no (rep x keys x d) partials
+        dv_c = _fold(p).swapaxes(-1, -2) @ _fold(doc)
+        dk_c = _fold(ds).swapaxes(-1, -2) @ _fold(qc)
         if k0 != 0 or i1 != t:
             pad = [(0, 0), (0, 0), (k0, t - i1), (0, 0)]
             dv_c, dk_c = mx.pad(dv_c, pad), mx.pad(dk_c, pad)

@@ -30,8 +30,15 @@ backward). Its linear-attention blocks (`delta`) replace the attention by the ga
     q, k, v = split(silu(c)), q = l2norm(q) Dk^-1/2, k = l2norm(k);  beta = sigmoid(b), log g = -exp(A_log)
     softplus(a + dt_bias);  y = rule(q, k, v, log g, beta) (ops/gated_delta.py);  r = out_proj(N_g(y) silu(zg))
 
-with N_g an RMSNorm per value head; the MLP half is shared. Its recompute keeps z1, c, zg, b, a, y (fp32) and the
-rule's states at the chunk boundaries (`BlockSaved`); q, k, v, the gates and N_g's output are recomputed.
+with N_g an RMSNorm per value head; the MLP half is shared. Its recompute keeps z1, qkv, zg, b, a, y (fp32) and the
+rule's states at the chunk boundaries (`BlockSaved`); c, q, k, v, the gates and N_g's output are recomputed.
+
+Where chunks are evaluated one at a time (the CPU), the work that is per token besides the MLP runs a token block
+(mlp_chunk tokens, fewer in the conv's backward: `token_chunk`) at a time too, each block evaluated before the next, so its T x width temporaries exist for one
+block: the backward of the mixer's output projection (with the output gate, and N_g) and of its input projections
+(with RoPE, the q/k norms, or the conv, SiLU and l2 norms), with the MLP's compute (row-blocked weights under
+Compute.mlp_rows); and the forward's conv, SiLU and norms and its output projection. The conv of a token block
+reads the K - 1 inputs before it; its backward, the K - 1 output gradients after it.
 
 Generation passes a `KVCache` (the roped keys and values of the tokens before, per block) with `positions` and
 `valid` (B, L): which of the L keys so far are real tokens (left padding is not). The block's new tokens then attend
@@ -48,7 +55,7 @@ from .gated_delta import (DeltaCache, DeltaSpec, causal_conv, causal_conv_backwa
                           gated_delta_forward, l2norm, l2norm_backward, log_decay, log_decay_backward, silu,
                           silu_backward)
 from .keys import fold
-from .linear import DEFAULT, Compute
+from .linear import DEFAULT, TILE_BYTES, Compute
 from .lora_linear import lora_group_backward, lora_group_forward
 from .mlp import gated_act_and_backward, gated_forward
 from .rmsnorm import rmsnorm_backward, rmsnorm_forward
@@ -58,6 +65,10 @@ from .rope import Rope, rope_backward, rope_forward, segment_positions
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 MERGED_PROJECTIONS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+# fp32 arrays of the conv's width alive at once in a token block of a linear-attention block's backward chain (the
+# l2 norms', SiLU's and conv's backward and the input projections' with it): measured on the CPU at Qwen3.5-0.8B's
+# shape, one block of 512 tokens held 198 MB above what was live before it, ~16 arrays of 512 x 6144 floats
+CHAIN_ARRAYS = 16
 # Qwen3.5's linear-attention blocks (its full-attention blocks have PROJECTIONS, q_proj twice as wide)
 DELTA_INPUTS = ("linear_attn.in_proj_qkv", "linear_attn.in_proj_z", "linear_attn.in_proj_b", "linear_attn.in_proj_a")
 DELTA_PROJECTIONS = DELTA_INPUTS + ("linear_attn.out_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -116,7 +127,7 @@ class BlockSaved:
     o: Optional[mx.array] = None
     lse: Optional[mx.array] = None
     gate: Optional[mx.array] = None  # with the output gate
-    c: Optional[mx.array] = None  # linear-attention blocks: the conv's output (before SiLU),
+    qkv: Optional[mx.array] = None  # linear-attention blocks: the conv's input (in_proj_qkv's output),
     zg: Optional[mx.array] = None  # the output gate's input, the beta and decay projections' outputs,
     b_in: Optional[mx.array] = None
     a_in: Optional[mx.array] = None
@@ -242,11 +253,24 @@ def _merge(x):
     return x.transpose(0, 2, 1, 3).reshape(b, t, h * d)
 
 
-def _by_tokens(fn, t, chunk):
-    """fn(t0, t1) over blocks of the sequence axis, concatenated (one call when t <= chunk)."""
-    if t <= chunk:
-        return fn(0, t)
-    return mx.concatenate([fn(t0, min(t, t0 + chunk)) for t0 in range(0, t, chunk)], axis=1)
+def _by_tokens(fn, t, chunk, sync=None):
+    """fn(t0, t1) over blocks of the sequence axis, each block's result passed to `sync` (if given) as it is made;
+    the results concatenated (arrays, or tuples of arrays concatenated item by item); one call when t <= chunk."""
+    parts = []
+    for t0 in range(0, t, chunk):
+        parts.append(fn(t0, min(t, t0 + chunk)))
+        if sync is not None:
+            sync(parts[-1])
+    if len(parts) == 1:
+        return parts[0]
+    if isinstance(parts[0], tuple):
+        return tuple(mx.concatenate(p, axis=1) for p in zip(*parts))
+    return mx.concatenate(parts, axis=1)
+
+
+def _sync(spec):
+    """mx.eval where chunks are evaluated one at a time (the CPU), else None: the `sync` of `_by_tokens`."""
+    return mx.eval if spec.compute.sync_chunks else None
 
 
 def _projector(w, lora, scale, spec, keep, compute=None):
@@ -345,13 +369,16 @@ def _tile_heads(o, ds, inverse=False):
 
 
 def _delta_half(x, w, lora, scale, spec, keep, save, positions, cache=None, valid=None):
-    """A linear-attention block up to the MLP's input: (z1, c, zg, b_in, a_in, y, states, r, a, z2), states None
+    """A linear-attention block up to the MLP's input: (z1, qkv, zg, b_in, a_in, y, states, r, a, z2), states None
     unless saved. With a `DeltaCache` (generation) the conv and the rule start from the cache's state and leave
     theirs in it; tokens not `valid` (left padding) change neither."""
     ds = spec.delta
     projs = _projector(w, lora, scale, spec, keep)
     z1 = rmsnorm_forward(x, w["input_layernorm"], spec.eps, spec.norm_offset)
     qkv, zg, b_in, a_in = projs(DELTA_INPUTS, z1)
+    sync = _sync(spec)  # each phase's temporaries gone before the next's starts, where chunks are evaluated
+    if sync:
+        sync(qkv, zg, b_in, a_in)
     log_g, beta = log_decay(a_in, w["linear_attn.A_log"], w["linear_attn.dt_bias"]), mx.sigmoid(b_in)
     starts = None if positions is None or cache is not None else positions == 0
     if cache is not None:
@@ -361,17 +388,56 @@ def _delta_half(x, w, lora, scale, spec, keep, save, positions, cache=None, vali
         before = cache.conv if cache.conv is not None else mx.zeros((x.shape[0], ds.conv_kernel - 1, qkv.shape[-1]),
                                                                        qkv.dtype)
         cache.conv = mx.concatenate([before, qkv], axis=1)[:, -(ds.conv_kernel - 1):]
+        q, k, v = _delta_inputs(c, spec)[:3]
     else:
-        c = causal_conv(qkv, w["linear_attn.conv1d"], None if starts is None else positions)
-    q, k, v = _delta_inputs(c, spec)[:3]
+        q, k, v = _rule_inputs(qkv, w, spec, positions)
     out = gated_delta_forward(q, k, v, log_g, beta, ds.chunk, None if cache is None else cache.state, starts, save,
                               _delta_group(spec, x.shape[0], x.shape[1]))
+    if sync:
+        sync(out)
     y, states = out[0], out[2] if save else None
     if cache is not None:
         cache.state = out[1]
-    r = projs(("linear_attn.out_proj",), _tile_heads(_gated_out(y, zg, w, spec)[0], ds))[0]
+    out_proj = _projector(w, lora, scale, spec, keep, spec.compute.for_mlp())
+    t = x.shape[1]
+    r = _by_tokens(lambda t0, t1: out_proj(("linear_attn.out_proj",), _tile_heads(
+        _gated_out(y[:, t0:t1], zg[:, t0:t1], w, spec)[0], ds), t0)[0], t, token_chunk(spec, t), sync)
     a = x + r
-    return z1, c, zg, b_in, a_in, y, states, r, a, rmsnorm_forward(a, w[spec.mlp_norm], spec.eps, spec.norm_offset)
+    return z1, qkv, zg, b_in, a_in, y, states, r, a, rmsnorm_forward(a, w[spec.mlp_norm], spec.eps, spec.norm_offset)
+
+
+def token_chunk(spec, t, rows=1, width=0):
+    """Tokens per block of the work that runs a token block at a time besides the MLP (a linear-attention block's
+    conv, SiLU and norms, and the backward of a mixer's projections): the MLP's where chunks are evaluated one at a
+    time (the CPU; one block's temporaries alive at a time, each several T x width arrays for the whole sequence),
+    else the whole sequence in one graph. width: where chunks are, also no more than keep CHAIN_ARRAYS fp32 arrays
+    of `width` features for `rows` batch rows within a tile (TILE_BYTES): the conv's backward chain."""
+    if not spec.compute.sync_chunks:
+        return t
+    if not width:
+        return spec.mlp_chunk
+    return min(spec.mlp_chunk, max(1, TILE_BYTES // (CHAIN_ARRAYS * rows * width * 4)))
+
+
+def _conv_window(qkv, w, spec, positions, t0, t1):
+    """(c, q, k, v, q_raw, k_raw) of tokens t0..t1 (`_delta_inputs`), c the conv's output there, from the whole
+    projection qkv (the conv reads the K - 1 tokens before t0)."""
+    taps = spec.delta.conv_kernel - 1
+    prefix = None
+    if t0:
+        prefix = qkv[:, max(0, t0 - taps):t0]
+        if prefix.shape[1] < taps:
+            prefix = mx.pad(prefix, [(0, 0), (taps - prefix.shape[1], 0), (0, 0)])
+    c = causal_conv(qkv[:, t0:t1], w["linear_attn.conv1d"], None if positions is None else positions[:, t0:t1],
+                    prefix)
+    return (c, *_delta_inputs(c, spec))
+
+
+def _rule_inputs(qkv, w, spec, positions):
+    """The rule's q, k, v for the whole sequence, computed a token block at a time (`token_chunk`)."""
+    t = qkv.shape[1]
+    return _by_tokens(lambda t0, t1: _conv_window(qkv, w, spec, positions, t0, t1)[1:4], t, token_chunk(spec, t),
+                      _sync(spec))
 
 
 def _delta_group(spec, batch, t):
@@ -414,8 +480,8 @@ def block_recompute(x, w, lora, scale, spec: BlockSpec, dropout=None, segments=N
     projections, which the backward redoes one token block at a time)."""
     keep = _dropout_masks(dropout, lora, x.shape[0], x.shape[1])
     if spec.delta is not None:
-        z1, c, zg, b_in, a_in, y, states, r, a, z2 = _delta_half(x, w, lora, scale, spec, keep, True, positions)
-        saved = BlockSaved(z1=z1, a=a, z2=z2, c=c, zg=zg, b_in=b_in, a_in=a_in, y=y, states=states)
+        z1, qkv, zg, b_in, a_in, y, states, r, a, z2 = _delta_half(x, w, lora, scale, spec, keep, True, positions)
+        saved = BlockSaved(z1=z1, a=a, z2=z2, qkv=qkv, zg=zg, b_in=b_in, a_in=a_in, y=y, states=states)
     else:
         z1, q_pre, k_pre, q, k, v, o, lse, gate, r, a, z2 = _attention_half(x, w, lora, scale, spec, keep, True,
                                                                            segments, positions)
@@ -446,9 +512,18 @@ def block_backward(dy, x, saved: BlockSaved, w, lora, scale, spec: BlockSpec, dr
                 grads[name] = (da, db) if name not in grads else (grads[name][0] + da, grads[name][1] + db)
         return dx
 
+    mlp_compute = spec.compute.for_mlp()
+
+    def by_tokens(fn, width=0):
+        """fn(t0, t1, compute) -> its results for tokens t0..t1, a token block at a time (`token_chunk`, with
+        `width`) with the MLP's compute (its row-blocked weights where the plan sets mlp_rows), each block evaluated
+        with its LoRA gradients where chunks are; concatenated."""
+        sync = (lambda out: mx.eval(out, grads)) if spec.compute.sync_chunks else None
+        chunk = token_chunk(spec, dy.shape[1], dy.shape[0], width)
+        return _by_tokens(lambda t0, t1: fn(t0, t1, mlp_compute), dy.shape[1], chunk, sync)
+
     # MLP, one block of tokens at a time (its T x f temporaries are the largest of the block)
     g, u, z2, a = saved.take("g"), saved.take("u"), saved.take("z2"), saved.take("a")
-    mlp_compute = spec.compute.for_mlp()
     projs = _projector(w, lora, scale, spec, keep, mlp_compute)
 
     def mlp_backward(t0, t1):
@@ -478,64 +553,93 @@ def block_backward(dy, x, saved: BlockSaved, w, lora, scale, spec: BlockSpec, dr
         mx.eval(da)
 
     if spec.delta is not None:
-        return da + norm_back(_delta_backward(da, saved, w, spec, back, positions), x, "input_layernorm"), grads
+        return da + norm_back(_delta_backward(da, saved, w, spec, back, positions, by_tokens), x,
+                              "input_layernorm"), grads
 
     # attention
     dr = norm_back(da, saved.take("r"), "post_attention_layernorm") if spec.sandwich else da
     o, gate = saved.take("o"), saved.take("gate")
-    if gate is None:
-        do = _heads(back(("self_attn.o_proj",), [dr], o), spec.n_heads)
-    else:  # r = o_proj(o * sigmoid(gate))
-        sig = mx.sigmoid(gate)
-        dog = back(("self_attn.o_proj",), [dr], o * sig)
-        do, dgate = _heads(dog * sig, spec.n_heads), dog * o * sig * (1 - sig)
-        del sig, dog
+
+    def out_backward(t0, t1, compute):  # r = o_proj(o), or o_proj(o * sigmoid(gate)) with the output gate
+        oc, drc = o[:, t0:t1], dr[:, t0:t1]
+        if gate is None:
+            return back(("self_attn.o_proj",), [drc], oc, t0, compute)
+        sig = mx.sigmoid(gate[:, t0:t1])
+        dog = back(("self_attn.o_proj",), [drc], oc * sig, t0, compute)
+        return dog * sig, dog * oc * sig * (1 - sig)
+
+    do, dgate = (by_tokens(out_backward), None) if gate is None else by_tokens(out_backward)
+    do = _heads(do, spec.n_heads)
     q, k, v = saved.take("q"), saved.take("k"), saved.take("v")
     chunk = spec.compute.query_block(q.shape[0], spec.n_heads, q.shape[2])
     dq, dk, dv = attention_backward(do, q, k, v, _heads(o, spec.n_heads), saved.take("lse"), spec.attn_scale, chunk,
                                     spec.compute.sync_chunks, spec.window, segments)
     del o, do, q, k, v, dr
-    if spec.rope is not None:
-        dq, dk = rope_backward(dq, spec.rope, positions), rope_backward(dk, spec.rope, positions)
-    if spec.qk_norm:
-        dq = norm_back(dq, saved.take("q_pre"), "self_attn.q_norm")
-        dk = norm_back(dk, saved.take("k_pre"), "self_attn.k_norm")
-    z1 = saved.take("z1")
-    if gate is not None:  # q_proj's rows per head: [q | gate]
-        b, t = z1.shape[:2]
-        dq = _heads(mx.concatenate([dq.transpose(0, 2, 1, 3), dgate.reshape(b, t, spec.n_heads, -1)], axis=-1)
-                    .reshape(b, t, -1), spec.n_heads)
-    if spec.merged:
-        dz1 = back(("self_attn.qkv_proj",), [mx.concatenate([_merge(dq), _merge(dk), _merge(dv)], axis=-1)], z1)
-    else:
-        dz1 = back(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), [_merge(dq), _merge(dk), _merge(dv)],
-                   z1)
+    if spec.compute.sync_chunks:
+        mx.eval(dq, dk, dv)
+    q_pre, k_pre, z1 = saved.take("q_pre"), saved.take("k_pre"), saved.take("z1")
+    b = z1.shape[0]
+    names = ("self_attn.qkv_proj",) if spec.merged else ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+
+    def inputs_backward(t0, t1, compute):  # the rope's, q/k norms' and input projections', per token
+        dqc, dkc, dvc = dq[:, :, t0:t1], dk[:, :, t0:t1], dv[:, :, t0:t1]
+        if spec.rope is not None:
+            pos = None if positions is None else positions[:, t0:t1]
+            dqc, dkc = rope_backward(dqc, spec.rope, pos, t0), rope_backward(dkc, spec.rope, pos, t0)
+        if spec.qk_norm:
+            dqc = norm_back(dqc, q_pre[:, :, t0:t1], "self_attn.q_norm")
+            dkc = norm_back(dkc, k_pre[:, :, t0:t1], "self_attn.k_norm")
+        if gate is not None:  # q_proj's rows per head: [q | gate]
+            dg = dgate[:, t0:t1].reshape(b, t1 - t0, spec.n_heads, -1)
+            dqc = _heads(mx.concatenate([dqc.transpose(0, 2, 1, 3), dg], axis=-1).reshape(b, t1 - t0, -1),
+                         spec.n_heads)
+        d_outs = [_merge(dqc), _merge(dkc), _merge(dvc)]
+        return back(names, [mx.concatenate(d_outs, axis=-1)] if spec.merged else d_outs, z1[:, t0:t1], t0, compute)
+
+    dz1 = by_tokens(inputs_backward)
     dx = da + norm_back(dz1, x, "input_layernorm")
     return dx, grads
 
 
-def _delta_backward(da, saved, w, spec, back, positions):
+def _delta_backward(da, saved, w, spec, back, positions, by_tokens):
     """dz1 of a linear-attention block's mixer (module docstring of ops/gated_delta.py for the rule), given the
-    residual's gradient da; the LoRA gradients go through `back`."""
+    residual's gradient da; the LoRA gradients go through `back`. After the rule's backward, the conv's, SiLU's and
+    norms' and the input projections' run a token block at a time (`by_tokens`)."""
     ds = spec.delta
     zg, y = saved.take("zg"), saved.take("y")
-    o, gate_backward = _gated_out(y, zg, w, spec)
-    do = _tile_heads(back(("linear_attn.out_proj",), [da], _tile_heads(o, ds)), ds, inverse=True)
-    dzg, dn = gate_backward(do.reshape(*zg.shape[:2], ds.n_v_heads, ds.v_dim))
-    del o
-    dy = rmsnorm_backward(dn.astype(y.dtype), y, w["linear_attn.norm"], spec.eps)
-    c, b_in, a_in = saved.take("c"), saved.take("b_in"), saved.take("a_in")
-    q, k, v, q_raw, k_raw = _delta_inputs(c, spec)
+    b, t = zg.shape[:2]
+
+    def out_backward(t0, t1, compute):  # out_proj's, the output gate's and the gated norm's, per token
+        yc = y[:, t0:t1]
+        o, gate_backward = _gated_out(yc, zg[:, t0:t1], w, spec)
+        do = _tile_heads(back(("linear_attn.out_proj",), [da[:, t0:t1]], _tile_heads(o, ds), t0, compute), ds,
+                         inverse=True)
+        dzg, dn = gate_backward(do.reshape(b, t1 - t0, ds.n_v_heads, ds.v_dim))
+        return rmsnorm_backward(dn.astype(yc.dtype), yc, w["linear_attn.norm"], spec.eps), dzg.reshape(b, t1 - t0, -1)
+
+    dy, dzg = by_tokens(out_backward)
+    del y, zg
+    qkv, b_in, a_in, z1 = saved.take("qkv"), saved.take("b_in"), saved.take("a_in"), saved.take("z1")
+    q, k, v = _rule_inputs(qkv, w, spec, positions)
     log_g, beta = log_decay(a_in, w["linear_attn.A_log"], w["linear_attn.dt_bias"]), mx.sigmoid(b_in)
     starts = None if positions is None else positions == 0
     dq, dk, dv, dlog_g, dbeta = gated_delta_backward(dy, q, k, v, log_g, beta, saved.take("states"), ds.chunk,
-                                                     starts, _delta_group(spec, *c.shape[:2]))
-    del q, k, v, dy, y
-    b, t = c.shape[:2]
-    dt = c.dtype
-    dh = mx.concatenate([l2norm_backward(dq * ds.k_dim ** -0.5, q_raw).reshape(b, t, -1),
-                         l2norm_backward(dk, k_raw).reshape(b, t, -1), dv.reshape(b, t, -1)], axis=-1).astype(dt)
-    dqkv = causal_conv_backward(silu_backward(dh, c), w["linear_attn.conv1d"], positions)
+                                                     starts, _delta_group(spec, b, t))
+    del q, k, v, dy
+    dt = qkv.dtype
     db_in = (dbeta * beta * (1 - beta)).astype(dt)
     da_in = log_decay_backward(dlog_g, a_in, w["linear_attn.A_log"], w["linear_attn.dt_bias"])
-    return back(DELTA_INPUTS, [dqkv, dzg.reshape(b, t, -1), db_in, da_in], saved.take("z1"))
+
+    def inputs_backward(t0, t1, compute):
+        end = min(t, t1 + ds.conv_kernel - 1)  # the conv's output at t1.. reads inputs before t1
+        c, _, _, _, q_raw, k_raw = _conv_window(qkv, w, spec, positions, t0, end)
+        dh = mx.concatenate([l2norm_backward(dq[:, t0:end] * ds.k_dim ** -0.5, q_raw).reshape(b, end - t0, -1),
+                             l2norm_backward(dk[:, t0:end], k_raw).reshape(b, end - t0, -1),
+                             dv[:, t0:end].reshape(b, end - t0, -1)], axis=-1).astype(dt)
+        dqkv = causal_conv_backward(silu_backward(dh, c), w["linear_attn.conv1d"],
+                                    None if positions is None else positions[:, t0:end])[:, :t1 - t0]
+        return back(DELTA_INPUTS, [dqkv, dzg[:, t0:t1], db_in[:, t0:t1], da_in[:, t0:t1]], z1[:, t0:t1], t0, compute)
+
+    if spec.compute.sync_chunks:
+        mx.eval(dq, dk, dv, db_in, da_in)
+    return by_tokens(inputs_backward, ds.conv_dim)

@@ -60,10 +60,11 @@ def rope_spec(dims, base, traditional=False, scaling=None, max_position_embeddin
     return Rope(dims, traditional, freqs, scale, mscale)
 
 
-def _rotate(x, rope: Rope, sign):
+def _rotate(x, rope: Rope, sign, offset=0):
     """The rotation written out, for float64: MLX's fused kernel forms its angles in fp32 (~1e-7 relative), which
-    would hide a wrong term in the fp64 exactness checks. Angle of pair j at position p: p * scale / freqs[j]."""
-    pos = mx.arange(x.shape[-2], dtype=x.dtype)[:, None] * rope.scale
+    would hide a wrong term in the fp64 exactness checks. Angle of pair j at position p: p * scale / freqs[j]
+    (positions offset, offset + 1, ...)."""
+    pos = mx.arange(offset, offset + x.shape[-2], dtype=x.dtype)[:, None] * rope.scale
     theta = sign * pos / rope.freqs.astype(x.dtype)[None, :]
     return _apply(x, mx.cos(theta), mx.sin(theta), rope)
 
@@ -112,14 +113,15 @@ def rope_forward(x, rope: Rope, positions=None):
                         offset=0, freqs=rope.freqs)
 
 
-def rope_backward(dy, rope: Rope, positions=None):
+def rope_backward(dy, rope: Rope, positions=None, offset=0):
+    """offset: the position of dy's first token where positions is None (a block of tokens from offset on)."""
     if positions is not None:
         dx = _rotate_at(dy, rope, -1.0, positions)
     elif dy.dtype == mx.float64:
-        dx = _rotate(dy, rope, -1.0)
+        dx = _rotate(dy, rope, -1.0, offset)
     else:
         dx = mx.fast.rope(dy, rope.dims, traditional=rope.traditional, base=None, scale=rope.scale,
-                          offset=0, freqs=-rope.freqs)
+                          offset=offset, freqs=-rope.freqs)
     if rope.mscale != 1.0:
         dx = dx.at[..., :rope.dims].multiply(rope.mscale)
     return dx
