@@ -105,6 +105,9 @@ def test_bench_memory(tiny_gguf, tmp_path):
     assert all(rows[m]["loss_rel_diff"] <= rows[m]["loss_tol"] for m in ("mebp", "mezo", "autodiff", "mlx-lm"))
     assert rows["mlx-lm"]["same_data"] is True
     assert math.isfinite(rows["mezo"]["loss_step"])  # reported, not compared (its step perturbs the loss)
+    # mesp's row beside its engine's memory model, which bounds it; the other engines have none
+    assert 0 < rows["mesp"]["extra_mb"] <= 1.05 * rows["mesp"]["model_mb"], rows["mesp"]
+    assert rows["mebp"]["model_mb"] is None
 
 
 def test_bench_memory_loss_check():

@@ -37,6 +37,10 @@ and `tolist()` also sync but cannot be counted this way (they are methods of the
 lower bound; mezo syncs with `.item()` three times per sample. `--markdown FILE` writes the table as Markdown (the
 GPU table of BENCHMARKS.md).
 
+Memory model: mesp's rows also report `extra_mb`, MLX's peak over the measured steps above the active memory before
+them, against `model_mb`, the engine's `memory_model` of the step (the planner's prediction without its margin and
+the optimizer's state), as the `extra/model MB` column.
+
 Kernels: `kernels_per_step` counts the compute primitives of one more step after the measured ones
 (tools/count_kernels.py: every evaluation's pending graph exported and its primitives counted; on a GPU each is at
 least one kernel launch; `--no-kernels` skips that step). mlx-lm's row runs its command line and has no count
@@ -116,6 +120,8 @@ def one(model, method, seq, rank, steps, warmup, engine_kw, kernels=True):
     ids = mx.array([bench_ids(store.tokenizer(), seq)])
     batch = SFT().batch(ids[:, :-1], ids[:, 1:], mx.ones((1, seq)))
     engine = make_engine(method, store, 20.0, compute=compute, **kw)
+    # the engine's own memory model of one step (all gradients kept, as here), where it has one (mesp)
+    modelled = engine.memory_model(1, seq, params)["peak"] / 1e6 if hasattr(engine, "memory_model") else None
     mx.eval(params)
     if method == "mezo":  # its SPSA step with the SGD update applied block by block, as a run trains
         def sgd(i, g):
@@ -141,6 +147,7 @@ def one(model, method, seq, rank, steps, warmup, engine_kw, kernels=True):
     # read after the clock stops: a loss still lazy here would otherwise be computed inside the timing
     res["loss_step" if method == "mezo" else "loss"] = float(losses[0]["loss"])
     res = dict(res, s_per_step=dt / steps, peak_mb=mx.get_peak_memory() / 1e6, active_before_mb=base / 1e6,
+               extra_mb=(mx.get_peak_memory() - base) / 1e6, model_mb=modelled,
                rss_peak_mb=rss_mb(), evals_per_step=(n_eval + n_async) / steps,
                async_evals_per_step=n_async / steps, bits_per_weight=store.bits_per_weight(), **device_info())
     if not kernels:
@@ -298,7 +305,7 @@ def check_losses(rows):
 
 
 COLUMNS = ["model", "T", "r", "method", "peak MB", "RSS MB", "s/step", "peak/mebp", "time/mebp", "loss",
-           "evals/step", "kernels", "check"]
+           "evals/step", "kernels", "extra/model MB", "check"]
 
 
 def table_rows(rows):
@@ -307,7 +314,7 @@ def table_rows(rows):
     for r in rows:
         head = [str(r["model"]), str(r["seq"]), str(r["rank"]), r["method"]]
         if "error" in r:
-            out.append(head + ["-"] * 8 + ["failed: " + " ".join(r["error"].split())[-120:]])
+            out.append(head + ["-"] * 9 + ["failed: " + " ".join(r["error"].split())[-120:]])
             continue
         refs = [x for x in rows if x["method"].split("@")[0] == "mebp" and "error" not in x
                 and (x["model"], x["seq"], x["rank"]) == (r["model"], r["seq"], r["rank"])]
@@ -320,7 +327,8 @@ def table_rows(rows):
         out.append(head + [f"{r['peak_mb']:.1f}", f"{r['rss_peak_mb']:.0f}" if r.get("rss_peak_mb") else "-",
                            f"{r['s_per_step']:.2f}", ratio("peak_mb"), ratio("s_per_step"),
                            "-" if loss is None else f"{loss:.5f}", "-" if eps is None else f"{eps:g}",
-                           "-" if kernels is None else str(kernels), check])
+                           "-" if kernels is None else str(kernels),
+                           f"{r['extra_mb']:.1f}/{r['model_mb']:.1f}" if r.get("model_mb") else "-", check])
     return out
 
 
@@ -329,7 +337,7 @@ def header(info):
 
 
 def table(rows, info=None):
-    widths = [max([30] + [len(str(r["model"])) for r in rows]), 5, 3, 15, 9, 8, 8, 9, 9, 10, 10, 8, 0]
+    widths = [max([30] + [len(str(r["model"])) for r in rows]), 5, 3, 15, 9, 8, 8, 9, 9, 10, 10, 8, 15, 0]
     fmt = lambda cells: " ".join(c.rjust(w) if 0 < k and k != 3 and w else c.ljust(w)
                                  for k, (c, w) in enumerate(zip(cells, widths))).rstrip()
     lines = ([header(info)] if info else []) + [fmt(COLUMNS)] + [fmt(c) for c in table_rows(rows)]
