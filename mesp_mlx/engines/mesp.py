@@ -179,11 +179,12 @@ class MeSPEngine(StreamingEngine):
         rule = 30 * padded * group * width * 4 + 2 * states * group // hv  # a head group's chunk matrices, states
         qkv = n * ds.conv_dim * 4  # the rule's inputs q, k, v
         d_in = 2 * padded * (2 * ds.n_k_heads * ds.k_dim + hv * ds.v_dim) * 4  # dq, dk, dv and their concatenation
-        # y, zg, a, z2 used up; q, k, v; dy and dzg
-        backward = saved - used - y - n * hv * ds.v_dim * s + qkv + y + n * hv * ds.v_dim * s + d_in + rule
+        # a and z2 used up, y and zg too, with dy and dzg (the same sizes) in their place; q, k, v and dq, dk, dv
+        backward = saved - used + qkv + d_in + rule
         tokens = batch_size * token_chunk(spec, seq_len, batch_size, ds.conv_dim)
         return Mixer(saved, recompute=0, rule_inputs=2 * qkv + rule, backward=backward,
-                     held=saved - used - y + d_in // 2, tokens=tokens, token_temps=CHAIN_ARRAYS * tokens * ds.conv_dim * 4)
+                     held=saved - used - y + d_in // 2, tokens=tokens,
+                     token_temps=CHAIN_ARRAYS * tokens * ds.conv_dim * 4)
 
     def _product_bytes(self, shapes, n, c):
         """{projection: (temporaries of dequantizing the whole matrix, bytes one product with it holds beyond its

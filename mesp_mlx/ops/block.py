@@ -34,11 +34,12 @@ with N_g an RMSNorm per value head; the MLP half is shared. Its recompute keeps 
 rule's states at the chunk boundaries (`BlockSaved`); c, q, k, v, the gates and N_g's output are recomputed.
 
 Where chunks are evaluated one at a time (the CPU), the work that is per token besides the MLP runs a token block
-(mlp_chunk tokens, fewer in the conv's backward: `token_chunk`) at a time too, each block evaluated before the next, so its T x width temporaries exist for one
-block: the backward of the mixer's output projection (with the output gate, and N_g) and of its input projections
-(with RoPE, the q/k norms, or the conv, SiLU and l2 norms), with the MLP's compute (row-blocked weights under
-Compute.mlp_rows); and the forward's conv, SiLU and norms and its output projection. The conv of a token block
-reads the K - 1 inputs before it; its backward, the K - 1 output gradients after it.
+(mlp_chunk tokens, fewer in the conv's backward: `token_chunk`) at a time too, each block evaluated before the next,
+so its T x width temporaries exist for one block: the backward of the mixer's output projection (with the output
+gate, and N_g) and of its input projections (with RoPE, the q/k norms, or the conv, SiLU and l2 norms), with the
+MLP's compute (row-blocked weights under Compute.mlp_rows); and the forward's conv, SiLU and norms and its output
+projection. The conv of a token block reads the K - 1 inputs before it; its backward, the K - 1 output gradients
+after it.
 
 Generation passes a `KVCache` (the roped keys and values of the tokens before, per block) with `positions` and
 `valid` (B, L): which of the L keys so far are real tokens (left padding is not). The block's new tokens then attend

@@ -48,10 +48,10 @@ class Compute:
                        a whole weight's would not fit; with sync="chunk" each block is evaluated as it goes)
         mlp_rows       output rows per dequantized block of the MLP's products on the dequantize path, for every
                        quantized weight (affine ones too; 0: whole matrices), and of the other products that run
-                       mlp_chunk tokens at a time (the mixer's projections' backward where chunks are evaluated
-                       one at a time: ops/block.py), so their row blocks' partial results stay small, while a whole matrix dequantized holds
-                       about twice its dense fp32 copy (measured on the CPU at Qwen3.5-4B's shape: 198 MB for one
-                       9216 x 2560 matrix); the memory planner's lean plans set it (`for_mlp`)
+                       mlp_chunk tokens at a time (the mixer's projections' backward where chunks are evaluated one at a
+                       time: ops/block.py), so their row blocks' partial results stay small, while a whole matrix
+                       dequantized holds about twice its dense fp32 copy (measured on the CPU at Qwen3.5-4B's shape: 198
+                       MB for one 9216 x 2560 matrix); the memory planner's lean plans set it (`for_mlp`)
         row_affine     whether dequant_rows row-blocks affine weights too (set by `for_mlp` only)
         recompute_mlp  keep only the MLP's input and recompute its gate/up outputs one token block at a time in the
                        backward (two more products per block; 2 B*T*f fewer saved floats, the largest saved item
