@@ -110,6 +110,16 @@ def test_bench_memory(tiny_gguf, tmp_path):
     assert rows["mebp"]["model_mb"] is None
 
 
+def test_trace_blocks(tiny_gguf):
+    """One row per block's forward and backward and one for the head, each peak at least its memory before."""
+    import trace_blocks
+    from mesp_mlx.io.sources import load_model
+    rows = trace_blocks.main(["--model", str(tiny_gguf), "--seq", "32", "--plan", "6"])
+    n = load_model(str(tiny_gguf)).num_layers
+    assert [r["phase"] for r in rows] == ["block_forward"] * n + ["head_loss"] + ["block_backward"] * n
+    assert all(r["peak_mb"] >= r["before_mb"] for r in rows), rows
+
+
 def test_bench_memory_loss_check():
     """A row whose loss is off by more than rounding, or not finite, or on other tokens, fails; rounding passes."""
     import bench_memory
