@@ -514,12 +514,12 @@ def block_backward(dy, x, saved: BlockSaved, w, lora, scale, spec: BlockSpec, dr
         return dx
 
     mlp_compute = spec.compute.for_mlp()
+    # each token block evaluated with its LoRA gradients where chunks are
+    sync = (lambda out: mx.eval(out, grads)) if spec.compute.sync_chunks else None
 
     def by_tokens(fn, width=0):
         """fn(t0, t1, compute) -> its results for tokens t0..t1, a token block at a time (`token_chunk`, with
-        `width`) with the MLP's compute (its row-blocked weights where the plan sets mlp_rows), each block evaluated
-        with its LoRA gradients where chunks are; concatenated."""
-        sync = (lambda out: mx.eval(out, grads)) if spec.compute.sync_chunks else None
+        `width`) with the MLP's compute (its row-blocked weights where the plan sets mlp_rows); concatenated."""
         chunk = token_chunk(spec, dy.shape[1], dy.shape[0], width)
         return _by_tokens(lambda t0, t1: fn(t0, t1, mlp_compute), dy.shape[1], chunk, sync)
 
@@ -543,12 +543,9 @@ def block_backward(dy, x, saved: BlockSaved, w, lora, scale, spec: BlockSpec, dr
             dz2 = back(("mlp.gate_up_proj",), [mx.concatenate([dg, du], axis=-1)], zc, t0, mlp_compute)
         else:
             dz2 = back(("mlp.gate_proj", "mlp.up_proj"), [dg, du], zc, t0, mlp_compute)
-        out = dyc + norm_back(dz2, a[:, t0:t1], spec.mlp_norm)
-        if spec.compute.sync_chunks:
-            mx.eval(out, grads)
-        return out
+        return dyc + norm_back(dz2, a[:, t0:t1], spec.mlp_norm)
 
-    da = _by_tokens(mlp_backward, dy.shape[1], spec.mlp_chunk)
+    da = _by_tokens(mlp_backward, dy.shape[1], spec.mlp_chunk, sync)
     g = u = z2 = a = None  # freed before the attention half
     if spec.compute.sync_chunks:
         mx.eval(da)
